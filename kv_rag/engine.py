@@ -1,0 +1,489 @@
+"""The engine: a model, its tokenizer and a store; publish, load, prefill, decode, stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import models
+from ._compat import build_cache, cache_layers, forward
+from .artifact import Artifact, ArtifactMeta
+from .decode import GenerationSettings, Sampler, TextStream
+from .defaults import SYSTEM_PROMPT
+from .errors import ContextLengthError, InputError
+from .fingerprint import chain_key, tokens_digest
+from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, tokenize
+from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
+from .store import Store
+
+
+@dataclass
+class Prefill:
+    """The KV of a whole prompt, ready for decoding, and how it was obtained."""
+
+    cache: Any
+    logits: torch.Tensor | None
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    stored_tokens: int
+    seconds: float
+    segments: list[SegmentReport]
+
+
+class Engine:
+    """Publishes documents' KV caches and answers prompts by reusing them.
+
+    Cheap to construct: the model loads on first use and is shared with every engine in the
+    process that names the same model, device and dtype. Calls on one engine (or on engines that
+    share a model) are serialized by the model's lock; they may come from any thread.
+
+    Args:
+        model: ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, or a loaded
+            transformers model (then pass ``tokenizer`` too).
+        tokenizer: the tokenizer, when ``model`` is a model object.
+        store: a :class:`~kv_rag.store.Store`, a folder for the disk tier, ``"memory"``, or
+            ``None`` for memory in front of ``$KV_RAG_HOME/store``.
+        device: ``"cpu"``, ``"cuda"``…; default: CUDA when present.
+        dtype: default float32 on CPU, bfloat16 on CUDA.
+        system_prompt: the system message of prompts built by :meth:`prompt`.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        tokenizer: Any = None,
+        store: Store | str | Path | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        system_prompt: str = SYSTEM_PROMPT,
+    ) -> None:
+        self._model_spec = model
+        self._tokenizer_arg = tokenizer
+        self._device = device
+        self._dtype = dtype
+        self._store_spec = store
+        self._store: Store | None = store if isinstance(store, Store) else None
+        self.system_prompt = system_prompt
+        self._loaded: models.LoadedModel | None = None
+        self._init_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- lazy parts
+    @property
+    def loaded(self) -> models.LoadedModel:
+        """The loaded model (loads it on first access)."""
+        if self._loaded is None:
+            with self._init_lock:
+                if self._loaded is None:
+                    spec = self._model_spec
+                    if spec is not None and not isinstance(spec, (str, Path)):
+                        self._loaded = models.wrap(spec, self._tokenizer_arg)
+                    else:
+                        self._loaded = models.load(spec, self._device, self._dtype)
+        return self._loaded
+
+    @property
+    def model(self) -> Any:
+        """The transformers model."""
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer."""
+        return self.loaded.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """Short name of the model."""
+        if self._loaded is None and (self._model_spec is None or models.is_embedded(str(self._model_spec))):
+            return models.EMBEDDED_MODEL
+        return self.loaded.name
+
+    @property
+    def store(self) -> Store:
+        """The store (opened on first access)."""
+        if self._store is None:
+            with self._init_lock:
+                if self._store is None:
+                    self._store = Store.open(self._store_spec)
+        return self._store
+
+    @property
+    def context_window(self) -> int:
+        """The model's maximum number of positions."""
+        return self.loaded.context_window
+
+    # ----------------------------------------------------------------- prompts
+    def prompt(
+        self,
+        question: str,
+        documents: Sequence[str] = (),
+        *,
+        sources: Sequence[str] = (),
+        system: str | None = None,
+    ) -> Prompt:
+        """A RAG prompt in the model's chat template: system part, documents, question."""
+        return build_prompt(
+            self.tokenizer, question, documents, self.system_prompt if system is None else system, sources
+        )
+
+    def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
+        """Token ids of each segment of ``prompt``."""
+        return tokenize(self.tokenizer, prompt)
+
+    def segment_keys(self, tp: TokenizedPrompt) -> list[str]:
+        """The chain key of every segment (prefix first): each covers the segment given all before it."""
+        fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
+        keys: list[str] = []
+        parent = ""
+        for seg in tp.segments:
+            parent = chain_key(parent, fp, tok, seg) if seg else parent
+            keys.append(parent)
+        return keys
+
+    def document_key(self, document: str, *, system: str | None = None) -> str:
+        """Key of ``document``'s artifact when it directly follows the system prefix (what ``publish`` stores)."""
+        prompt = Prompt(chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0],
+                        (document,), "")
+        return self.segment_keys(self.tokenize(prompt))[1]
+
+    # ----------------------------------------------------------------- prefill
+    def prefill(
+        self,
+        prompt: Prompt | TokenizedPrompt,
+        *,
+        use_cache: bool = True,
+        mode: Mode | str = Mode.EXACT,
+        need_logits: bool = True,
+    ) -> Prefill:
+        """KV for the whole prompt: load the longest cached chain, prefill the rest, store what was new."""
+        Mode.parse(mode)
+        tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
+        sources = _sources(prompt)
+        loaded = self.loaded
+        total = len(tp)
+        if total == 0:
+            raise InputError("the prompt is empty: nothing to prefill")
+        if total >= loaded.context_window:
+            raise ContextLengthError(
+                f"the prompt has {total} tokens but {loaded.name} reads at most {loaded.context_window}: "
+                "retrieve fewer or shorter documents (--k, --chunk-tokens) or shorten the question"
+            )
+        t0 = time.perf_counter()
+        with loaded.lock, torch.inference_mode():
+            return self._prefill_locked(tp, sources, use_cache, need_logits, t0)
+
+    def _prefill_locked(
+        self, tp: TokenizedPrompt, sources: list[str], use_cache: bool, need_logits: bool, t0: float
+    ) -> Prefill:
+        loaded = self.loaded
+        device = loaded.device
+        keys = self.segment_keys(tp) if use_cache else [""] * len(tp.segments)
+        reports: list[SegmentReport | None] = [None] * len(tp.segments)
+        hits: list[Artifact] = []
+        pos = 0
+        first_uncached = len(tp.segments)
+        for i, seg in enumerate(tp.segments):
+            if not seg:
+                reports[i] = SegmentReport(sources[i], 0, CacheStatus.NONE)
+                continue
+            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos)) if use_cache else None
+            if hit is None:
+                first_uncached = i
+                break
+            hits.append(hit.artifact)
+            reports[i] = SegmentReport(sources[i], len(seg), CacheStatus.HIT, keys[i], hit.tier)
+            pos += len(seg)
+        rest: list[int] = [t for seg in tp.segments[first_uncached:] for t in seg] + list(tp.suffix)
+        # everything cached but logits wanted: leave the last token out and recompute it
+        drop_last = not rest and need_logits
+        cache = _cache_from_artifacts(hits, device, drop_last=drop_last)
+        cached = pos - 1 if drop_last else pos
+        if drop_last:
+            rest = tp.ids[-1:]
+        logits: torch.Tensor | None = None
+        if rest:
+            ids = torch.tensor([rest], dtype=torch.long, device=device)
+            logits = forward(loaded.model, ids, cache, cached)[-1]
+        stored = 0
+        start = pos
+        for i in range(first_uncached, len(tp.segments)):
+            seg = tp.segments[i]
+            if not seg:
+                reports[i] = SegmentReport(sources[i], 0, CacheStatus.NONE)
+                continue
+            if use_cache:
+                self.store.put(keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "",
+                                                       sources[i]))
+                stored += len(seg)
+            status = CacheStatus.MISS if use_cache else CacheStatus.NONE
+            reports[i] = SegmentReport(sources[i], len(seg), status, keys[i] if use_cache else None)
+            start += len(seg)
+        return Prefill(
+            cache=cache,
+            logits=logits,
+            prompt_tokens=len(tp),
+            cached_tokens=pos,
+            prefilled_tokens=len(tp) - pos,
+            stored_tokens=stored,
+            seconds=time.perf_counter() - t0,
+            segments=[r for r in reports if r is not None],
+        )
+
+    def _acceptor(self, seg: Sequence[int], start: int) -> Callable[[Artifact], str | None]:
+        loaded = self.loaded
+        fp = loaded.fingerprint
+        n_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
+
+        def accept(art: Artifact) -> str | None:
+            m = art.meta
+            if m.model_digest != fp.digest:
+                return f"computed by another model ({m.model.get('architecture')}, {m.dtype})"
+            if m.tokenizer_digest != loaded.tokenizer_digest:
+                return "made with another tokenizer"
+            if m.start != start or m.num_tokens != len(seg) or art.num_layers != n_layers:
+                return "position, length or layer count differ from this request"
+            if art.token_ids.tolist() != list(seg):
+                return "token ids differ from this request"
+            return None
+
+        return accept
+
+    def _artifact(self, cache: Any, start: int, seg: Sequence[int], key: str, parent: str,
+                  source: str) -> Artifact:
+        fp = self.loaded.fingerprint
+        end = start + len(seg)
+        ks, vs = [], []
+        for k, v in cache_layers(cache):
+            ks.append(k[0, :, start:end, :].to("cpu", copy=True).contiguous())
+            vs.append(v[0, :, start:end, :].to("cpu", copy=True).contiguous())
+        meta = ArtifactMeta(
+            key=key,
+            model_digest=fp.digest,
+            tokenizer_digest=self.loaded.tokenizer_digest,
+            tokens_digest=tokens_digest(seg),
+            num_tokens=len(seg),
+            start=start,
+            parent=parent,
+            dtype=fp.dtype,
+            model=fp.to_dict(),
+            rope=fp.rope,
+            source=source,
+        )
+        return Artifact(tuple(ks), tuple(vs), torch.tensor(list(seg), dtype=torch.int32), meta).sealed()
+
+    # ----------------------------------------------------------------- generation
+    def stream(
+        self,
+        prompt: Prompt | str,
+        documents: Sequence[str] = (),
+        *,
+        settings: GenerationSettings | None = None,
+        use_cache: bool = True,
+        mode: Mode | str = Mode.EXACT,
+        **settings_kwargs: Any,
+    ) -> Stream:
+        """Text pieces as they are generated; ``.result`` holds the :class:`Generation` afterwards.
+
+        ``prompt`` is a :class:`Prompt` or a question (then ``documents`` are placed before it).
+        Keyword arguments not named here are :class:`GenerationSettings` fields.
+        """
+        p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
+        s = settings or GenerationSettings(**settings_kwargs)
+        _ = self.loaded  # load before the clock starts: TTFT excludes model loading
+        return Stream(self._generate(p, s, use_cache, Mode.parse(mode)))
+
+    def generate(
+        self,
+        prompt: Prompt | str,
+        documents: Sequence[str] = (),
+        *,
+        settings: GenerationSettings | None = None,
+        use_cache: bool = True,
+        mode: Mode | str = Mode.EXACT,
+        **settings_kwargs: Any,
+    ) -> Generation:
+        """The whole answer (see :meth:`stream` for the arguments)."""
+        st = self.stream(prompt, documents, settings=settings, use_cache=use_cache, mode=mode,
+                         **settings_kwargs)
+        for _ in st:
+            pass
+        assert st.result is not None  # set by the generator's return  # noqa: S101
+        return st.result
+
+    async def agenerate(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> Generation:
+        """:meth:`generate` in a worker thread."""
+        return await asyncio.to_thread(self.generate, prompt, documents, **kwargs)
+
+    async def astream(
+        self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any
+    ) -> AsyncIterator[str]:
+        """:meth:`stream` as an async iterator (the model runs in a worker thread)."""
+        st = await asyncio.to_thread(self.stream, prompt, documents, **kwargs)
+        sentinel = object()
+        while True:
+            piece = await asyncio.to_thread(next, st, sentinel)
+            if piece is sentinel:
+                return
+            yield str(piece)
+
+    def _generate(
+        self, prompt: Prompt, settings: GenerationSettings, use_cache: bool, mode: Mode
+    ) -> Generator[str, None, Generation]:
+        t0 = time.perf_counter()
+        loaded = self.loaded
+        pre = self.prefill(prompt, use_cache=use_cache, mode=mode)
+        budget = min(settings.max_new_tokens, loaded.context_window - pre.prompt_tokens)
+        eos = _eos_ids(loaded)
+        sampler = Sampler(settings, loaded.device)
+        text = TextStream(loaded.tokenizer, settings.stop)
+        logits = pre.logits
+        assert logits is not None  # noqa: S101 - prefill was asked for logits
+        ids: list[int] = []
+        ttft = 0.0
+        finish = "length"
+        pos = pre.prompt_tokens
+        for step in range(budget):
+            tid = sampler(logits)
+            if step == 0:
+                ttft = time.perf_counter() - t0
+            if tid in eos:
+                finish = "stop"
+                break
+            ids.append(tid)
+            piece = text.push(tid)
+            if piece:
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
+            if step == budget - 1:
+                break
+            with loaded.lock, torch.inference_mode():
+                step_ids = torch.tensor([[tid]], dtype=torch.long, device=loaded.device)
+                logits = forward(loaded.model, step_ids, pre.cache, pos)[-1]
+            pos += 1
+        tail = text.finish()
+        if tail:
+            yield tail
+        return Generation(
+            text=text.text,
+            token_ids=ids,
+            finish_reason=finish,
+            mode=mode,
+            prompt_tokens=pre.prompt_tokens,
+            cached_tokens=pre.cached_tokens,
+            prefilled_tokens=pre.prefilled_tokens,
+            stored_tokens=pre.stored_tokens,
+            ttft_s=ttft,
+            total_s=time.perf_counter() - t0,
+            prefill_s=pre.seconds,
+            segments=pre.segments,
+        )
+
+    # ----------------------------------------------------------------- publishing
+    def publish(
+        self,
+        documents: Sequence[str],
+        *,
+        sources: Sequence[str] = (),
+        system: str | None = None,
+        progress: bool = False,
+    ) -> list[PublishReport]:
+        """Compute and store each document's KV (right after the system prefix) unless already stored."""
+        if isinstance(documents, str):
+            documents = [documents]
+        if sources and len(sources) != len(documents):
+            raise InputError(f"sources has {len(sources)} entries for {len(documents)} documents")
+        head = chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0]
+        reports: list[PublishReport] = []
+        items = list(enumerate(documents))
+        bar: Any = items
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(items, desc="publishing", unit="doc")
+        for i, doc in bar:
+            if not isinstance(doc, str) or not doc.strip():
+                raise InputError(f"documents[{i}] is empty: drop it or give it text")
+            src = sources[i] if sources else f"doc{i}"
+            t0 = time.perf_counter()
+            pre = self.prefill(Prompt(head, (doc,), "", (src,)), need_logits=False)
+            rep = pre.segments[-1]
+            reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
+        return reports
+
+    # ----------------------------------------------------------------- reference
+    def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Last-position float32 logits of a from-scratch prefill of ``ids`` (no store involved)."""
+        loaded = self.loaded
+        with loaded.lock, torch.inference_mode():
+            t = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
+            out = loaded.model(input_ids=t, use_cache=False, logits_to_keep=1)
+            return out.logits[0, -1].float()
+
+
+class Stream(Iterator[str]):
+    """An iterator of text pieces; after it is exhausted, :attr:`result` holds the :class:`Generation`."""
+
+    def __init__(self, gen: Generator[str, None, Generation]) -> None:
+        self._gen = gen
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop generating early (no result is recorded)."""
+        self._gen.close()
+
+
+def _sources(prompt: Prompt | TokenizedPrompt) -> list[str]:
+    n_docs = len(prompt.documents) if isinstance(prompt, Prompt) else len(prompt.segments) - 1
+    given = list(prompt.sources) if isinstance(prompt, Prompt) else []
+    return ["prefix"] + [given[i] if i < len(given) else f"doc{i}" for i in range(n_docs)]
+
+
+def _cache_from_artifacts(arts: Sequence[Artifact], device: torch.device, drop_last: bool = False) -> Any:
+    if not arts:
+        return build_cache([], [])
+    n = arts[0].num_layers
+    end = -1 if drop_last else None
+    keys, values = [], []
+    for layer in range(n):
+        k = [a.keys[layer] for a in arts]
+        v = [a.values[layer] for a in arts]
+        kk = (k[0] if len(k) == 1 else torch.cat(k, dim=-2))[:, :end]
+        vv = (v[0] if len(v) == 1 else torch.cat(v, dim=-2))[:, :end]
+        keys.append(kk.to(device, non_blocking=True).unsqueeze(0))
+        values.append(vv.to(device, non_blocking=True).unsqueeze(0))
+    return build_cache(keys, values)
+
+
+def _eos_ids(loaded: models.LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    tok_eos = loaded.tokenizer.eos_token_id
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    g = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(g, int):
+        ids.add(g)
+    elif isinstance(g, (list, tuple)):
+        ids.update(int(x) for x in g)
+    return ids

@@ -1,0 +1,109 @@
+"""Typed results of engine calls."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Mode(str, Enum):
+    """How a request's KV is assembled from the store.
+
+    ``EXACT``: the prefix and documents in order form a chain of artifacts, each cached given
+    everything before it; the longest cached chain is loaded and the rest prefilled. Token-exact.
+    """
+
+    EXACT = "exact"
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        """``Mode`` from its name, with an error that lists the allowed names."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"mode must be one of {allowed}; got {value!r}") from None
+
+
+class CacheStatus(str, Enum):
+    """What happened to one segment: loaded from the store, prefilled and stored, or not cached."""
+
+    HIT = "hit"
+    MISS = "miss"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """One segment of a request (the prefix or a document)."""
+
+    source: str
+    tokens: int
+    cache: CacheStatus
+    key: str | None = None
+    tier: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        d = asdict(self)
+        d["cache"] = self.cache.value
+        return d
+
+
+@dataclass
+class Generation:
+    """The answer to one request and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    mode: Mode
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    stored_tokens: int
+    ttft_s: float
+    total_s: float
+    prefill_s: float
+    segments: list[SegmentReport] = field(default_factory=list)
+
+    @property
+    def documents(self) -> list[SegmentReport]:
+        """The reports of the document segments (the prefix left out)."""
+        return self.segments[1:]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (``answer`` is the text)."""
+        return {
+            "answer": self.text,
+            "mode": self.mode.value,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "prefilled_tokens": self.prefilled_tokens,
+            "stored_tokens": self.stored_tokens,
+            "completion_tokens": len(self.token_ids),
+            "ttft_s": round(self.ttft_s, 6),
+            "prefill_s": round(self.prefill_s, 6),
+            "total_s": round(self.total_s, 6),
+            "docs": [{"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key}
+                     for s in self.documents],
+        }
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """One published document: its artifact key, size, and whether it was already stored."""
+
+    source: str
+    key: str
+    tokens: int
+    cache: CacheStatus
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        d = asdict(self)
+        d["cache"] = self.cache.value
+        return d

@@ -1,0 +1,8 @@
+"""Artifact storage: a :class:`Store` of ordered :class:`Tier` objects (memory, disk)."""
+
+from ._store import Hit, Store
+from .base import Tier
+from .disk import DiskTier
+from .memory import MemoryTier
+
+__all__ = ["DiskTier", "Hit", "MemoryTier", "Store", "Tier"]

@@ -1,0 +1,96 @@
+"""The store: an ordered list of tiers, fastest first; a hit in a lower tier is copied up."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact import Artifact
+from ..defaults import MEMORY_TIER_BYTES, default_store_dir
+from ..errors import InputError
+from .base import Tier
+from .disk import DiskTier
+from .memory import MemoryTier
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A found artifact and the name of the tier it came from."""
+
+    artifact: Artifact
+    tier: str
+
+
+class Store:
+    """Tiers behind one interface. Thread- and process-safety are those of the tiers.
+
+    ``get`` walks the tiers in order and copies a hit into the faster tiers above it; ``put``
+    writes through to every tier. ``accept`` (optional) is asked about every found artifact: an
+    artifact it rejects is deleted from the tier it came from and the walk goes on (a miss).
+    """
+
+    def __init__(self, tiers: Sequence[Tier]) -> None:
+        if not tiers:
+            raise InputError("a Store needs at least one tier")
+        self.tiers: list[Tier] = list(tiers)
+
+    @classmethod
+    def open(cls, spec: str | Path | None = None, memory_bytes: int = MEMORY_TIER_BYTES) -> Store:
+        """A store from a short spec.
+
+        ``None``: memory in front of the default disk folder (``$KV_RAG_HOME/store``);
+        ``"memory"``: memory only; any other string or path: memory in front of that disk folder.
+        """
+        if spec is not None and str(spec) == "memory":
+            return cls([MemoryTier(memory_bytes)])
+        directory = Path(spec) if spec is not None else default_store_dir()
+        if directory.exists() and not directory.is_dir():
+            raise InputError(f"--store must be a folder (or 'memory'), got the file {directory}")
+        return cls([MemoryTier(memory_bytes), DiskTier(directory)])
+
+    def get(self, key: str, accept: Callable[[Artifact], str | None] | None = None) -> Hit | None:
+        """The first acceptable artifact under ``key``, or ``None``.
+
+        ``accept`` returns ``None`` to accept or a reason string to reject.
+        """
+        for i, tier in enumerate(self.tiers):
+            art = tier.get(key)
+            if art is None:
+                continue
+            if accept is not None:
+                why = accept(art)
+                if why is not None:
+                    warnings.warn(
+                        f"kv-rag: dropping artifact {key[:12]}… from the {tier.name} tier: {why}; "
+                        "it will be recomputed",
+                        stacklevel=2,
+                    )
+                    tier.delete(key)
+                    continue
+            for upper in self.tiers[:i]:
+                upper.put(key, art)
+            return Hit(art, tier.name)
+        return None
+
+    def put(self, key: str, artifact: Artifact) -> None:
+        """Write ``artifact`` (sealed with its checksum) to every tier."""
+        art = artifact if artifact.meta.checksum else artifact.sealed()
+        for tier in self.tiers:
+            tier.put(key, art)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` from every tier."""
+        for tier in self.tiers:
+            tier.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in tier for tier in self.tiers)
+
+    def tier(self, name: str) -> Tier:
+        """The tier called ``name``."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")

@@ -1,0 +1,103 @@
+"""Disk tier on diskcache: safetensors bytes in files under one folder, shared by processes."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import diskcache
+
+from ..artifact import Artifact
+from ..defaults import DISK_TIER_BYTES
+from ..errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+class DiskTier:
+    """Artifacts as safetensors bytes in a diskcache folder.
+
+    Safety: diskcache writes each value to a new file and commits its row in SQLite afterwards,
+    so a reader sees either the old entry, the new one or none, never half a file; it is safe for
+    threads and for several processes opening the same folder (not across network filesystems).
+    Every ``get`` verifies the checksum; a damaged or foreign entry is deleted, a warning is
+    issued, and ``None`` is returned. Eviction: least recently stored beyond ``size_limit`` bytes.
+    """
+
+    name = "disk"
+
+    def __init__(self, directory: str | Path, size_limit: int = DISK_TIER_BYTES) -> None:
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(
+            str(self.directory),
+            size_limit=size_limit,
+            eviction_policy="least-recently-stored",
+            disk_min_file_size=0,
+        )
+
+    def get(self, key: str) -> Artifact | None:
+        """The verified artifact under ``key`` or ``None`` (damaged entries are dropped with a warning)."""
+        try:
+            data = self._cache.get(key, default=None, retry=True)
+        except (OSError, ValueError) as exc:
+            self._drop(key, f"unreadable ({exc})")
+            return None
+        if data is None:
+            return None
+        if not isinstance(data, bytes):
+            self._drop(key, f"holds {type(data).__name__}, not artifact bytes")
+            return None
+        try:
+            return Artifact.from_bytes(data, expect_key=key)
+        except ArtifactError as exc:
+            self._drop(key, str(exc))
+            return None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The raw stored bytes under ``key`` (unverified), or ``None``."""
+        data = self._cache.get(key, default=None, retry=True)
+        return data if isinstance(data, bytes) else None
+
+    def put(self, key: str, artifact: Artifact) -> None:
+        """Write ``artifact`` under ``key`` atomically (replacing any entry)."""
+        self.put_bytes(key, artifact.to_bytes())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them)."""
+        self._cache.set(key, data, retry=True)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
+        self._cache.delete(key, retry=True)
+
+    def path_of(self, key: str) -> Path | None:
+        """The file that holds ``key``'s bytes, if the entry exists."""
+        with self._cache.transact(retry=True):
+            row = self._cache._sql(  # noqa: SLF001 - diskcache has no public accessor for the file name
+                "SELECT filename FROM Cache WHERE key = ? AND raw = 1", (key,)
+            ).fetchone()
+        return self.directory / row[0] if row and row[0] else None
+
+    def keys(self) -> list[str]:
+        """Every key held."""
+        return [k for k in self._cache.iterkeys() if isinstance(k, str)]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        """Close the SQLite connection (reopened on next use)."""
+        self._cache.close()
+
+    def _drop(self, key: str, why: str) -> None:
+        warnings.warn(f"kv-rag: dropping stored artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=3)
+        log.warning("dropping artifact %s: %s", key, why)
+        try:
+            self._cache.delete(key, retry=True)
+        except OSError:
+            pass

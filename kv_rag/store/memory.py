@@ -1,0 +1,74 @@
+"""In-process tier: artifacts kept as tensors, least recently used evicted beyond a byte bound."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from ..artifact import Artifact
+from ..defaults import MEMORY_TIER_BYTES
+
+
+class MemoryTier:
+    """LRU by bytes. Thread-safe (one lock); per process (not shared across processes or forks).
+
+    An artifact larger than ``max_bytes`` is not kept. ``nbytes`` never exceeds ``max_bytes``.
+    """
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int = MEMORY_TIER_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, Artifact] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Artifact | None:
+        """The artifact under ``key`` (marked most recently used), or ``None``."""
+        with self._lock:
+            art = self._items.get(key)
+            if art is not None:
+                self._items.move_to_end(key)
+            return art
+
+    def put(self, key: str, artifact: Artifact) -> None:
+        """Keep ``artifact``, evicting least recently used entries to stay within ``max_bytes``."""
+        size = artifact.nbytes
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            if size > self.max_bytes:
+                return
+            while self._items and self._bytes + size > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes
+            self._items[key] = artifact
+            self._bytes += size
+
+    def delete(self, key: str) -> None:
+        """Drop ``key`` if present."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        """Drop everything."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
