@@ -137,9 +137,7 @@ def _read_header_meta(data: bytes) -> dict[str, str]:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = xxhash.xxh3_128()
-    names = ["token_ids"] + sorted(
-        (n for n in tensors if n != "token_ids"), key=lambda n: (int(n.split(".")[1]), n[0])
-    )
+    names = ["token_ids", *sorted((n for n in tensors if n != "token_ids"), key=lambda n: (int(n.split(".")[1]), n[0]))]
     for name in names:
         t = tensors[name].detach().contiguous().cpu()
         h.update(name.encode())

@@ -70,7 +70,7 @@ class Engine:
         self._tokenizer_arg = tokenizer
         self._device = device
         self._dtype = dtype
-        self._store_spec = store
+        self._store_spec: str | Path | None = None if isinstance(store, Store) else store
         self._store: Store | None = store if isinstance(store, Store) else None
         self.system_prompt = system_prompt
         self._loaded: models.LoadedModel | None = None
@@ -151,8 +151,9 @@ class Engine:
 
     def document_key(self, document: str, *, system: str | None = None) -> str:
         """Key of ``document``'s artifact when it directly follows the system prefix (what ``publish`` stores)."""
-        prompt = Prompt(chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0],
-                        (document,), "")
+        prompt = Prompt(
+            chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0], (document,), ""
+        )
         return self.segment_keys(self.tokenize(prompt))[1]
 
     # ----------------------------------------------------------------- prefill
@@ -221,8 +222,9 @@ class Engine:
                 reports[i] = SegmentReport(sources[i], 0, CacheStatus.NONE)
                 continue
             if use_cache:
-                self.store.put(keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "",
-                                                       sources[i]))
+                self.store.put(
+                    keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "", sources[i])
+                )
                 stored += len(seg)
             status = CacheStatus.MISS if use_cache else CacheStatus.NONE
             reports[i] = SegmentReport(sources[i], len(seg), status, keys[i] if use_cache else None)
@@ -257,8 +259,7 @@ class Engine:
 
         return accept
 
-    def _artifact(self, cache: Any, start: int, seg: Sequence[int], key: str, parent: str,
-                  source: str) -> Artifact:
+    def _artifact(self, cache: Any, start: int, seg: Sequence[int], key: str, parent: str, source: str) -> Artifact:
         fp = self.loaded.fingerprint
         end = start + len(seg)
         ks, vs = [], []
@@ -312,20 +313,17 @@ class Engine:
         **settings_kwargs: Any,
     ) -> Generation:
         """The whole answer (see :meth:`stream` for the arguments)."""
-        st = self.stream(prompt, documents, settings=settings, use_cache=use_cache, mode=mode,
-                         **settings_kwargs)
+        st = self.stream(prompt, documents, settings=settings, use_cache=use_cache, mode=mode, **settings_kwargs)
         for _ in st:
             pass
-        assert st.result is not None  # set by the generator's return  # noqa: S101
+        assert st.result is not None  # set by the generator's return
         return st.result
 
     async def agenerate(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> Generation:
         """:meth:`generate` in a worker thread."""
         return await asyncio.to_thread(self.generate, prompt, documents, **kwargs)
 
-    async def astream(
-        self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any
-    ) -> AsyncIterator[str]:
+    async def astream(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> AsyncIterator[str]:
         """:meth:`stream` as an async iterator (the model runs in a worker thread)."""
         st = await asyncio.to_thread(self.stream, prompt, documents, **kwargs)
         sentinel = object()
@@ -346,7 +344,7 @@ class Engine:
         sampler = Sampler(settings, loaded.device)
         text = TextStream(loaded.tokenizer, settings.stop)
         logits = pre.logits
-        assert logits is not None  # noqa: S101 - prefill was asked for logits
+        assert logits is not None
         ids: list[int] = []
         ttft = 0.0
         finish = "length"

@@ -91,7 +91,7 @@ class ModelFingerprint:
 
 def model_fingerprint(model: torch.nn.Module) -> ModelFingerprint:
     """Fingerprint of a loaded transformers model (hashes its weights: call once and keep the result)."""
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = model.config
     cfg = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
     dtype = next(model.parameters()).dtype
     return ModelFingerprint(
@@ -106,10 +106,7 @@ def model_fingerprint(model: torch.nn.Module) -> ModelFingerprint:
 def tokenizer_digest(tokenizer: Any) -> str:
     """Digest of what maps text to ids: the serialized fast tokenizer, or the vocabulary and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        data = backend.to_str()
-    else:
-        data = json.dumps(sorted(tokenizer.get_vocab().items()))
+    data = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps(
         {
             "class": type(tokenizer).__name__,

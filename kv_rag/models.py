@@ -114,8 +114,14 @@ def wrap(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
 
 
 def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     try:
         return table[name.lower()]
     except KeyError:
@@ -140,7 +146,7 @@ def _load_folder(path: Path, device: str, dtype: torch.dtype, name: str) -> Load
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as exc:  # transformers raises many types for a broken folder
         raise ModelLoadError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, name=name, path=str(path))
 
@@ -178,9 +184,7 @@ def _convert_gguf(src: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent), gguf_file=src.name, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         cfg_dict = gguf_model.config.to_dict()
         cfg_dict.pop("quantization_config", None)
         config = type(gguf_model.config).from_dict(cfg_dict)

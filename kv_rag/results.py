@@ -87,8 +87,9 @@ class Generation:
             "ttft_s": round(self.ttft_s, 6),
             "prefill_s": round(self.prefill_s, 6),
             "total_s": round(self.total_s, 6),
-            "docs": [{"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key}
-                     for s in self.documents],
+            "docs": [
+                {"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key} for s in self.documents
+            ],
         }
 
 

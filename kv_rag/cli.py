@@ -1,0 +1,290 @@
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .defaults import MAX_NEW_TOKENS
+from .errors import KVRagError
+
+DEMO_QUESTIONS = (
+    "What does the else clause of a for loop do?",
+    "What happens when an exception is raised inside the body of a with statement?",
+    "What does raise ... from do with the second expression?",
+)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store folder for the disk tier, or 'memory' (default: $KV_RAG_HOME/store)")
+    p.add_argument("--model", help="local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="kv-rag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
+    _add_common(p)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+
+    p = sub.add_parser("publish", help="compute and store the KV cache of text files")
+    _add_common(p)
+    p.add_argument("paths", nargs="+", help="text or markdown files, or folders of them")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
+
+    p = sub.add_parser("ask", help="answer a question from documents, reusing their KV caches")
+    _add_common(p)
+    p.add_argument("question")
+    p.add_argument("--docs", nargs="+", required=True, help="text or markdown files, or folders of them")
+    p.add_argument("--k", type=int, default=1, help="number of chunks to retrieve (BM25)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
+    p.add_argument("--mode", default="exact", help="how to assemble the KV: exact")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+
+    p = sub.add_parser("inspect", help="show what an artifact holds")
+    p.add_argument("artifact", help="an artifact file, or a key in the store")
+    p.add_argument("--store", help="store folder to look the key up in (default: $KV_RAG_HOME/store)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="prefill versus cache-hit TTFT at several document lengths")
+    _add_common(p)
+    p.add_argument("--lengths", default="256,1024,4096", help="comma-separated document lengths in tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each cache hit (median is reported)")
+    p.add_argument("--out", default="benchmarks/results/core_bench.json", help="where to save the JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kv-rag`` console script. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    try:
+        handler = {
+            "demo": cmd_demo,
+            "publish": cmd_publish,
+            "ask": cmd_ask,
+            "inspect": cmd_inspect,
+            "bench": cmd_bench,
+        }[args.command]
+        return handler(args)
+    except KVRagError as exc:
+        print(f"kv-rag {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from .engine import Engine
+
+    return Engine(args.model, store=args.store, device=args.device)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``kv-rag publish``."""
+    from .retrieve import chunk_documents, read_documents
+
+    docs = read_documents(args.paths)
+    engine = _engine(args)
+    chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
+    reports = engine.publish([c.text for c in chunks], sources=[c.source for c in chunks], progress=not args.json)
+    if args.json:
+        _print(
+            {
+                "published": [r.to_dict() for r in reports],
+                "tokens": sum(r.tokens for r in reports),
+                "new": sum(r.cache.value == "miss" for r in reports),
+            }
+        )
+    else:
+        for r in reports:
+            print(f"{r.cache.value:4}  {r.tokens:6d} tok  {r.seconds:6.2f} s  {r.key[:16]}  {r.source}")
+        print(
+            f"{len(reports)} documents, {sum(r.tokens for r in reports)} tokens, "
+            f"{sum(r.cache.value == 'miss' for r in reports)} newly stored"
+        )
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """``kv-rag ask``."""
+    from .decode import GenerationSettings
+    from .results import Mode
+    from .retrieve import BM25, chunk_documents, read_documents
+
+    try:
+        mode = Mode.parse(args.mode)
+    except ValueError as exc:
+        print(f"kv-rag ask: error: --mode: {exc}", file=sys.stderr)
+        return 2
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    docs = read_documents(args.docs)
+    engine = _engine(args)
+    chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
+    top = BM25(chunks).search(args.question, args.k)
+    prompt = engine.prompt(args.question, [d.text for d in top], sources=[d.source for d in top])
+    stream = engine.stream(prompt, settings=settings, use_cache=not args.no_cache, mode=mode)
+    for piece in stream:
+        if args.stream and not args.json:
+            print(piece, end="", flush=True)
+    gen = stream.result
+    assert gen is not None
+    if args.json:
+        _print(gen.to_dict())
+    else:
+        if args.stream:
+            print()
+        else:
+            print(gen.text)
+        hits = sum(d.cache.value == "hit" for d in gen.documents)
+        print(
+            f"\n[{gen.mode.value}] {gen.prompt_tokens} prompt tokens, {gen.cached_tokens} from cache, "
+            f"{hits}/{len(gen.documents)} documents hit; TTFT {gen.ttft_s:.3f} s, total {gen.total_s:.2f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``kv-rag inspect``."""
+    from .artifact import Artifact
+    from .errors import ArtifactError, InputError
+    from .store import Store
+
+    path = Path(args.artifact)
+    if path.is_file():
+        art = Artifact.from_bytes(path.read_bytes())
+        where = str(path)
+    else:
+        disk = Store.open(args.store).tier("disk")
+        data = disk.get_bytes(args.artifact)  # type: ignore[attr-defined]
+        if data is None:
+            raise InputError(f"{args.artifact!r} is neither a file nor a key in the store {disk.directory}")  # type: ignore[attr-defined]
+        try:
+            art = Artifact.from_bytes(data, expect_key=args.artifact)
+        except ArtifactError as exc:
+            raise ArtifactError(f"the stored artifact is damaged and would be recomputed: {exc}") from exc
+        where = f"{disk.directory} (key)"  # type: ignore[attr-defined]
+    m = art.meta
+    k0 = art.keys[0]
+    info = {
+        "where": where,
+        **m.to_dict(),
+        "layers": art.num_layers,
+        "kv_heads": int(k0.shape[0]),
+        "head_dim": int(k0.shape[-1]),
+        "bytes": art.nbytes,
+        "bytes_per_token": art.nbytes / max(1, m.num_tokens),
+        "checksum_ok": True,
+    }
+    if args.json:
+        _print(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``kv-rag bench``."""
+    from .bench import run_core_bench
+
+    lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
+    result = run_core_bench(_engine(args), lengths, repeats=args.repeats, out=Path(args.out))
+    if args.json:
+        _print(result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``kv-rag demo``: publish the bundled corpus, then answer questions with and without the cache."""
+    import time
+
+    from .retrieve import BM25, Document
+
+    corpus_dir = resources.files("kv_rag") / "corpus"
+    docs = [
+        Document(f.read_text(encoding="utf-8"), f.name)
+        for f in sorted(corpus_dir.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".md")
+    ]
+    print(f"kv-rag demo: {len(docs)} sections of the Python Language Reference (see kv_rag/corpus/SOURCE.txt)")
+    t0 = time.perf_counter()
+    engine = _engine(args)
+    _ = engine.loaded
+    print(
+        f"model {engine.model_name} loaded in {time.perf_counter() - t0:.1f} s "
+        f"({engine.loaded.device}, {engine.loaded.fingerprint.dtype})"
+    )
+    t0 = time.perf_counter()
+    reports = engine.publish([d.text for d in docs], sources=[d.source for d in docs], progress=True)
+    new = sum(r.cache.value == "miss" for r in reports)
+    print(
+        f"published {len(reports)} documents ({sum(r.tokens for r in reports)} tokens, {new} newly computed) "
+        f"in {time.perf_counter() - t0:.1f} s\n"
+    )
+    index = BM25(docs)
+    rows = []
+    for q in DEMO_QUESTIONS:
+        top = index.search(q, 1)
+        prompt = engine.prompt(q, [d.text for d in top], sources=[d.source for d in top])
+        cold = engine.generate(prompt, use_cache=False, max_new_tokens=args.max_new_tokens)
+        warm = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
+        same = cold.token_ids == warm.token_ids
+        rows.append(
+            {
+                "question": q,
+                "document": top[0].source,
+                "answer": warm.text.strip(),
+                "prompt_tokens": warm.prompt_tokens,
+                "cached_tokens": warm.cached_tokens,
+                "ttft_no_cache_s": cold.ttft_s,
+                "ttft_cache_s": warm.ttft_s,
+                "speedup": cold.ttft_s / warm.ttft_s,
+                "identical_tokens": same,
+            }
+        )
+        if not args.json:
+            print(
+                f"Q: {q}\n   document: {top[0].source} ({warm.prompt_tokens} prompt tokens, "
+                f"{warm.cached_tokens} loaded from the store)"
+            )
+            print(f"A: {warm.text.strip()}")
+            print(
+                f"   TTFT without cache {cold.ttft_s:.3f} s, with cache {warm.ttft_s:.3f} s "
+                f"({cold.ttft_s / warm.ttft_s:.1f}x); same tokens: {'yes' if same else 'NO'}\n"
+            )
+    if args.json:
+        _print({"model": engine.model_name, "questions": rows})
+    return 0 if all(r["identical_tokens"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
