@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from .decode import GenerationSettings, Sampler, TextStream
 from .defaults import SYSTEM_PROMPT
 from .errors import ContextLengthError, InputError
 from .fingerprint import chain_key, tokens_digest
-from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, tokenize
+from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
 from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
 from .store import Store
 
@@ -135,6 +135,33 @@ class Engine:
             self.tokenizer, question, documents, self.system_prompt if system is None else system, sources
         )
 
+    def prompt_from_text(self, text: str, documents: Mapping[str, str] | Sequence[str] | None = None) -> Prompt:
+        """Split a ready-made prompt at every verbatim occurrence of a known document.
+
+        ``documents`` (text -> source, or texts) adds to the documents this process has published
+        for this model (see :meth:`publish` and :meth:`register_documents`).
+        """
+        return locate(text, self._known(documents))
+
+    def prompt_from_messages(
+        self, messages: Sequence[Mapping[str, str]], documents: Mapping[str, str] | Sequence[str] | None = None
+    ) -> Prompt:
+        """Chat messages rendered with the model's chat template, split at known documents."""
+        return locate(render_messages(self.tokenizer, messages), self._known(documents))
+
+    def register_documents(self, documents: Mapping[str, str] | Sequence[str]) -> None:
+        """Remember document texts (-> source) so that prompts containing them are split there."""
+        with self.loaded.lock:
+            for text, src in _doc_items(documents):
+                if text.strip():
+                    self.loaded.documents.setdefault(text, src)
+
+    def _known(self, extra: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+        with self.loaded.lock:
+            known = dict(self.loaded.documents)
+        known.update(_doc_items(extra or ()))
+        return known
+
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt``."""
         return tokenize(self.tokenizer, prompt)
@@ -150,11 +177,9 @@ class Engine:
         return keys
 
     def document_key(self, document: str, *, system: str | None = None) -> str:
-        """Key of ``document``'s artifact when it directly follows the system prefix (what ``publish`` stores)."""
-        prompt = Prompt(
-            chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0], (document,), ""
-        )
-        return self.segment_keys(self.tokenize(prompt))[1]
+        """Key of ``document``'s artifact right after the system prefix (what :meth:`publish` stores)."""
+        head = chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0]
+        return self.segment_keys(self.tokenize(Prompt.from_parts(head, (document,), "")))[-1]
 
     # ----------------------------------------------------------------- prefill
     def prefill(
@@ -168,7 +193,6 @@ class Engine:
         """KV for the whole prompt: load the longest cached chain, prefill the rest, store what was new."""
         Mode.parse(mode)
         tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
-        sources = _sources(prompt)
         loaded = self.loaded
         total = len(tp)
         if total == 0:
@@ -180,54 +204,52 @@ class Engine:
             )
         t0 = time.perf_counter()
         with loaded.lock, torch.inference_mode():
-            return self._prefill_locked(tp, sources, use_cache, need_logits, t0)
+            return self._prefill_locked(tp, use_cache, need_logits, t0)
 
-    def _prefill_locked(
-        self, tp: TokenizedPrompt, sources: list[str], use_cache: bool, need_logits: bool, t0: float
-    ) -> Prefill:
+    def _prefill_locked(self, tp: TokenizedPrompt, use_cache: bool, need_logits: bool, t0: float) -> Prefill:
         loaded = self.loaded
-        device = loaded.device
         keys = self.segment_keys(tp) if use_cache else [""] * len(tp.segments)
-        reports: list[SegmentReport | None] = [None] * len(tp.segments)
+        n_seg = len(tp.segments)
+
+        def report(i: int, status: CacheStatus, tier: str | None = None) -> SegmentReport:
+            key = keys[i] if status is not CacheStatus.NONE else None
+            return SegmentReport(tp.source(i), len(tp.segments[i]), status, key, tier, tp.document(i))
+
+        # 1. the longest cached chain
+        reports: list[SegmentReport] = []
         hits: list[Artifact] = []
         pos = 0
-        first_uncached = len(tp.segments)
+        first_uncached = n_seg
         for i, seg in enumerate(tp.segments):
-            if not seg:
-                reports[i] = SegmentReport(sources[i], 0, CacheStatus.NONE)
-                continue
-            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos)) if use_cache else None
-            if hit is None:
+            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos)) if use_cache and seg else None
+            if seg and hit is None:
                 first_uncached = i
                 break
-            hits.append(hit.artifact)
-            reports[i] = SegmentReport(sources[i], len(seg), CacheStatus.HIT, keys[i], hit.tier)
+            if hit is not None:
+                hits.append(hit.artifact)
+            reports.append(report(i, CacheStatus.HIT if hit else CacheStatus.NONE, hit.tier if hit else None))
             pos += len(seg)
+        # 2. prefill the rest on top of it
         rest: list[int] = [t for seg in tp.segments[first_uncached:] for t in seg] + list(tp.suffix)
-        # everything cached but logits wanted: leave the last token out and recompute it
-        drop_last = not rest and need_logits
-        cache = _cache_from_artifacts(hits, device, drop_last=drop_last)
-        cached = pos - 1 if drop_last else pos
+        drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
+        cache = _cache_from_artifacts(hits, loaded.device, drop_last=drop_last)
         if drop_last:
             rest = tp.ids[-1:]
         logits: torch.Tensor | None = None
         if rest:
-            ids = torch.tensor([rest], dtype=torch.long, device=device)
-            logits = forward(loaded.model, ids, cache, cached)[-1]
+            ids = torch.tensor([rest], dtype=torch.long, device=loaded.device)
+            logits = forward(loaded.model, ids, cache, pos - 1 if drop_last else pos)[-1]
+        # 3. store the newly computed chain segments
         stored = 0
         start = pos
-        for i in range(first_uncached, len(tp.segments)):
+        for i in range(first_uncached, n_seg):
             seg = tp.segments[i]
-            if not seg:
-                reports[i] = SegmentReport(sources[i], 0, CacheStatus.NONE)
-                continue
-            if use_cache:
+            if use_cache and seg:
                 self.store.put(
-                    keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "", sources[i])
+                    keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "", tp.source(i))
                 )
                 stored += len(seg)
-            status = CacheStatus.MISS if use_cache else CacheStatus.NONE
-            reports[i] = SegmentReport(sources[i], len(seg), status, keys[i] if use_cache else None)
+            reports.append(report(i, CacheStatus.MISS if use_cache and seg else CacheStatus.NONE))
             start += len(seg)
         return Prefill(
             cache=cache,
@@ -237,7 +259,7 @@ class Engine:
             prefilled_tokens=len(tp) - pos,
             stored_tokens=stored,
             seconds=time.perf_counter() - t0,
-            segments=[r for r in reports if r is not None],
+            segments=reports,
         )
 
     def _acceptor(self, seg: Sequence[int], start: int) -> Callable[[Artifact], str | None]:
@@ -414,8 +436,9 @@ class Engine:
                 raise InputError(f"documents[{i}] is empty: drop it or give it text")
             src = sources[i] if sources else f"doc{i}"
             t0 = time.perf_counter()
-            pre = self.prefill(Prompt(head, (doc,), "", (src,)), need_logits=False)
+            pre = self.prefill(Prompt.from_parts(head, (doc,), "", (src,)), need_logits=False)
             rep = pre.segments[-1]
+            self.register_documents({doc: src})
             reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
         return reports
 
@@ -451,10 +474,10 @@ class Stream(Iterator[str]):
         self._gen.close()
 
 
-def _sources(prompt: Prompt | TokenizedPrompt) -> list[str]:
-    n_docs = len(prompt.documents) if isinstance(prompt, Prompt) else len(prompt.segments) - 1
-    given = list(prompt.sources) if isinstance(prompt, Prompt) else []
-    return ["prefix"] + [given[i] if i < len(given) else f"doc{i}" for i in range(n_docs)]
+def _doc_items(documents: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
+    if isinstance(documents, Mapping):
+        return [(str(t), str(s)) for t, s in documents.items()]
+    return [(d, f"doc{i}") for i, d in enumerate(documents)]
 
 
 def _cache_from_artifacts(arts: Sequence[Artifact], device: torch.device, drop_last: bool = False) -> Any:

@@ -1,12 +1,14 @@
-"""A request's prompt as segments: a prefix, the documents in order, and a suffix.
+"""A request's prompt as segments: plain text and documents, in order.
 
 Each segment is tokenized on its own and the ids are concatenated, so a document's tokens are the
 same wherever it appears; the from-scratch reference for exactness is a prefill of those same ids.
+The segments up to and including the last document form the cacheable chain; what follows (the
+question and the generation prompt) is always prefilled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,29 +19,61 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A run of prompt text; ``document`` marks a retrieved document (named by ``source``)."""
+
+    text: str
+    document: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class Prompt:
-    """``prefix`` + each of ``documents`` (followed by a blank line) + ``suffix``.
+    """An ordered tuple of :class:`Segment`."""
 
-    ``sources`` optionally names each document (file path, URL) for reports.
-    """
+    segments: tuple[Segment, ...]
 
-    prefix: str
-    documents: tuple[str, ...]
-    suffix: str
-    sources: tuple[str, ...] = ()
+    @classmethod
+    def from_parts(
+        cls,
+        prefix: str,
+        documents: Sequence[str],
+        suffix: str,
+        sources: Sequence[str] = (),
+        separator: str = DOCUMENT_SEPARATOR,
+    ) -> Prompt:
+        """``prefix``, each document followed by ``separator``, then ``suffix``."""
+        segs = [Segment(prefix)]
+        for i, doc in enumerate(documents):
+            segs.append(Segment(doc, True, sources[i] if i < len(sources) else f"doc{i}"))
+            segs.append(Segment(separator))
+        segs.append(Segment(suffix))
+        return cls(tuple(s for s in segs if s.text))
+
+    @property
+    def documents(self) -> tuple[str, ...]:
+        """The document texts, in order."""
+        return tuple(s.text for s in self.segments if s.document)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The document sources, in order."""
+        return tuple(s.source for s in self.segments if s.document)
 
     @property
     def text(self) -> str:
         """The whole prompt as one string."""
-        return self.prefix + "".join(document_segment(d) for d in self.documents) + self.suffix
+        return "".join(s.text for s in self.segments)
 
 
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """Token ids per segment: ``segments[0]`` is the prefix, then one per document; then the suffix."""
+    """Token ids of the chain segments (up to the last document) and of the suffix after them."""
 
     segments: tuple[tuple[int, ...], ...]
     suffix: tuple[int, ...]
+    is_document: tuple[bool, ...] = ()
+    sources: tuple[str, ...] = ()
 
     @property
     def ids(self) -> list[int]:
@@ -50,13 +84,16 @@ class TokenizedPrompt:
         out.extend(self.suffix)
         return out
 
+    def source(self, i: int) -> str:
+        """Name of chain segment ``i`` (its document source, or ``text``)."""
+        return self.sources[i] if i < len(self.sources) and self.sources[i] else "text"
+
+    def document(self, i: int) -> bool:
+        """Whether chain segment ``i`` is a document."""
+        return i < len(self.is_document) and self.is_document[i]
+
     def __len__(self) -> int:
         return sum(len(s) for s in self.segments) + len(self.suffix)
-
-
-def document_segment(document: str) -> str:
-    """The text a document occupies in a prompt."""
-    return document + DOCUMENT_SEPARATOR
 
 
 def chat_frame(tokenizer: Any, system: str) -> tuple[str, str]:
@@ -71,6 +108,19 @@ def chat_frame(tokenizer: Any, system: str) -> tuple[str, str]:
             head, tail = rendered.split(_SENTINEL)
             return head, tail
     return (system + "\n\n" if system else ""), "\nAnswer:"
+
+
+def render_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    """Chat messages (``role``/``content``) as prompt text, ending with the assistant's generation prompt.
+
+    Without a chat template: ``role: content`` lines and a final ``assistant:``.
+    """
+    if not messages:
+        raise InputError("messages is empty: pass at least one message with role and content")
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
 def build_prompt(
@@ -90,18 +140,54 @@ def build_prompt(
     if sources and len(sources) != len(docs):
         raise InputError(f"sources has {len(sources)} entries for {len(docs)} documents")
     head, tail = chat_frame(tokenizer, system)
-    return Prompt(prefix=head, documents=docs, suffix=f"Question: {question}{tail}", sources=tuple(sources))
+    return Prompt.from_parts(head, docs, f"Question: {question}{tail}", sources)
+
+
+def locate(text: str, documents: Mapping[str, str] | Sequence[str]) -> Prompt:
+    """Split ``text`` at every verbatim occurrence of a known document.
+
+    ``documents`` maps document text to its source (or is a sequence of texts). Occurrences are
+    taken left to right, longer documents first where they overlap; each document text may occur
+    several times. A text with no known document is one plain segment.
+    """
+    if not isinstance(text, str) or not text:
+        raise InputError("the prompt is empty: pass the text to complete")
+    known = dict(documents) if isinstance(documents, Mapping) else {d: f"doc{i}" for i, d in enumerate(documents)}
+    spans: list[tuple[int, int, str]] = []
+    for doc in sorted((d for d in known if d.strip()), key=len, reverse=True):
+        start = text.find(doc)
+        while start != -1:
+            end = start + len(doc)
+            if all(end <= s or start >= e for s, e, _ in spans):
+                spans.append((start, end, doc))
+            start = text.find(doc, end)
+    spans.sort()
+    segs: list[Segment] = []
+    pos = 0
+    for s, e, doc in spans:
+        if s > pos:
+            segs.append(Segment(text[pos:s]))
+        segs.append(Segment(doc, True, known[doc]))
+        pos = e
+    if pos < len(text):
+        segs.append(Segment(text[pos:]))
+    return Prompt(tuple(segs))
 
 
 def tokenize(tokenizer: Any, prompt: Prompt) -> TokenizedPrompt:
     """Tokenize each segment on its own (special tokens only at the very start)."""
-
-    def enc(text: str, first: bool) -> tuple[int, ...]:
-        if not text:
-            return ()
-        return tuple(tokenizer(text, add_special_tokens=first)["input_ids"])
-
-    prefix = enc(prompt.prefix, True)
-    segs = [prefix] + [enc(document_segment(d), not prefix and i == 0) for i, d in enumerate(prompt.documents)]
-    suffix = enc(prompt.suffix, not any(segs))
-    return TokenizedPrompt(segments=tuple(segs), suffix=suffix)
+    ids: list[tuple[int, ...]] = []
+    for seg in prompt.segments:
+        first = not any(ids)
+        ids.append(tuple(tokenizer(seg.text, add_special_tokens=first)["input_ids"]) if seg.text else ())
+    last_doc = max((i for i, s in enumerate(prompt.segments) if s.document), default=-1)
+    chain = prompt.segments[: last_doc + 1]
+    suffix: list[int] = []
+    for seg_ids in ids[last_doc + 1 :]:
+        suffix.extend(seg_ids)
+    return TokenizedPrompt(
+        segments=tuple(ids[: last_doc + 1]),
+        suffix=tuple(suffix),
+        is_document=tuple(s.document for s in chain),
+        sources=tuple(s.source for s in chain),
+    )

@@ -43,6 +43,7 @@ class SegmentReport:
     cache: CacheStatus
     key: str | None = None
     tier: str | None = None
+    document: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -70,8 +71,8 @@ class Generation:
 
     @property
     def documents(self) -> list[SegmentReport]:
-        """The reports of the document segments (the prefix left out)."""
-        return self.segments[1:]
+        """The reports of the document segments (plain text segments left out)."""
+        return [s for s in self.segments if s.document]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON (``answer`` is the text)."""
