@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 _CACHE_KWARG: dict[type, str] = {}
 
@@ -27,15 +28,73 @@ def cache_kwarg(model: Any) -> str:
     return name
 
 
-def build_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> DynamicCache:
-    """A ``DynamicCache`` holding the given per-layer tensors, each ``[batch, kv_heads, tokens, head_dim]``.
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes into a buffer with spare room instead of concatenating.
 
-    Built without a config so that every layer keeps every token (sliding-window models mask by
-    position instead), which keeps slicing by position exact.
+    transformers' ``DynamicLayer`` concatenates on every update, copying the whole cache for each
+    prefill chunk and each decoded token. This layer copies the loaded KV once into a buffer sized
+    for the prompt and the answer, then appends in place (doubling when full); ``keys``/``values``
+    are views of the filled part.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = max(1, capacity)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._len = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[batch, heads, n, dim]`` states; return the views of everything cached."""
+        n = key_states.shape[-2]
+        if self._k is None or self._v is None:
+            b, h, _, d = key_states.shape
+            cap = max(self.capacity, n)
+            self._k = key_states.new_empty((b, h, cap, d))
+            self._v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+            self.is_initialized = True
+            self.device = key_states.device
+            self.dtype = key_states.dtype
+        elif self._len + n > self._k.shape[-2]:
+            cap = max(2 * self._k.shape[-2], self._len + n)
+            k, v = self._k, self._v
+            self._k = k.new_empty((*k.shape[:2], cap, k.shape[-1]))
+            self._v = v.new_empty((*v.shape[:2], cap, v.shape[-1]))
+            self._k[..., : self._len, :] = k[..., : self._len, :]
+            self._v[..., : self._len, :] = v[..., : self._len, :]
+        self._k[..., self._len : self._len + n, :] = key_states
+        self._v[..., self._len : self._len + n, :] = value_states
+        self._len += n
+        self.keys = self._k[..., : self._len, :]
+        self.values = self._v[..., : self._len, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Number of cached tokens."""
+        return self._len
+
+
+def build_cache(
+    keys: Sequence[Sequence[torch.Tensor]] | None,
+    values: Sequence[Sequence[torch.Tensor]] | None,
+    num_layers: int,
+    capacity: int,
+) -> DynamicCache:
+    """A ``DynamicCache`` of :class:`PreallocatedLayer` with room for ``capacity`` tokens per layer.
+
+    ``keys[layer]`` / ``values[layer]`` are lists of ``[batch, kv_heads, tokens, head_dim]`` tensors
+    copied in order (once) into each layer's buffer; ``None`` gives an empty cache. Every layer keeps
+    every token (sliding-window models mask by position instead), which keeps slicing exact.
     """
     cache = DynamicCache()
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k, v, i)
+    for i in range(num_layers):
+        layer = PreallocatedLayer(capacity)
+        if keys is not None and values is not None:
+            for k, v in zip(keys[i], values[i], strict=True):
+                layer.update(k, v)
+        cache.layers.append(layer)
     return cache
 
 

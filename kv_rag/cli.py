@@ -16,7 +16,7 @@ from .errors import KVRagError
 
 DEMO_QUESTIONS = (
     "What does the else clause of a for loop do?",
-    "What happens when an exception is raised inside the body of a with statement?",
+    "In a with statement, when is the __exit__() method of the context manager called?",
     "What does raise ... from do with the second expression?",
 )
 

@@ -189,8 +189,12 @@ class Engine:
         use_cache: bool = True,
         mode: Mode | str = Mode.EXACT,
         need_logits: bool = True,
+        reserve: int = 0,
     ) -> Prefill:
-        """KV for the whole prompt: load the longest cached chain, prefill the rest, store what was new."""
+        """KV for the whole prompt: load the longest cached chain, prefill the rest, store what was new.
+
+        ``reserve`` makes room in the cache for that many generated tokens without reallocating.
+        """
         Mode.parse(mode)
         tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
         loaded = self.loaded
@@ -204,9 +208,11 @@ class Engine:
             )
         t0 = time.perf_counter()
         with loaded.lock, torch.inference_mode():
-            return self._prefill_locked(tp, use_cache, need_logits, t0)
+            return self._prefill_locked(tp, use_cache, need_logits, reserve, t0)
 
-    def _prefill_locked(self, tp: TokenizedPrompt, use_cache: bool, need_logits: bool, t0: float) -> Prefill:
+    def _prefill_locked(
+        self, tp: TokenizedPrompt, use_cache: bool, need_logits: bool, reserve: int, t0: float
+    ) -> Prefill:
         loaded = self.loaded
         keys = self.segment_keys(tp) if use_cache else [""] * len(tp.segments)
         n_seg = len(tp.segments)
@@ -232,7 +238,7 @@ class Engine:
         # 2. prefill the rest on top of it
         rest: list[int] = [t for seg in tp.segments[first_uncached:] for t in seg] + list(tp.suffix)
         drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
-        cache = _cache_from_artifacts(hits, loaded.device, drop_last=drop_last)
+        cache = _cache_from_artifacts(hits, loaded.device, loaded.num_layers, len(tp) + reserve, drop_last=drop_last)
         if drop_last:
             rest = tp.ids[-1:]
         logits: torch.Tensor | None = None
@@ -265,7 +271,7 @@ class Engine:
     def _acceptor(self, seg: Sequence[int], start: int) -> Callable[[Artifact], str | None]:
         loaded = self.loaded
         fp = loaded.fingerprint
-        n_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
+        n_layers = loaded.num_layers
 
         def accept(art: Artifact) -> str | None:
             m = art.meta
@@ -360,7 +366,7 @@ class Engine:
     ) -> Generator[str, None, Generation]:
         t0 = time.perf_counter()
         loaded = self.loaded
-        pre = self.prefill(prompt, use_cache=use_cache, mode=mode)
+        pre = self.prefill(prompt, use_cache=use_cache, mode=mode, reserve=settings.max_new_tokens)
         budget = min(settings.max_new_tokens, loaded.context_window - pre.prompt_tokens)
         eos = _eos_ids(loaded)
         sampler = Sampler(settings, loaded.device)
@@ -480,20 +486,23 @@ def _doc_items(documents: Mapping[str, str] | Sequence[str]) -> list[tuple[str, 
     return [(d, f"doc{i}") for i, d in enumerate(documents)]
 
 
-def _cache_from_artifacts(arts: Sequence[Artifact], device: torch.device, drop_last: bool = False) -> Any:
+def _cache_from_artifacts(
+    arts: Sequence[Artifact], device: torch.device, num_layers: int, capacity: int, drop_last: bool = False
+) -> Any:
+    """A cache holding the artifacts' KV in order (each copied once, to ``device``)."""
     if not arts:
-        return build_cache([], [])
-    n = arts[0].num_layers
+        return build_cache(None, None, num_layers, capacity)
     end = -1 if drop_last else None
-    keys, values = [], []
-    for layer in range(n):
-        k = [a.keys[layer] for a in arts]
-        v = [a.values[layer] for a in arts]
-        kk = (k[0] if len(k) == 1 else torch.cat(k, dim=-2))[:, :end]
-        vv = (v[0] if len(v) == 1 else torch.cat(v, dim=-2))[:, :end]
-        keys.append(kk.to(device, non_blocking=True).unsqueeze(0))
-        values.append(vv.to(device, non_blocking=True).unsqueeze(0))
-    return build_cache(keys, values)
+    keys: list[list[torch.Tensor]] = []
+    values: list[list[torch.Tensor]] = []
+    for layer in range(num_layers):
+        ks = [a.keys[layer].to(device, non_blocking=True).unsqueeze(0) for a in arts]
+        vs = [a.values[layer].to(device, non_blocking=True).unsqueeze(0) for a in arts]
+        if drop_last:
+            ks[-1], vs[-1] = ks[-1][..., :end, :], vs[-1][..., :end, :]
+        keys.append(ks)
+        values.append(vs)
+    return build_cache(keys, values, num_layers, capacity)
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

@@ -61,6 +61,11 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def num_layers(self) -> int:
+        """Number of decoder layers (cache layers)."""
+        return int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
+
+    @property
     def context_window(self) -> int:
         """Maximum positions the model was trained for."""
         cfg = self.model.config.get_text_config(decoder=True)
