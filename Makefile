@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kv-rag demo
 
 lint: $(DSTAMP)
-	$(VENV)/bin/ruff check kv_rag tests benchmarks
+	$(VENV)/bin/ruff check kv_rag tests benchmarks examples
 	$(VENV)/bin/mypy
 
 test: $(DSTAMP) lint
