@@ -1,0 +1,246 @@
+"""What the chat model and the string LLM share: settings, engines, running a request, usage figures.
+
+Both classes are thin: they build a :class:`kv_rag.Prompt` from LangChain input (chat messages or
+a string), hand it to a :class:`kv_rag.Engine`, and translate the :class:`kv_rag.Generation` back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+
+from kv_rag import Engine, Generation, Mode, Prompt, Store
+from kv_rag.defaults import EMBEDDED_MODEL, MAX_NEW_TOKENS
+from kv_rag.errors import InputError
+from kv_rag.models import is_embedded
+
+#: Arguments a call (``invoke``, ``stream``, ``bind``...) may pass besides ``stop``.
+CALL_ARGUMENTS = frozenset({"max_tokens", "temperature", "top_p", "seed", "mode", "use_cache", "documents", "model"})
+
+#: Constructor arguments that other providers need and a local model ignores without a warning
+#: (LangChain's standard tests pass them to every chat model).
+_IGNORED_QUIETLY = frozenset({"api_key", "timeout", "max_retries"})
+
+
+class KVRagParams(BaseModel):
+    """Settings shared by :class:`~langchain_kv_rag.ChatKVRag` and :class:`~langchain_kv_rag.KVRagLLM`.
+
+    Constructing is cheap: the model loads on the first request and is shared by every instance
+    in the process that names the same model, device and dtype.
+    """
+
+    model: str = Field(default=EMBEDDED_MODEL)
+    """The embedded ``smollm2-135m-instruct`` (default) or a local transformers model folder."""
+    store: Any = None
+    """Where KV caches live: ``None`` (memory in front of ``$KV_RAG_HOME/store``), ``"memory"``,
+    a folder for a disk store, or a :class:`kv_rag.Store` (shared with whoever else holds it)."""
+    device: str | None = None
+    """``"cpu"``, ``"cuda"``...; default: CUDA when present."""
+    dtype: str | None = None
+    """``"float32"``, ``"bfloat16"``...; default: float32 on CPU, bfloat16 on CUDA."""
+    mode: str = Mode.EXACT.value
+    """How a request's KV is assembled from the store (see :class:`kv_rag.Mode`)."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """0 is greedy decoding."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens to generate (default: kv-rag's default, 128)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (only with ``temperature > 0``)."""
+    seed: int | None = None
+    """Makes sampling repeatable."""
+    stop: list[str] | None = None
+    """Stop strings: the answer ends before the first of them."""
+    use_cache: bool = True
+    """Reuse and store KV caches. ``False`` prefills every prompt from scratch (the reference the
+    cached answers are compared with). Not LangChain's response cache (``cache``)."""
+    streaming: bool = False
+    """Generate through :meth:`stream` even in ``invoke`` (tokens reach ``on_llm_new_token``)."""
+
+    _engines: dict[str, Engine] = PrivateAttr(default_factory=dict)
+    _engines_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, values: Any) -> Any:
+        if isinstance(values, Mapping):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(k for k in values if k not in known and k not in _IGNORED_QUIETLY)
+            if unknown:
+                warnings.warn(
+                    f"{cls.__name__} ignores unknown argument(s) {', '.join(unknown)}; "
+                    "it takes model, store, device, dtype, mode, temperature, max_tokens, top_p, seed, stop, "
+                    "use_cache, streaming",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return values
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, value: Any) -> str:
+        return Mode.parse(value).value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _check_model(cls, value: Any) -> str:
+        if value is None:
+            return EMBEDDED_MODEL
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            raise ValueError(f"model must be {EMBEDDED_MODEL!r} or a local model folder; got {value!r}")
+        return EMBEDDED_MODEL if is_embedded(str(value)) else str(value)
+
+    # ------------------------------------------------------------------ engines
+    @property
+    def engine(self) -> Engine:
+        """The :class:`kv_rag.Engine` of :attr:`model` (created on first use; the model loads lazily)."""
+        return self.engine_for(None)
+
+    def engine_for(self, model: str | None) -> Engine:
+        """The engine of ``model`` (a per-call override) or of :attr:`model`; all share one store."""
+        name = self._check_model(model) if model is not None else self.model
+        with self._engines_lock:
+            eng = self._engines.get(name)
+            if eng is not None:
+                return eng
+            main = self._engines.get(self.model)
+            if main is None:
+                store = self.store if isinstance(self.store, Store) else _store_spec(self.store)
+                main = Engine(None if is_embedded(self.model) else self.model, store=store, device=self.device,
+                              dtype=self.dtype)
+                self._engines[self.model] = main
+            if name == self.model:
+                return main
+            eng = Engine(None if is_embedded(name) else name, store=main.store, device=self.device, dtype=self.dtype)
+            self._engines[name] = eng
+            return eng
+
+    # ------------------------------------------------------------------ requests
+    def request(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> Request:
+        """The settings of one call: the instance's fields overridden by the call's arguments."""
+        unknown = sorted(k for k in kwargs if k not in CALL_ARGUMENTS and not k.startswith("ls_"))
+        if unknown:
+            raise InputError(
+                f"{type(self).__name__} got unexpected argument(s) {', '.join(unknown)}; "
+                f"a call takes stop, {', '.join(sorted(CALL_ARGUMENTS))}"
+            )
+        model = kwargs.get("model")
+        stops = [*(self.stop or ()), *(stop or ())]
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        documents = kwargs.get("documents")
+        if documents is not None and not isinstance(documents, (Mapping, list, tuple)):
+            raise InputError(
+                f"documents must be a list of texts or a mapping text -> source; got {type(documents).__name__}"
+            )
+        return Request(
+            engine=self.engine_for(model),
+            model_name=self._check_model(model) if model is not None else self.model,
+            generation={
+                "max_new_tokens": MAX_NEW_TOKENS if max_tokens is None else int(max_tokens),
+                "temperature": float(kwargs.get("temperature", self.temperature)),
+                "top_p": float(kwargs.get("top_p", self.top_p)),
+                "seed": kwargs.get("seed", self.seed),
+                "stop": tuple(dict.fromkeys(s for s in stops if s)),
+            },
+            use_cache=bool(kwargs.get("use_cache", self.use_cache)),
+            mode=Mode.parse(kwargs.get("mode", self.mode)).value,
+            documents=_doc_texts(documents),
+        )
+
+    def ls_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """LangSmith's standard parameters (``ls_*``), honouring per-call overrides."""
+        params: dict[str, Any] = {
+            "ls_provider": "kv_rag",
+            "ls_model_name": str(kwargs.get("model") or self.model),
+            "ls_temperature": kwargs.get("temperature", self.temperature),
+        }
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's engine and settings."""
+
+    engine: Engine
+    model_name: str
+    generation: dict[str, Any]
+    use_cache: bool
+    mode: str
+    documents: dict[str, str] | list[str] | None
+
+    def generate(self, prompt: Prompt) -> Generation:
+        """The whole answer."""
+        return self.engine.generate(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+
+    def stream(self, prompt: Prompt) -> Iterator[str | Generation]:
+        """Text pieces as they are generated, then the :class:`kv_rag.Generation`."""
+        st = self.engine.stream(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+        try:
+            yield from st
+        finally:
+            st.close()  # the caller stopped early: end the generator (no-op once it is done)
+        if st.result is not None:
+            yield st.result
+
+    async def astream(self, prompt: Prompt) -> AsyncIterator[str | Generation]:
+        """:meth:`stream` with the model running in worker threads."""
+        it = await asyncio.to_thread(self.stream, prompt)
+        done = object()
+        try:
+            while True:
+                item = await asyncio.to_thread(next, it, done)
+                if item is done:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            await asyncio.to_thread(it.close)  # type: ignore[attr-defined]
+
+
+def usage_metadata(gen: Generation) -> UsageMetadata:
+    """LangChain usage figures: the whole prompt, the answer, and which prompt tokens hit the store.
+
+    ``cache_read`` counts prompt tokens whose KV was loaded from the store; ``cache_creation`` counts
+    tokens that were prefilled and stored for later requests. Their sum never exceeds ``input_tokens``.
+    """
+    out = len(gen.token_ids)
+    return UsageMetadata(
+        input_tokens=gen.prompt_tokens,
+        output_tokens=out,
+        total_tokens=gen.prompt_tokens + out,
+        input_token_details=InputTokenDetails(cache_read=gen.cached_tokens, cache_creation=gen.stored_tokens),
+    )
+
+
+def response_metadata(gen: Generation, model_name: str) -> dict[str, Any]:
+    """``model_name``, ``finish_reason`` and kv-rag's report of the request (under ``kv_rag``)."""
+    report = gen.to_dict()
+    report.pop("answer", None)
+    return {"model_name": model_name, "finish_reason": gen.finish_reason, "kv_rag": report}
+
+
+def _store_spec(store: Any) -> str | Path | None:
+    if store is None or isinstance(store, (str, Path)):
+        return store
+    raise InputError(f"store must be None, 'memory', a folder or a kv_rag.Store; got {type(store).__name__}")
+
+
+def _doc_texts(documents: Any) -> dict[str, str] | list[str] | None:
+    """Extra known documents of a call: texts, ``Document`` objects, or a mapping text -> source."""
+    if documents is None:
+        return None
+    if isinstance(documents, Mapping):
+        return {str(k): str(v) for k, v in documents.items()}
+    return [d if isinstance(d, str) else str(getattr(d, "page_content", d)) for d in documents]
