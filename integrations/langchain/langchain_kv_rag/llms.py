@@ -97,7 +97,7 @@ class KVRagLLM(KVRagParams, BaseLLM):
         if self.streaming:
             generations: list[list[LCGeneration]] = []
             for p in prompts:
-                text, info = "", {}
+                text, info = "", None
                 async for chunk in self._astream(p, stop, run_manager, **kwargs):
                     text += chunk.text
                     info = chunk.generation_info or info

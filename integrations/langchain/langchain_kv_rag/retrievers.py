@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -19,6 +21,9 @@ from ._base import KVRagParams
 
 logger = logging.getLogger(__name__)
 
+#: Longest time a background publish waits for the model to be idle before it runs anyway.
+_MAX_WAIT_S = 60.0
+
 #: ``Document.metadata`` entries this retriever adds.
 KEY_FIELD = "kv_rag_key"
 SOURCE_FIELD = "kv_rag_source"
@@ -31,8 +36,9 @@ class KVCacheRetriever(BaseRetriever):
 
     * registers its text with ``llm``'s model, so that :class:`~langchain_kv_rag.ChatKVRag` and
       :class:`~langchain_kv_rag.KVRagLLM` find it inside whatever prompt the chain builds;
-    * publishes its KV (computes and stores it unless already stored), in a background thread by
-      default, so that the answer does not wait for documents that the store already has;
+    * publishes its KV (computes and stores it unless already stored), by default in a background
+      thread that waits until ``llm`` has no request running, so that publishing never delays the
+      answer the chain is about to ask for (a pause of ``grace_s`` lets that request start first);
     * records the artifact key in ``metadata["kv_rag_key"]`` (and the source name it was published
       under in ``metadata["kv_rag_source"]``). ``page_content`` is not changed, and the wrapped
       retriever's documents are not modified (the returned documents are copies).
@@ -48,12 +54,14 @@ class KVCacheRetriever(BaseRetriever):
         k: return at most this many documents; the wrapped retriever's ``k`` (or
             ``search_kwargs["k"]``) is set to it when it has one. A call may pass ``k=`` too.
         background: publish in a worker thread (``True``) or before returning (``False``).
+        grace_s: how long the worker lets the chain's next request start before it checks for a pause.
     """
 
     retriever: BaseRetriever
     llm: KVRagParams
     k: int | None = Field(default=None, ge=1)
     background: bool = True
+    grace_s: float = Field(default=0.25, ge=0.0)
     source_key: str = "source"
     """Metadata entry used as a document's source name when it has one (else its id, else ``doc<i>``)."""
 
@@ -113,9 +121,14 @@ class KVCacheRetriever(BaseRetriever):
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-rag-publish")
-            fut = self._pool.submit(_publish_one, self.engine, text, src, key)
+            fut = self._pool.submit(self._publish_when_idle, text, src, key)
             self._pending[key] = fut
-            fut.add_done_callback(lambda f, key=key: self._forget(key, f))
+            fut.add_done_callback(functools.partial(self._forget, key))
+
+    def _publish_when_idle(self, text: str, src: str, key: str) -> PublishReport | None:
+        time.sleep(self.grace_s)
+        self.llm.activity.wait_idle(timeout=_MAX_WAIT_S)
+        return _publish_one(self.engine, text, src, key)
 
     def _forget(self, key: str, fut: Future[PublishReport | None]) -> None:
         with self._lock:

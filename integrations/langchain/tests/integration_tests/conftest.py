@@ -15,8 +15,10 @@ from kv_rag import models as kv_models
 
 from ..conftest import CORPUS
 
-
-_STOP_WORDS = frozenset("a an the of to in is are be do does what when how which that this it for with and or not".split())
+_STOP_WORDS = frozenset(
+    {"a", "an", "the", "of", "to", "in", "is", "are", "be", "do", "does", "what", "when", "how", "which", "that"}
+    | {"this", "it", "for", "with", "and", "or", "not"}
+)
 
 
 def bm25_words(text: str) -> list[str]:

@@ -50,9 +50,12 @@ def _tiny_model_dir(path: Path) -> str:
 class TestChatKVRagIntegration(ChatModelIntegrationTests):
     _override_dir: str | None = None
 
+    _asked: dict[bool, tuple[AIMessage, AIMessage]]
+
     @pytest.fixture(autouse=True, scope="class")
-    def _tiny_override(self, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
-        request.cls._override_dir = _tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+    @classmethod
+    def _tiny_override(cls, tmp_path_factory: pytest.TempPathFactory) -> None:
+        cls._override_dir = _tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
     @property
     def chat_model_class(self) -> type[ChatKVRag]:
@@ -86,8 +89,16 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
 
     # ------------------------------------------------------------------ usage details
     def _ask_twice(self, *, stream: bool) -> tuple[AIMessage, AIMessage]:
+        """The same question on the same document twice: the first stores the prompt's KV, the second reads it."""
+        if not hasattr(self, "_asked"):
+            self._asked = {}
+        if stream not in self._asked:
+            self._asked[stream] = self._ask_twice_now(stream)
+        return self._asked[stream]
+
+    def _ask_twice_now(self, stream: bool) -> tuple[AIMessage, AIMessage]:
         doc = next(d.page_content for d in corpus_chunks() if d.metadata["source"] == _DOC_SOURCE)
-        chat = ChatKVRag(**self.chat_model_params)
+        chat = ChatKVRag(max_tokens=2, store="memory")
         messages = [SystemMessage(f"Answer from this document:\n\n{doc}"), HumanMessage("What does else do?")]
 
         def ask() -> AIMessage:
@@ -102,7 +113,7 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
         return ask(), ask()
 
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
-        first, second = self._ask_twice(stream=stream)
+        _, second = self._ask_twice(stream=stream)
         details = second.usage_metadata["input_token_details"]  # type: ignore[index]
         assert details["cache_read"] > 0 and details["cache_creation"] == 0
         return second
