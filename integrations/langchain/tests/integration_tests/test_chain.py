@@ -162,3 +162,18 @@ def test_stitch_mode_loads_published_documents_on_the_first_question(bm25: BM25R
     _, usage = ask(rag_chain(retriever, chat), Q1)
     assert usage["input_token_details"]["cache_read"] > 0
     retriever.close()
+
+
+def test_background_publishing_waits_until_the_chat_model_is_idle(bm25: BM25Retriever) -> None:
+    chat = ChatKVRag(max_tokens=4, store="memory")
+    retriever = KVCacheRetriever(retriever=bm25, llm=chat, grace_s=0.0)
+    stream = chat.stream("Say hello.")
+    next(stream)  # a request is now running (its generator is open)
+    docs = retriever.invoke(Q1)
+    assert not retriever.wait(timeout=1.5), "publishing must not start while the request runs"
+    assert not any(d.metadata["kv_rag_key"] in chat.engine.store for d in docs)
+    for _ in stream:  # the request ends: publishing goes ahead
+        pass
+    assert retriever.wait(timeout=600)
+    assert all(d.metadata["kv_rag_key"] in chat.engine.store for d in docs)
+    retriever.close()

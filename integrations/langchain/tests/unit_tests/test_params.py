@@ -176,3 +176,26 @@ def test_round_trip(cls: type) -> None:
         back = load(dumpd(model), valid_namespaces=["langchain_kv_rag"], allowed_objects=[cls])
     assert isinstance(back, cls)
     assert back.model_dump() == model.model_dump()
+
+
+def test_activity_counts_running_requests() -> None:
+    import threading
+
+    from langchain_kv_rag._base import Activity
+
+    act = Activity()
+    assert act.wait_idle(timeout=0)
+    started, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with act.running():
+            started.set()
+            release.wait()
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    assert not act.wait_idle(timeout=0.05)
+    release.set()
+    assert act.wait_idle(timeout=5)
+    t.join()
