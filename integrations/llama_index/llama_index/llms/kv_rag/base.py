@@ -1,0 +1,311 @@
+"""KVRagLLM: a LlamaIndex LLM on a kv-rag engine that reuses the KV of documents found in its prompts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kv_rag import Engine, Generation, Mode, Prompt
+from kv_rag.store import Store
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.llm import LLM, default_completion_to_prompt
+from llama_index.core.schema import MetadataMode, NodeWithScore
+
+from ._watch import watch_retrievals
+
+#: Node metadata key that holds a node's artifact key (excluded from LLM and embedding text).
+METADATA_KEY = "kv_rag_key"
+
+_SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class KVRagLLM(LLM):
+    """A LlamaIndex LLM that reuses the published KV caches of documents found in its prompts.
+
+    Any prompt LlamaIndex builds (any synthesizer, any template) is split at every verbatim
+    occurrence of a known document: one published with :meth:`kv_rag.Engine.publish`, warmed by
+    :class:`~llama_index.llms.kv_rag.KVCacheRetriever`, or (with ``watch_retrievals``, the default)
+    returned by any LlamaIndex retriever in this process. Those documents' KV comes from the store
+    when it is there and is stored when it is not; the rest of the prompt is prefilled.
+
+    Constructing is cheap: the model loads on first use and is shared by every instance (and every
+    :class:`kv_rag.Engine`) in the process that names the same model, device and dtype.
+
+    Every response carries ``raw["usage"]`` in the OpenAI shape (``prompt_tokens``,
+    ``completion_tokens``, ``total_tokens``, ``prompt_tokens_details.cached_tokens``), the same dict
+    in ``additional_kwargs``, and the full kv-rag report in ``raw["kv_rag"]`` (TTFT, per-document hits).
+
+    Args:
+        model: ``None`` for the embedded SmolLM2-135M-Instruct, or a local transformers model folder.
+        engine: an existing :class:`kv_rag.Engine` to use (then ``model``, ``store``, ``device``
+            and ``dtype`` are ignored).
+        store: a :class:`kv_rag.store.Store`, a folder, ``"memory"``, or ``None`` for the default store.
+        mode: how a request's KV is assembled (:class:`kv_rag.Mode`: ``"exact"``, ...).
+    """
+
+    model: str | None = Field(default=None, description="Local model folder; None: the embedded model.")
+    store: Any = Field(default=None, exclude=True, description="Store, folder, 'memory' or None (default store).")
+    device: str | None = Field(default=None, description="Torch device; default CUDA when present.")
+    dtype: str | None = Field(default=None, description="Torch dtype name; default float32 on CPU.")
+    mode: str = Field(default=Mode.EXACT.value, description="How the KV is assembled (kv_rag.Mode).")
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens generated at most (metadata.num_output).")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Seed for sampling.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    use_cache: bool = Field(default=True, description="False: neither read nor write the KV store.")
+    is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (chat template).")
+    context_window: int | None = Field(default=None, description="Override; default the model's own window.")
+    watch_retrievals: bool = Field(
+        default=True, description="Register the LLM text of nodes any LlamaIndex retriever returns in this process."
+    )
+    generate_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for kv_rag.Engine.generate."
+    )
+
+    _engine: Engine = PrivateAttr()
+
+    def __init__(self, *, engine: Engine | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if engine is None:
+            engine = Engine(self.model, store=self._store_spec(), device=self.device, dtype=self.dtype)
+        self._engine = engine
+        if self.watch_retrievals:
+            watch_retrievals(self)
+
+    def _store_spec(self) -> Store | str | Path | None:
+        store = self.store
+        if store is None or isinstance(store, (Store, str, Path)):
+            return store
+        raise TypeError(f"store must be a kv_rag Store, a folder, 'memory' or None; got {type(store).__name__}")
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, value: str) -> str:
+        return Mode.parse(value).value
+
+    @classmethod
+    def class_name(cls) -> str:
+        """Name used in LlamaIndex serialization."""
+        return "KVRagLLM"
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def engine(self) -> Engine:
+        """The kv-rag engine (model, tokenizer, store) this LLM runs on."""
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """Context window (the model's own unless overridden), output budget, chat flag and model name."""
+        return LLMMetadata(
+            context_window=self.context_window or self._engine.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=self.is_chat_model,
+            model_name=self._engine.model_name,
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's tokenizer (use as ``Settings.tokenizer``)."""
+        return list(self._engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ----------------------------------------------------------------- documents
+    def register_nodes(self, nodes: Sequence[NodeWithScore]) -> None:
+        """Remember the nodes' LLM text (what synthesizers put in prompts) as documents of this model."""
+        docs = {n.node.get_content(metadata_mode=MetadataMode.LLM): _source(n) for n in nodes}
+        docs = {text: src for text, src in docs.items() if text.strip()}
+        if docs:
+            self._engine.register_documents(docs)
+
+    # ----------------------------------------------------------------- prompts
+    def _completion_prompt(self, prompt: str, formatted: bool) -> Prompt:
+        """``formatted`` text is the model input as is; otherwise ``completion_to_prompt`` or the chat template."""
+        if formatted:
+            return self._engine.prompt_from_text(prompt)
+        if self.completion_to_prompt is not None and self.completion_to_prompt is not default_completion_to_prompt:
+            return self._engine.prompt_from_text(self.completion_to_prompt(prompt))
+        if self.is_chat_model:
+            system = self.system_prompt if self.system_prompt is not None else self._engine.system_prompt
+            messages = [{"role": "system", "content": system}] if system else []
+            return self._engine.prompt_from_messages([*messages, {"role": "user", "content": prompt}])
+        return self._engine.prompt_from_text(prompt)
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
+        return self._engine.prompt_from_messages(
+            [{"role": _role(m), "content": m.content or ""} for m in messages]
+        )
+
+    def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in _SETTINGS}
+        out["stop"] = tuple(self.stop)
+        out.update(use_cache=self.use_cache, mode=self.mode)
+        out.update(self.generate_kwargs)
+        if "max_tokens" in kwargs:  # the OpenAI spelling, which some callers pass
+            kwargs = {**kwargs, "max_new_tokens": kwargs.pop("max_tokens")}
+        out.update({k: v for k, v in kwargs.items() if k in (*_SETTINGS, "use_cache", "mode")})
+        if isinstance(out["stop"], str):
+            out["stop"] = (out["stop"],)
+        out["mode"] = Mode.parse(out["mode"]).value
+        return out
+
+    # ----------------------------------------------------------------- completion
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """The completion of ``prompt`` (see the class docstring for how the prompt is formed)."""
+        gen = self._engine.generate(self._completion_prompt(prompt, formatted), **self._call_kwargs(kwargs))
+        return _completion(gen.text, gen.text, gen)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """The completion of ``prompt`` piece by piece; the last response carries the usage."""
+        p = self._completion_prompt(prompt, formatted)
+        call = self._call_kwargs(kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for delta, result in _with_result(self._engine.stream(p, **call)):
+                text += delta
+                yield _completion(text, delta, result)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """:meth:`complete` with the model in a worker thread."""
+        p = await asyncio.to_thread(self._completion_prompt, prompt, formatted)
+        gen = await self._engine.agenerate(p, **self._call_kwargs(kwargs))
+        return _completion(gen.text, gen.text, gen)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        """:meth:`stream_complete` as an async generator (the model runs in a worker thread)."""
+        p = await asyncio.to_thread(self._completion_prompt, prompt, formatted)
+        call = self._call_kwargs(kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for delta, result in _awith_result(lambda: self._engine.stream(p, **call)):
+                text += delta
+                yield _completion(text, delta, result)
+
+        return gen()
+
+    # ----------------------------------------------------------------- chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """The assistant's reply, the messages rendered with the model's chat template."""
+        gen = self._engine.generate(self._chat_prompt(messages), **self._call_kwargs(kwargs))
+        return _chat(gen.text, gen.text, gen)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """The reply piece by piece; the last response carries the usage."""
+        p = self._chat_prompt(messages)
+        call = self._call_kwargs(kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for delta, result in _with_result(self._engine.stream(p, **call)):
+                text += delta
+                yield _chat(text, delta, result)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """:meth:`chat` with the model in a worker thread."""
+        p = await asyncio.to_thread(self._chat_prompt, messages)
+        gen = await self._engine.agenerate(p, **self._call_kwargs(kwargs))
+        return _chat(gen.text, gen.text, gen)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """:meth:`stream_chat` as an async generator (the model runs in a worker thread)."""
+        p = await asyncio.to_thread(self._chat_prompt, messages)
+        call = self._call_kwargs(kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            text = ""
+            async for delta, result in _awith_result(lambda: self._engine.stream(p, **call)):
+                text += delta
+                yield _chat(text, delta, result)
+
+        return gen()
+
+
+# --------------------------------------------------------------------- helpers
+def usage(gen: Generation) -> dict[str, Any]:
+    """OpenAI-shaped usage of one generation (``prompt_tokens_details.cached_tokens`` = KV loaded)."""
+    completion = len(gen.token_ids)
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": gen.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+    }
+
+
+def _raw(gen: Generation | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if gen is None:
+        return {}, {}
+    u = usage(gen)
+    return {"usage": u, "kv_rag": gen.to_dict()}, dict(u)
+
+
+def _completion(text: str, delta: str, gen: Generation | None) -> CompletionResponse:
+    raw, extra = _raw(gen)
+    return CompletionResponse(text=text, delta=delta, raw=raw or None, additional_kwargs=extra)
+
+
+def _chat(text: str, delta: str, gen: Generation | None) -> ChatResponse:
+    raw, extra = _raw(gen)
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+    return ChatResponse(message=message, delta=delta, raw=raw or None, additional_kwargs=extra)
+
+
+def _with_result(stream: Any) -> Iterator[tuple[str, Generation | None]]:
+    """Pieces of a kv-rag Stream, each paired with None except the last, which gets the Generation."""
+    held: str | None = None
+    for piece in stream:
+        if held is not None:
+            yield held, None
+        held = piece
+    yield held or "", stream.result
+
+
+async def _awith_result(start: Callable[[], Any]) -> AsyncIterator[tuple[str, Generation | None]]:
+    """:func:`_with_result` with every model step in a worker thread."""
+    stream = await asyncio.to_thread(start)
+    it = _with_result(stream)
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, it, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]
+
+
+def _role(message: ChatMessage) -> str:
+    role = message.role
+    return str(role.value if isinstance(role, MessageRole) else role)
+
+
+def _source(node: NodeWithScore) -> str:
+    meta = node.node.metadata or {}
+    return str(meta.get("file_name") or meta.get("source") or node.node.node_id)

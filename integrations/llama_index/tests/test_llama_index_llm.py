@@ -1,0 +1,84 @@
+"""KVRagLLM on the real embedded model: every call form, usage in the OpenAI shape, metadata, modes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import NUM_OUTPUT
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.llms import ChatMessage, MessageRole
+from llama_index.llms.kv_rag import KVRagLLM
+
+PROMPT = "Name one Python keyword that starts a loop."
+
+
+def _check_usage(raw: dict, extra: dict) -> None:
+    u = raw["usage"]
+    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert u["prompt_tokens"] > 0 and u["completion_tokens"] > 0
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert 0 <= u["prompt_tokens_details"]["cached_tokens"] <= u["prompt_tokens"]
+    assert extra == u
+    assert raw["kv_rag"]["prompt_tokens"] == u["prompt_tokens"]
+
+
+def test_metadata_and_shared_model(tmp_path: Path) -> None:
+    a = KVRagLLM(store=tmp_path / "a", max_new_tokens=7)
+    b = KVRagLLM(store="memory", is_chat_model=False, context_window=1000)
+    meta = a.metadata
+    assert meta.context_window == a.engine.context_window == 8192  # SmolLM2's own window
+    assert meta.num_output == 7 and meta.is_chat_model
+    assert meta.model_name == "smollm2-135m-instruct"
+    assert b.metadata.context_window == 1000 and not b.metadata.is_chat_model
+    assert a.engine.loaded is b.engine.loaded  # one model in the process, however many LLMs
+    assert a.tokenize("for x in y:") == a.engine.tokenizer("for x in y:", add_special_tokens=False)["input_ids"]
+
+
+def test_mode_is_validated_by_the_core() -> None:
+    with pytest.raises(ValueError, match="mode must be one of .*exact.*got 'nope'"):
+        KVRagLLM(mode="nope")
+    assert KVRagLLM(mode="exact").mode == "exact"
+
+
+def test_every_call_form_agrees_and_reports_usage() -> None:
+    llm = KVRagLLM(store="memory", max_new_tokens=NUM_OUTPUT)
+    done = llm.complete(PROMPT)
+    _check_usage(done.raw, done.additional_kwargs)
+    assert done.raw["usage"]["completion_tokens"] <= NUM_OUTPUT
+    streamed = list(llm.stream_complete(PROMPT))
+    assert "".join(r.delta or "" for r in streamed) == streamed[-1].text == done.text
+    assert all(r.raw is None for r in streamed[:-1])  # usage rides on the last piece
+    _check_usage(streamed[-1].raw, streamed[-1].additional_kwargs)
+
+    messages = [ChatMessage(role=MessageRole.USER, content=PROMPT)]
+    chat = llm.chat(messages)
+    _check_usage(chat.raw, chat.additional_kwargs)
+    assert chat.message.role == MessageRole.ASSISTANT
+    # complete() wraps an unformatted prompt in the chat template with the engine's system prompt
+    with_system = [ChatMessage(role=MessageRole.SYSTEM, content=llm.engine.system_prompt), *messages]
+    assert llm.chat(with_system).message.content == done.text
+    chat_pieces = list(llm.stream_chat(messages))
+    assert "".join(r.delta or "" for r in chat_pieces) == chat.message.content
+
+    async def run_async() -> tuple[str, str, str, str]:
+        ac = await llm.acomplete(PROMPT)
+        _check_usage(ac.raw, ac.additional_kwargs)
+        ach = await llm.achat(messages)
+        pieces = [r async for r in await llm.astream_complete(PROMPT)]
+        chat_pieces = [r async for r in await llm.astream_chat(messages)]
+        _check_usage(chat_pieces[-1].raw, chat_pieces[-1].additional_kwargs)
+        return ac.text, ach.message.content or "", pieces[-1].text, "".join(r.delta or "" for r in chat_pieces)
+
+    ac, ach, astream, astream_chat = asyncio.run(run_async())
+    assert ac == astream == done.text
+    assert ach == astream_chat == chat.message.content
+
+
+def test_token_counting_handler_reads_the_usage() -> None:
+    counter = TokenCountingHandler()
+    llm = KVRagLLM(store="memory", max_new_tokens=4, callback_manager=CallbackManager([counter]))
+    r = llm.complete("Say yes.")
+    assert counter.prompt_llm_token_count == r.raw["usage"]["prompt_tokens"]
+    assert counter.completion_llm_token_count == r.raw["usage"]["completion_tokens"]
