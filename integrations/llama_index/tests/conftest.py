@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from llama_index.core import Document
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
@@ -47,8 +48,8 @@ def embed_model() -> Any:
 class LLMEvents(BaseEventHandler):
     """Collects the kv-rag report (``raw["kv_rag"]``) of every LLM call that ends while it is attached."""
 
-    reports: list[dict[str, Any]] = []
-    usages: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = Field(default_factory=list)
+    usages: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
@@ -65,7 +66,7 @@ class LLMEvents(BaseEventHandler):
 @contextmanager
 def llm_events() -> Iterator[LLMEvents]:
     """Attach an :class:`LLMEvents` to the root dispatcher for the duration of the block."""
-    handler = LLMEvents(reports=[], usages=[])
+    handler = LLMEvents()
     dispatcher = get_dispatcher()
     dispatcher.add_event_handler(handler)
     try:

@@ -9,6 +9,7 @@ import pytest
 from conftest import NUM_OUTPUT
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.llms import ChatMessage, MessageRole
+
 from llama_index.llms.kv_rag import KVRagLLM
 
 PROMPT = "Name one Python keyword that starts a loop."
@@ -37,7 +38,7 @@ def test_metadata_and_shared_model(tmp_path: Path) -> None:
 
 
 def test_mode_is_validated_by_the_core() -> None:
-    with pytest.raises(ValueError, match="mode must be one of .*exact.*got 'nope'"):
+    with pytest.raises(ValueError, match=r"mode must be one of .*exact.*got 'nope'"):
         KVRagLLM(mode="nope")
     assert KVRagLLM(mode="exact").mode == "exact"
 

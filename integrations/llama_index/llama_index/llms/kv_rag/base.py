@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kv_rag import Engine, Generation, Mode, Prompt
-from kv_rag.store import Store
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -24,6 +22,9 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM, default_completion_to_prompt
 from llama_index.core.schema import MetadataMode, NodeWithScore
+
+from kv_rag import Engine, Generation, Mode, Prompt
+from kv_rag.store import Store
 
 from ._watch import watch_retrievals
 
@@ -145,9 +146,7 @@ class KVRagLLM(LLM):
         return self._engine.prompt_from_text(prompt)
 
     def _chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
-        return self._engine.prompt_from_messages(
-            [{"role": _role(m), "content": m.content or ""} for m in messages]
-        )
+        return self._engine.prompt_from_messages([{"role": _role(m), "content": m.content or ""} for m in messages])
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in _SETTINGS}
@@ -191,9 +190,7 @@ class KVRagLLM(LLM):
         return _completion(gen.text, gen.text, gen)
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         """:meth:`stream_complete` as an async generator (the model runs in a worker thread)."""
         p = await asyncio.to_thread(self._completion_prompt, prompt, formatted)
         call = self._call_kwargs(kwargs)
