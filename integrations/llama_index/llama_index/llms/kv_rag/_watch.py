@@ -39,7 +39,7 @@ class _RetrievalWatcher(BaseEventHandler):
 
 
 _LLMS: dict[int, weakref.ReferenceType[KVRagLLM]] = {}  # by id(): pydantic models are unhashable
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a weakref callback may run while it is held
 _HANDLER: list[_RetrievalWatcher] = []
 
 
