@@ -75,6 +75,26 @@ class PreallocatedLayer(DynamicLayer):
         """Number of cached tokens."""
         return self._len
 
+    def truncate(self, length: int) -> None:
+        """Forget every token from index ``length`` on (the buffer is kept)."""
+        self._len = max(0, min(self._len, length))
+        if self._k is not None and self._v is not None:
+            self.keys = self._k[..., : self._len, :]
+            self.values = self._v[..., : self._len, :]
+
+    def settle(self, length: int, index: torch.Tensor) -> None:
+        """Move the tokens after ``length`` into the slots ``index`` (all ``< length``), then truncate to ``length``.
+
+        Used when tokens were computed out of order on top of a cache that already has their slots.
+        """
+        n = int(index.numel())
+        if n and self._k is not None and self._v is not None:
+            k = self._k[..., length : length + n, :].clone()
+            v = self._v[..., length : length + n, :].clone()
+            self._k.index_copy_(2, index.to(self._k.device), k)
+            self._v.index_copy_(2, index.to(self._v.device), v)
+        self.truncate(length)
+
 
 def build_cache(
     keys: Sequence[Sequence[torch.Tensor]] | None,
@@ -101,6 +121,32 @@ def build_cache(
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(keys, values)`` of a transformers cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def forward_at(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: DynamicCache,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """Run ``model`` on ``input_ids`` (``[1, n]``) at arbitrary ``positions`` (``[n]``) with a custom mask.
+
+    ``attention_mask`` is an additive float mask ``[1, 1, n, cached + n]`` (0 where a query may attend,
+    the dtype's minimum where not), passed to the model as a prepared 4D mask. The new tokens are
+    appended to ``cache`` after what it holds. Returns float32 logits of the last ``logits_to_keep``.
+    """
+    kwargs = {cache_kwarg(model): cache}
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions.to(input_ids.device).unsqueeze(0),
+        attention_mask=attention_mask,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
+    return out.logits[0].float()
 
 
 def forward(

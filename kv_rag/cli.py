@@ -48,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", nargs="+", required=True, help="text or markdown files, or folders of them")
     p.add_argument("--k", type=int, default=1, help="number of chunks to retrieve (BM25)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
-    p.add_argument("--mode", default="exact", help="how to assemble the KV: exact")
+    p.add_argument(
+        "--mode",
+        default=None,
+        help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
+        "position) or blend (stitch + recompute a fraction of document tokens); default: exact for --k 1, "
+        "else blend (see README, Fidelity)",
+    )
+    p.add_argument(
+        "--recompute", type=float, default=None, help="blend: fraction of document tokens to recompute (default 0.15)"
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -130,13 +139,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     """``kv-rag ask``."""
     from .decode import GenerationSettings
+    from .defaults import MULTI_DOC_MODE
     from .results import Mode
     from .retrieve import BM25, chunk_documents, read_documents
 
     try:
-        mode = Mode.parse(args.mode)
+        mode = Mode.parse(args.mode or (Mode.EXACT if args.k <= 1 else MULTI_DOC_MODE))
     except ValueError as exc:
         print(f"kv-rag ask: error: --mode: {exc}", file=sys.stderr)
+        return 2
+    if args.recompute is not None and mode is not Mode.BLEND:
+        print(f"kv-rag ask: error: --recompute applies to --mode blend, not {mode.value}", file=sys.stderr)
         return 2
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -150,7 +163,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
     top = BM25(chunks).search(args.question, args.k)
     prompt = engine.prompt(args.question, [d.text for d in top], sources=[d.source for d in top])
-    stream = engine.stream(prompt, settings=settings, use_cache=not args.no_cache, mode=mode)
+    stream = engine.stream(prompt, settings=settings, use_cache=not args.no_cache, mode=mode, recompute=args.recompute)
     for piece in stream:
         if args.stream and not args.json:
             print(piece, end="", flush=True)

@@ -20,6 +20,12 @@ DISK_TIER_BYTES = 32 * 1024**3
 #: System prompt used when a request names none.
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents."
 
+#: Fraction of document tokens that blend mode recomputes when a request names none.
+BLEND_RECOMPUTE = 0.15
+
+#: Mode ``kv-rag ask`` uses when it retrieves more than one document (see README, "Fidelity").
+MULTI_DOC_MODE = "blend"
+
 #: Tokens generated when a request names no limit.
 MAX_NEW_TOKENS = 128
 

@@ -16,7 +16,7 @@ from . import models
 from ._compat import build_cache, cache_layers, forward
 from .artifact import Artifact, ArtifactMeta
 from .decode import GenerationSettings, Sampler, TextStream
-from .defaults import SYSTEM_PROMPT
+from .defaults import BLEND_RECOMPUTE, SYSTEM_PROMPT
 from .errors import ContextLengthError, InputError
 from .fingerprint import chain_key, tokens_digest
 from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
@@ -36,6 +36,10 @@ class Prefill:
     stored_tokens: int
     seconds: float
     segments: list[SegmentReport]
+    #: how the KV was assembled (exact where stitching was refused or there was nothing to stitch)
+    mode: Mode = Mode.EXACT
+    #: document tokens recomputed by blend mode
+    recomputed_tokens: int = 0
 
 
 class Engine:
@@ -188,14 +192,19 @@ class Engine:
         *,
         use_cache: bool = True,
         mode: Mode | str = Mode.EXACT,
+        recompute: float | None = None,
         need_logits: bool = True,
         reserve: int = 0,
     ) -> Prefill:
-        """KV for the whole prompt: load the longest cached chain, prefill the rest, store what was new.
+        """KV for the whole prompt, assembled as ``mode`` says (see :class:`Mode`); stores what was new.
 
-        ``reserve`` makes room in the cache for that many generated tokens without reallocating.
+        ``exact``: load the longest cached chain and prefill the rest. ``stitch``: load each document's
+        artifact wherever it sits, moved to its position. ``blend``: stitch, then recompute the fraction
+        ``recompute`` (default 0.15) of document tokens. ``use_cache=False`` is a plain prefill in any
+        mode. ``reserve`` makes room in the cache for that many generated tokens without reallocating.
         """
-        Mode.parse(mode)
+        m = Mode.parse(mode)
+        r = _recompute_fraction(m, recompute)
         tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
         loaded = self.loaded
         total = len(tp)
@@ -208,7 +217,11 @@ class Engine:
             )
         t0 = time.perf_counter()
         with loaded.lock, torch.inference_mode():
-            return self._prefill_locked(tp, use_cache, need_logits, reserve, t0)
+            if m is Mode.EXACT or not use_cache:
+                return self._prefill_locked(tp, use_cache, need_logits, reserve, t0)
+            from .stitch import prefill_stitched
+
+            return prefill_stitched(self, tp, m, r, need_logits, reserve, t0)
 
     def _prefill_locked(
         self, tp: TokenizedPrompt, use_cache: bool, need_logits: bool, reserve: int, t0: float
@@ -318,17 +331,21 @@ class Engine:
         settings: GenerationSettings | None = None,
         use_cache: bool = True,
         mode: Mode | str = Mode.EXACT,
+        recompute: float | None = None,
         **settings_kwargs: Any,
     ) -> Stream:
         """Text pieces as they are generated; ``.result`` holds the :class:`Generation` afterwards.
 
         ``prompt`` is a :class:`Prompt` or a question (then ``documents`` are placed before it).
-        Keyword arguments not named here are :class:`GenerationSettings` fields.
+        ``mode`` and ``recompute`` are as in :meth:`prefill`. Keyword arguments not named here are
+        :class:`GenerationSettings` fields.
         """
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
         s = settings or GenerationSettings(**settings_kwargs)
+        m = Mode.parse(mode)
+        r = _recompute_fraction(m, recompute)
         _ = self.loaded  # load before the clock starts: TTFT excludes model loading
-        return Stream(self._generate(p, s, use_cache, Mode.parse(mode)))
+        return Stream(self._generate(p, s, use_cache, m, r))
 
     def generate(
         self,
@@ -338,10 +355,13 @@ class Engine:
         settings: GenerationSettings | None = None,
         use_cache: bool = True,
         mode: Mode | str = Mode.EXACT,
+        recompute: float | None = None,
         **settings_kwargs: Any,
     ) -> Generation:
         """The whole answer (see :meth:`stream` for the arguments)."""
-        st = self.stream(prompt, documents, settings=settings, use_cache=use_cache, mode=mode, **settings_kwargs)
+        st = self.stream(
+            prompt, documents, settings=settings, use_cache=use_cache, mode=mode, recompute=recompute, **settings_kwargs
+        )
         for _ in st:
             pass
         assert st.result is not None  # set by the generator's return
@@ -362,11 +382,11 @@ class Engine:
             yield str(piece)
 
     def _generate(
-        self, prompt: Prompt, settings: GenerationSettings, use_cache: bool, mode: Mode
+        self, prompt: Prompt, settings: GenerationSettings, use_cache: bool, mode: Mode, recompute: float
     ) -> Generator[str, None, Generation]:
         t0 = time.perf_counter()
         loaded = self.loaded
-        pre = self.prefill(prompt, use_cache=use_cache, mode=mode, reserve=settings.max_new_tokens)
+        pre = self.prefill(prompt, use_cache=use_cache, mode=mode, recompute=recompute, reserve=settings.max_new_tokens)
         budget = min(settings.max_new_tokens, loaded.context_window - pre.prompt_tokens)
         eos = _eos_ids(loaded)
         sampler = Sampler(settings, loaded.device)
@@ -404,7 +424,7 @@ class Engine:
             text=text.text,
             token_ids=ids,
             finish_reason=finish,
-            mode=mode,
+            mode=pre.mode,
             prompt_tokens=pre.prompt_tokens,
             cached_tokens=pre.cached_tokens,
             prefilled_tokens=pre.prefilled_tokens,
@@ -413,6 +433,7 @@ class Engine:
             total_s=time.perf_counter() - t0,
             prefill_s=pre.seconds,
             segments=pre.segments,
+            recomputed_tokens=pre.recomputed_tokens,
         )
 
     # ----------------------------------------------------------------- publishing
@@ -484,6 +505,17 @@ def _doc_items(documents: Mapping[str, str] | Sequence[str]) -> list[tuple[str, 
     if isinstance(documents, Mapping):
         return [(str(t), str(s)) for t, s in documents.items()]
     return [(d, f"doc{i}") for i, d in enumerate(documents)]
+
+
+def _recompute_fraction(mode: Mode, recompute: float | None) -> float:
+    """The blend fraction to use: ``recompute`` checked to lie in [0, 1], or the default for blend."""
+    if recompute is None:
+        return BLEND_RECOMPUTE if mode is Mode.BLEND else 0.0
+    if not isinstance(recompute, (int, float)) or not 0.0 <= float(recompute) <= 1.0:
+        raise InputError(f"recompute must be a fraction between 0 and 1 (of document tokens), got {recompute!r}")
+    if mode is not Mode.BLEND and recompute:
+        raise InputError(f"recompute={recompute} applies to mode 'blend' only; got mode {mode.value!r}")
+    return float(recompute)
 
 
 def _cache_from_artifacts(

@@ -38,6 +38,8 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     #: document text -> source, for every document published in this process (see Engine.prompt_from_text)
     documents: dict[str, str] = field(default_factory=dict, repr=False)
+    #: per-model facts computed once by other modules (the rotary shift, warnings already shown)
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
     _fingerprint: ModelFingerprint | None = field(default=None, repr=False)
     _tokenizer_digest: str | None = field(default=None, repr=False)
 

@@ -12,9 +12,20 @@ class Mode(str, Enum):
 
     ``EXACT``: the prefix and documents in order form a chain of artifacts, each cached given
     everything before it; the longest cached chain is loaded and the rest prefilled. Token-exact.
+
+    ``STITCH``: each document's artifact (computed once right after the fixed system prefix) is
+    loaded in any combination, its keys rotated to the positions it occupies in this request; the
+    text between documents and the question are prefilled on top. Attention between documents is
+    lost, so answers can differ from a full prefill.
+
+    ``BLEND``: stitch, then recompute a fraction of the document tokens (those whose KV deviates
+    most from a fresh computation at the second layer, after CacheBlend) on top of the stitched KV.
+    A fraction of 0 is stitch; 1 is a full prefill of the documents.
     """
 
     EXACT = "exact"
+    STITCH = "stitch"
+    BLEND = "blend"
 
     @classmethod
     def parse(cls, value: str | Mode) -> Mode:
@@ -68,6 +79,8 @@ class Generation:
     total_s: float
     prefill_s: float
     segments: list[SegmentReport] = field(default_factory=list)
+    #: document tokens recomputed by blend mode
+    recomputed_tokens: int = 0
 
     @property
     def documents(self) -> list[SegmentReport]:
@@ -84,6 +97,7 @@ class Generation:
             "cached_tokens": self.cached_tokens,
             "prefilled_tokens": self.prefilled_tokens,
             "stored_tokens": self.stored_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
             "completion_tokens": len(self.token_ids),
             "ttft_s": round(self.ttft_s, 6),
             "prefill_s": round(self.prefill_s, 6),

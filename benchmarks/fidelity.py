@@ -1,0 +1,308 @@
+"""Fidelity of stitch and blend against a full prefill, on multi-document RAG questions.
+
+Text: Python's own documentation as shipped with CPython (``pydoc_data.topics``, the help() topics
+of the Language Reference and Library Reference), cut into passages of about 512 tokens at paragraph
+boundaries. Each question takes 4 passages; a made-up fact is inserted at a paragraph boundary of one
+of them ("The access code for vault 17 is 4821."), and a fact of the same kind with another key and
+value into each of the 3 others (distractors), so the answer needs the right document. The order of
+the 4 documents is random.
+
+For each question the same prompt is answered (greedy, 32 new tokens at most) by a full prefill
+(``use_cache=False``), exact mode, stitch mode and blend mode at several recompute fractions; every
+document was published beforehand (not timed). Reported per mode: answer accuracy (the value appears
+in the answer), agreement with the full prefill's tokens (all first-32 tokens identical; and the
+mean common-prefix fraction), and median TTFT with its speed-up over the full prefill.
+
+Resumable: every question appends one JSON line to ``--raw``; a rerun skips the done ones.
+
+    .venv/bin/python benchmarks/fidelity.py --questions 100            # run (long: about 25 s a question)
+    .venv/bin/python benchmarks/fidelity.py --summarize                # JSON + PNG + markdown table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MAX_NEW = 32
+
+NAMES = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Haddad", "Kowalski", "Brennan", "Ishikawa"]
+ISLANDS = ["Marrow Isle", "Kestrel Island", "Port Sable", "Gull Rock", "Fernholm", "Tarn Key", "Ashby Cay", "Lorn"]
+COLORS = ["red", "blue", "green", "amber", "violet", "silver", "black", "orange", "white", "teal"]
+WORDS = ["lantern", "harbor", "quartz", "meadow", "falcon", "cobalt", "juniper", "saffron", "glacier", "thistle"]
+
+
+def _fact(rng: random.Random, kind: int, used: set[str]) -> tuple[str, str, str, str]:
+    """(key, fact sentence, question, answer) of one kind, with a key not in ``used``."""
+    while True:
+        if kind == 0:
+            key = str(rng.randint(2, 99))
+            ans = str(rng.randint(1000, 9999))
+            fact, q = f"The access code for vault {key} is {ans}.", f"What is the access code for vault {key}?"
+        elif kind == 1:
+            key = rng.choice(ISLANDS)
+            ans = str(rng.randint(10, 99))
+            fact, q = f"The ferry to {key} leaves from pier {ans}.", f"From which pier does the ferry to {key} leave?"
+        elif kind == 2:
+            key = rng.choice(NAMES)
+            ans = str(rng.randint(100, 999))
+            fact, q = f"Professor {key}'s office is in room {ans}.", f"In which room is Professor {key}'s office?"
+        else:
+            key = rng.choice(COLORS)
+            ans = rng.choice(WORDS)
+            fact, q = f"The password of the {key} server is {ans}.", f"What is the password of the {key} server?"
+        if key not in used:
+            used.add(key)
+            return key, fact, q, ans
+
+
+def _insert(rng: random.Random, passage: str, sentence: str) -> str:
+    paras = passage.split("\n\n")
+    at = rng.randint(1, max(1, len(paras) - 1)) if len(paras) > 1 else 1
+    return "\n\n".join([*paras[:at], sentence, *paras[at:]])
+
+
+def passages(tokenizer: Any, target: int = 500) -> list[str]:
+    """Passages of about ``target`` tokens from ``pydoc_data.topics`` (topics in name order)."""
+    import pydoc_data.topics as topics
+
+    from kv_rag.retrieve import Document, chunk_documents
+
+    docs = [Document(topics.topics[name], name) for name in sorted(topics.topics)]
+    chunks = chunk_documents(docs, tokenizer, target)
+    out = []
+    for c in chunks:
+        n = len(tokenizer(c.text, add_special_tokens=False)["input_ids"])
+        if 0.8 * target <= n <= target + 10:
+            out.append(c.text)
+    return out
+
+
+def questions(tokenizer: Any, n: int, k: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` questions, each with ``k`` documents of which one holds the answer."""
+    rng = random.Random(seed)
+    pool = passages(tokenizer)
+    out = []
+    for qi in range(n):
+        kind = qi % 4
+        used: set[str] = set()
+        _key, fact, q, ans = _fact(rng, kind, used)
+        texts = rng.sample(pool, k)
+        where = rng.randrange(k)
+        docs = []
+        for j, t in enumerate(texts):
+            sentence = fact if j == where else _fact(rng, kind, used)[1]
+            docs.append(_insert(rng, t, sentence))
+        out.append({"id": qi, "question": q, "answer": ans, "docs": docs, "answer_doc": where})
+    return out
+
+
+def modes(blend_rs: list[float]) -> list[tuple[str, str, float | None]]:
+    """(label, mode, recompute) of every configuration compared with the full prefill."""
+    return [
+        ("exact", "exact", None),
+        ("stitch", "stitch", None),
+        *[(f"blend r={r:g}", "blend", r) for r in blend_rs],
+    ]
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from kv_rag import Engine
+    from kv_rag.store import MemoryTier, Store
+
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
+    tok = engine.tokenizer
+    qs = questions(tok, args.questions + 1, args.k, args.seed)
+    warm = qs.pop()  # the warm-up question is not one of the measured ones
+    raw = Path(args.raw)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            if line.strip():
+                done.add(json.loads(line)["id"])
+    configs = modes(args.blend)
+    # warm-up (not recorded): the rotary probe, allocator, first-call costs
+    engine.publish(warm["docs"])
+    for _label, mode, r in configs:
+        engine.generate(warm["question"], warm["docs"], mode=mode, recompute=r, max_new_tokens=2)
+    engine.generate(warm["question"], warm["docs"], use_cache=False, max_new_tokens=2)
+    for q in qs:
+        if q["id"] in done:
+            continue
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        engine.publish(q["docs"])
+        prompt = engine.prompt(q["question"], q["docs"])
+        full = engine.generate(prompt, use_cache=False, max_new_tokens=MAX_NEW)
+        row: dict[str, Any] = {
+            "id": q["id"],
+            "answer": q["answer"],
+            "answer_doc": q["answer_doc"],
+            "k": len(q["docs"]),
+            "prompt_tokens": full.prompt_tokens,
+            "load_1min": load,
+            "full": {"text": full.text, "tokens": full.token_ids, "ttft_s": full.ttft_s},
+        }
+        for label, mode, r in configs:
+            g = engine.generate(prompt, mode=mode, recompute=r, max_new_tokens=MAX_NEW)
+            row[label] = {
+                "text": g.text,
+                "tokens": g.token_ids,
+                "ttft_s": g.ttft_s,
+                "mode_used": g.mode.value,
+                "cached_tokens": g.cached_tokens,
+                "recomputed_tokens": g.recomputed_tokens,
+            }
+        row["seconds"] = time.perf_counter() - t0
+        with raw.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        ok = {lab: correct(q["answer"], row[lab]["text"]) for lab in ["full"] + [c[0] for c in configs]}
+        print(
+            f"q{q['id']:3d} load {load:.2f} {row['seconds']:.1f}s full {full.ttft_s:.2f}s "
+            + " ".join(f"{lab}:{'Y' if v else 'n'}" for lab, v in ok.items()),
+            flush=True,
+        )
+
+
+def correct(answer: str, text: str) -> bool:
+    """Whether ``answer`` appears in ``text`` as a whole word (case-insensitive)."""
+    return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
+
+
+def _prefix_fraction(ref: list[int], out: list[int]) -> float:
+    ref, out = ref[:MAX_NEW], out[:MAX_NEW]
+    n = 0
+    for a, b in zip(ref, out, strict=False):
+        if a != b:
+            break
+        n += 1
+    if n == len(ref) == len(out):
+        return 1.0
+    return n / max(len(ref), len(out), 1)
+
+
+def summarize(args: argparse.Namespace) -> dict[str, Any]:
+    rows = [json.loads(line) for line in Path(args.raw).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"no results in {args.raw}: run without --summarize first")
+    labels = ["full"] + [k for k in rows[0] if k.startswith(("exact", "stitch", "blend"))]
+    full_ttft = statistics.median(r["full"]["ttft_s"] for r in rows)
+    table = []
+    for lab in labels:
+        acc = sum(correct(r["answer"], r[lab]["text"]) for r in rows) / len(rows)
+        same = sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in rows) / len(rows)
+        prefix = statistics.mean(_prefix_fraction(r["full"]["tokens"], r[lab]["tokens"]) for r in rows)
+        ttft = statistics.median(r[lab]["ttft_s"] for r in rows)
+        speedups = [r["full"]["ttft_s"] / r[lab]["ttft_s"] for r in rows]
+        table.append(
+            {
+                "mode": lab,
+                "accuracy": acc,
+                "identical_32_tokens": same,
+                "mean_common_prefix": prefix,
+                "ttft_median_s": ttft,
+                "speedup_median_ttft": full_ttft / ttft,
+                "speedup_median_per_question": statistics.median(speedups),
+                "modes_used": sorted({r[lab].get("mode_used", "exact") for r in rows}),
+            }
+        )
+    loads = [r["load_1min"] for r in rows]
+    result = {
+        "benchmark": "fidelity",
+        "model": "SmolLM2-135M-Instruct (embedded), float32, CPU",
+        "text_source": "pydoc_data.topics (CPython's help() topics), passages of ~500 tokens, a made-up fact "
+        "inserted into one of k documents and same-kind distractor facts into the others",
+        "questions": len(rows),
+        "k": rows[0].get("k", args.k),
+        "prompt_tokens_median": statistics.median(r["prompt_tokens"] for r in rows),
+        "max_new_tokens": MAX_NEW,
+        "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+        "cpu_count": os.cpu_count(),
+        "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
+        "table": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    _plot(result, out.with_suffix(".png"))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| mode | answer accuracy | identical first 32 tokens | mean common prefix | median TTFT | TTFT speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in result["table"]:
+        lines.append(
+            f"| {t['mode']} | {100 * t['accuracy']:.1f}% | {100 * t['identical_32_tokens']:.1f}% | "
+            f"{100 * t['mean_common_prefix']:.1f}% | {t['ttft_median_s']:.3f} s | {t['speedup_median_ttft']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG written", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [t["speedup_median_ttft"] for t in result["table"]]
+    ax.plot(xs, [100 * t["accuracy"] for t in result["table"]], "o", label="answer accuracy")
+    ax.plot(xs, [100 * t["identical_32_tokens"] for t in result["table"]], "s", label="identical 32 tokens")
+    for t, x in zip(result["table"], xs, strict=True):
+        ax.annotate(t["mode"], (x, 100 * t["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT speed-up over full prefill (median, log scale)")
+    ax.set_ylabel("%")
+    ax.set_title(
+        f"{result['questions']} questions, k={result['k']}, ~{result['prompt_tokens_median']:.0f} prompt tokens "
+        f"(load {result['load_1min']['median']:.1f})"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--questions", type=int, default=100)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--blend", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.15, 0.3])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--raw", default=str(RESULTS / "fidelity_raw.jsonl"))
+    p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    p.add_argument("--summarize", action="store_true", help="only summarize what --raw holds")
+    args = p.parse_args()
+    if not args.summarize:
+        run(args)
+    summarize(args)
+
+
+if __name__ == "__main__":
+    main()

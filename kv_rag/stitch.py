@@ -1,0 +1,375 @@
+"""Stitch and blend: a request's KV assembled from per-document artifacts moved to their positions.
+
+Layout of the cache being built (storage index = position in the prompt):
+
+- the leading text before the first document (usually BOS + the chat template's system part): the
+  exact chain, loaded or prefilled as in exact mode;
+- each document: its per-document artifact, computed once right after the engine's fixed prefix
+  (what :meth:`Engine.publish` stores, key :meth:`Engine.document_key`), keys rotated by
+  ``position - len(fixed prefix)``; on a miss the document is computed that way now and stored;
+- the text between documents and the suffix (question + generation prompt): zero placeholders.
+
+Then one forward pass runs the tokens still to compute (text between documents, the suffix, and in
+blend mode the chosen document tokens) at their true positions, with a mask that lets each attend
+to every valid cached token and every computed token before it; their KV is then moved into their
+slots. A blend-selected token's stale stitched KV is masked out, so r = 1 is a full prefill of
+everything after the leading text and r = 0 is plain stitching.
+
+Blend's choice of tokens (after CacheBlend, Yao et al. 2024): every token after the leading text is
+recomputed through the first two layers only; the document tokens whose second-layer KV deviates most
+from the stitched KV (relative squared error of keys plus values, summed over heads) are recomputed
+through all layers.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._compat import build_cache, cache_layers, forward, forward_at
+from .errors import UnsupportedModelError
+from .fingerprint import chain_key
+from .prompt import Prompt, TokenizedPrompt, chat_frame
+from .results import CacheStatus, Mode, SegmentReport
+from .rope import RotaryShift, rotary_shift, window_refusal
+
+if TYPE_CHECKING:
+    from .engine import Engine, Prefill
+
+_SHIFT_STATE = "rotary_shift"
+_WARNED_STATE = "stitch_warnings"
+#: layer whose KV deviation picks blend's tokens (0-based: the first layer whose KV depends on context)
+PROBE_LAYER = 1
+
+
+class _StopProbe(Exception):
+    """Raised by a hook to end a forward pass after the probe layer."""
+
+
+@dataclass
+class _DocKV:
+    """One document's KV for this request, already on the device and at its position."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    report: SegmentReport
+    stored: int
+
+
+def shifter_for(engine: Engine) -> RotaryShift:
+    """The model's :class:`RotaryShift`, computed and checked once per loaded model.
+
+    Raises :class:`UnsupportedModelError` (also remembered) when keys cannot be moved exactly.
+    """
+    state = engine.loaded.state
+    got = state.get(_SHIFT_STATE)
+    if got is None:
+        try:
+            got = rotary_shift(engine.model)
+        except UnsupportedModelError as exc:
+            got = exc
+        state[_SHIFT_STATE] = got
+    if isinstance(got, UnsupportedModelError):
+        raise got
+    return got
+
+
+def fixed_prefix(engine: Engine) -> tuple[tuple[int, ...], str]:
+    """Token ids and chain key of the fixed prefix that per-document artifacts are computed after."""
+    head = chat_frame(engine.tokenizer, engine.system_prompt)[0]
+    tp = engine.tokenize(Prompt.from_parts(head, ("x",), ""))
+    ids = tp.segments[0] if len(tp.segments) == 2 else ()
+    key = engine.segment_keys(TokenizedPrompt((ids,), ()))[0] if ids else ""
+    return ids, key
+
+
+def warn_once(engine: Engine, message: str) -> None:
+    """A :class:`UserWarning` with ``message``, at most once per loaded model."""
+    seen: set[str] = engine.loaded.state.setdefault(_WARNED_STATE, set())
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(f"kv-rag: {message}; prefilling the documents instead (exact mode)", stacklevel=4)
+
+
+def prefill_stitched(
+    engine: Engine, tp: TokenizedPrompt, mode: Mode, recompute: float, need_logits: bool, reserve: int, t0: float
+) -> Prefill:
+    """KV of ``tp`` in stitch or blend mode (call with the model's lock held, in inference mode).
+
+    Falls back to exact mode (with a warning, once) where keys cannot be moved exactly.
+    """
+    docs = [i for i in range(len(tp.segments)) if tp.document(i)]
+    if not docs:
+        return engine._prefill_locked(tp, True, need_logits, reserve, t0)
+    try:
+        shifter = shifter_for(engine)
+        why = window_refusal(engine.model, len(tp))
+        if why:
+            raise UnsupportedModelError(why)
+    except UnsupportedModelError as exc:
+        warn_once(engine, str(exc))
+        return engine._prefill_locked(tp, True, need_logits, reserve, t0)
+    return _Assembler(engine, tp, shifter, mode, recompute, need_logits, reserve, t0).run()
+
+
+class _Assembler:
+    """Builds one request's stitched (and blended) cache."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tp: TokenizedPrompt,
+        shifter: RotaryShift,
+        mode: Mode,
+        recompute: float,
+        need_logits: bool,
+        reserve: int,
+        t0: float,
+    ) -> None:
+        self.engine = engine
+        self.loaded = engine.loaded
+        self.device = self.loaded.device
+        self.tp = tp
+        self.shifter = shifter
+        self.recompute = recompute if mode is Mode.BLEND else 0.0
+        self.mode = mode
+        self.need_logits = need_logits
+        self.reserve = reserve
+        self.t0 = t0
+        self.total = len(tp)
+        self.n_seg = len(tp.segments)
+        self.first_doc = next(i for i in range(self.n_seg) if tp.document(i))
+        self.starts: list[int] = []
+        pos = 0
+        for seg in tp.segments:
+            self.starts.append(pos)
+            pos += len(seg)
+        self.chain_end = pos  # end of the last document
+        self.n_lead = self.starts[self.first_doc]
+
+    # ------------------------------------------------------------------ steps
+    def run(self) -> Prefill:
+        from .engine import Prefill
+
+        tp, total = self.tp, self.total
+        doc_positions = torch.cat(
+            [
+                torch.arange(self.starts[i], self.starts[i] + len(tp.segments[i]))
+                for i in range(self.first_doc, self.n_seg)
+                if tp.document(i)
+            ]
+        )
+        n_doc = int(doc_positions.numel())
+        n_sel = n_doc if self.recompute >= 1 else round(self.recompute * n_doc)
+        todo = self._plain_positions()
+        if self.need_logits and (total - 1) not in set(todo.tolist()):
+            todo = torch.cat([todo, torch.tensor([total - 1])])  # prompt ends with a document
+        extra = int(todo.numel()) + n_sel
+        capacity = total + extra + self.reserve
+
+        # 1. the leading text: exact chain (loaded or prefilled and stored)
+        lead_tp = TokenizedPrompt(
+            tp.segments[: self.first_doc],
+            (),
+            tp.is_document[: self.first_doc],
+            tp.sources[: self.first_doc],
+        )
+        lead = self.engine._prefill_locked(lead_tp, True, False, capacity - self.n_lead, self.t0)
+        cache = lead.cache
+        reports = list(lead.segments)
+        stored = lead.stored_tokens
+        cached = lead.cached_tokens
+
+        # 2. documents at their positions, placeholders for the text between them and the suffix
+        layers = cache.layers
+        hit_positions: list[torch.Tensor] = []
+        for i in range(self.first_doc, self.n_seg):
+            seg = tp.segments[i]
+            if not seg:
+                reports.append(SegmentReport(tp.source(i), 0, CacheStatus.NONE, None, None, tp.document(i)))
+                continue
+            if tp.document(i):
+                kv = self._document(i)
+                for layer, k, v in zip(layers, kv.keys, kv.values, strict=True):
+                    layer.update(k, v)
+                reports.append(kv.report)
+                stored += kv.stored
+                if kv.report.cache is CacheStatus.HIT:
+                    cached += len(seg)
+                    hit_positions.append(torch.arange(self.starts[i], self.starts[i] + len(seg)))
+            else:
+                self._placeholder(layers, len(seg))
+                reports.append(SegmentReport(tp.source(i), len(seg), CacheStatus.NONE, None, None, False))
+        self._placeholder(layers, len(tp.suffix))
+
+        # 3. blend: choose the document tokens to recompute
+        if n_sel >= n_doc:
+            selected = doc_positions
+        elif n_sel > 0:
+            selected = self._choose(cache, doc_positions, n_sel)
+        else:
+            selected = doc_positions[:0]
+        if hit_positions and selected.numel():
+            cached -= int(torch.isin(selected, torch.cat(hit_positions)).sum())
+
+        # 4. compute the rest on top
+        logits = self._compute(cache, todo, selected)
+        return Prefill(
+            cache=cache,
+            logits=logits,
+            prompt_tokens=total,
+            cached_tokens=cached,
+            prefilled_tokens=total - cached,
+            stored_tokens=stored,
+            seconds=time.perf_counter() - self.t0,
+            segments=reports,
+            mode=self.mode,
+            recomputed_tokens=int(selected.numel()),
+        )
+
+    def _plain_positions(self) -> torch.Tensor:
+        """Positions of the text after the first document that is not a document (glue and suffix)."""
+        parts = [
+            torch.arange(self.starts[i], self.starts[i] + len(self.tp.segments[i]))
+            for i in range(self.first_doc, self.n_seg)
+            if not self.tp.document(i)
+        ]
+        parts.append(torch.arange(self.chain_end, self.total))
+        return torch.cat(parts)
+
+    def _placeholder(self, layers: list[Any], n: int) -> None:
+        if n <= 0:
+            return
+        for layer in layers:
+            k, v = layer.keys, layer.values
+            shape_k = (k.shape[0], k.shape[1], n, k.shape[-1])
+            shape_v = (v.shape[0], v.shape[1], n, v.shape[-1])
+            layer.update(k.new_zeros(shape_k), v.new_zeros(shape_v))
+
+    def _document(self, i: int) -> _DocKV:
+        """Segment ``i``'s per-document KV (loaded, or computed after the fixed prefix and stored), moved."""
+        engine, tp = self.engine, self.tp
+        seg = tp.segments[i]
+        head_ids, head_key = fixed_prefix(engine)
+        fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
+        key = chain_key(head_key, fp, tok, seg)
+        src_start = len(head_ids)
+        hit = engine.store.get(key, accept=engine._acceptor(seg, src_start))
+        stored = 0
+        if hit is not None:
+            keys = [k.to(self.device, non_blocking=True).unsqueeze(0) for k in hit.artifact.keys]
+            values = [v.to(self.device, non_blocking=True).unsqueeze(0) for v in hit.artifact.values]
+            report = SegmentReport(tp.source(i), len(seg), CacheStatus.HIT, key, hit.tier, True)
+        else:
+            sub = TokenizedPrompt((head_ids, seg), (), (False, True), ("text", tp.source(i)))
+            pre = engine._prefill_locked(sub, True, False, 0, self.t0)
+            keys = [k[:, :, src_start:, :] for k, _ in cache_layers(pre.cache)]
+            values = [v[:, :, src_start:, :] for _, v in cache_layers(pre.cache)]
+            stored = pre.stored_tokens
+            report = SegmentReport(tp.source(i), len(seg), CacheStatus.MISS, key, None, True)
+        dst = self.starts[i]
+        if dst != src_start:
+            rot = self.shifter.rotation(src_start, dst, len(seg), self.device)
+            keys = [self.shifter.shift(k, src_start, dst, rot) for k in keys]
+        return _DocKV(keys, values, report, stored)
+
+    def _mask(self, query_pos: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask: query ``j`` sees valid cached slots at positions <= its own, and new tokens before it."""
+        q = query_pos.to(self.device)
+        slots = torch.arange(self.total, device=self.device)
+        see_cached = valid.to(self.device)[None, :] & (slots[None, :] <= q[:, None])
+        see_new = q[None, :] <= q[:, None]
+        allowed = torch.cat([see_cached, see_new], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def _valid(self, exclude: torch.Tensor) -> torch.Tensor:
+        """Slots holding usable KV: the leading text and the documents, minus ``exclude``."""
+        valid = torch.zeros(self.total, dtype=torch.bool)
+        valid[: self.n_lead] = True
+        for i in range(self.first_doc, self.n_seg):
+            if self.tp.document(i):
+                valid[self.starts[i] : self.starts[i] + len(self.tp.segments[i])] = True
+        if exclude.numel():
+            valid[exclude] = False
+        return valid
+
+    def _compute(self, cache: Any, todo: torch.Tensor, selected: torch.Tensor) -> torch.Tensor | None:
+        """Run the plain text (and ``selected`` document tokens) on top of the stitched cache; settle the cache."""
+        model = self.loaded.model
+        ids_all = torch.tensor(self.tp.ids, dtype=torch.long)
+        positions = torch.unique(torch.cat([todo, selected]))  # sorted
+        tail = self.total - int(positions.numel())
+        if not selected.numel() and torch.equal(positions, torch.arange(tail, self.total)):
+            # only a contiguous tail (one document, or documents back to back): a plain causal forward
+            for layer in cache.layers:
+                layer.truncate(tail)
+            ids = ids_all[tail:].unsqueeze(0).to(self.device)
+            return forward(model, ids, cache, tail)
+        dtype = next(model.parameters()).dtype
+        mask = self._mask(positions, self._valid(positions), dtype)
+        ids = ids_all[positions].unsqueeze(0).to(self.device)
+        logits = forward_at(model, ids, cache, positions, mask)
+        index = positions.to(self.device)
+        for layer in cache.layers:
+            layer.settle(self.total, index)
+        return logits if self.need_logits else None
+
+    def _choose(self, cache: Any, doc_positions: torch.Tensor, n_sel: int) -> torch.Tensor:
+        """The ``n_sel`` document positions whose probe-layer KV deviates most from a fresh computation.
+
+        The fresh KV comes from a plain causal prefill of everything after the leading text, on a
+        separate cache holding only the leading text, stopped after the probe layer.
+        """
+        model = self.loaded.model
+        n_layers = len(cache.layers)
+        layer_idx = min(PROBE_LAYER, n_layers - 1)
+        lead_k = [
+            [layer.keys[..., : self.n_lead, :]] if self.n_lead and i <= layer_idx else []
+            for i, layer in enumerate(cache.layers)
+        ]
+        lead_v = [
+            [layer.values[..., : self.n_lead, :]] if self.n_lead and i <= layer_idx else []
+            for i, layer in enumerate(cache.layers)
+        ]
+        probe = build_cache(lead_k, lead_v, n_layers, self.chain_end)
+        ids = torch.tensor(self.tp.ids[self.n_lead : self.chain_end], dtype=torch.long).unsqueeze(0).to(self.device)
+        decoder = _decoder_layers(model, n_layers)
+        handle = None
+        if decoder is not None and layer_idx + 1 < len(decoder):
+
+            def stop(*_: Any) -> None:
+                raise _StopProbe
+
+            handle = decoder[layer_idx + 1].register_forward_pre_hook(stop)
+        try:
+            forward(model, ids, probe, self.n_lead)
+        except _StopProbe:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        fresh_layer: Any = probe.layers[layer_idx]
+        old_layer: Any = cache.layers[layer_idx]
+        slots = doc_positions.to(self.device)
+        fresh_k = fresh_layer.keys[0].index_select(1, slots).float()
+        fresh_v = fresh_layer.values[0].index_select(1, slots).float()
+        old_k = old_layer.keys[0].index_select(1, slots).float()
+        old_v = old_layer.values[0].index_select(1, slots).float()
+        dk = (fresh_k - old_k).pow(2).sum(dim=(0, 2)) / fresh_k.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
+        dv = (fresh_v - old_v).pow(2).sum(dim=(0, 2)) / fresh_v.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
+        top = torch.topk((dk + dv).cpu(), n_sel).indices
+        return torch.sort(doc_positions[top]).values
+
+
+def _decoder_layers(model: Any, num_layers: int) -> Any:
+    """The model's list of decoder layers (the first ``ModuleList`` with one entry per layer), or ``None``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    return None

@@ -1,0 +1,226 @@
+"""Stitch and blend on the real embedded model: the exact endpoints, misses, reuse in any order, fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from kv_rag import CacheStatus, Engine, InputError, Mode
+from kv_rag.prompt import Prompt, Segment
+
+QUESTION = "Which statement is described first? Answer briefly."
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def texts(corpus_dir: Path) -> list[str]:
+    """Three short real documents (the first paragraphs of three corpus sections)."""
+    out = []
+    for name in ("for-statement.md", "with-statement.md", "raise-statement.md"):
+        text = (corpus_dir / name).read_text()
+        out.append(text[:700])
+    return out
+
+
+def _layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[attr-defined]
+
+
+def test_one_document_stitch_equals_exact(engine: Engine, texts: list[str]) -> None:
+    prompt = engine.prompt(QUESTION, texts[:1])
+    ref = engine.reference_logits(engine.tokenize(prompt).ids)
+    cold = engine.generate(prompt, mode="stitch", max_new_tokens=16)  # miss: computed after the prefix, stored
+    assert [d.cache for d in cold.documents] == [CacheStatus.MISS]
+    assert cold.documents[0].key == engine.document_key(texts[0])
+    warm = engine.generate(prompt, mode="stitch", max_new_tokens=16)
+    assert [d.cache for d in warm.documents] == [CacheStatus.HIT]
+    assert warm.mode is Mode.STITCH
+    exact = engine.generate(prompt, mode="exact", max_new_tokens=16)
+    assert [d.cache for d in exact.documents] == [CacheStatus.HIT]  # the same artifact serves both modes
+    assert cold.token_ids == warm.token_ids == exact.token_ids
+    pre = engine.prefill(prompt, mode="stitch")
+    assert pre.logits is not None
+    assert float((pre.logits - ref).abs().max()) <= TOL
+
+
+def test_blend_endpoints(engine: Engine, texts: list[str]) -> None:
+    prompt = engine.prompt(QUESTION, texts)
+    ids = engine.tokenize(prompt).ids
+    ref = engine.reference_logits(ids)
+    engine.publish(texts)
+
+    stitched = engine.prefill(prompt, mode="stitch")
+    assert stitched.mode is Mode.STITCH
+    assert [s.cache for s in stitched.segments if s.document] == [CacheStatus.HIT] * 3
+    doc_tokens = sum(s.tokens for s in stitched.segments if s.document)
+    assert stitched.cached_tokens >= doc_tokens
+    assert stitched.logits is not None
+    # documents 2 and 3 lost their attention to earlier documents: the logits differ from a full prefill
+    assert float((stitched.logits - ref).abs().max()) > 1e-2
+
+    b0 = engine.prefill(prompt, mode="blend", recompute=0.0)
+    assert b0.recomputed_tokens == 0
+    assert b0.logits is not None and torch.equal(b0.logits, stitched.logits)
+    for (k0, v0), (k1, v1) in zip(_layers(b0.cache), _layers(stitched.cache), strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+    b1 = engine.prefill(prompt, mode="blend", recompute=1.0)
+    assert b1.recomputed_tokens == doc_tokens
+    assert b1.logits is not None
+    assert float((b1.logits - ref).abs().max()) <= TOL
+    full = engine.prefill(prompt, use_cache=False)
+    for (k1, v1), (kf, vf) in zip(_layers(b1.cache), _layers(full.cache), strict=True):
+        assert float((k1 - kf).abs().max()) <= TOL and float((v1 - vf).abs().max()) <= TOL
+
+    half = engine.prefill(prompt, mode="blend", recompute=0.5)
+    assert half.recomputed_tokens == round(0.5 * doc_tokens)
+    assert half.cached_tokens < stitched.cached_tokens
+
+    g_full = engine.generate(prompt, use_cache=False, max_new_tokens=24)
+    g_b1 = engine.generate(prompt, mode="blend", recompute=1.0, max_new_tokens=24)
+    g_b0 = engine.generate(prompt, mode="blend", recompute=0.0, max_new_tokens=24)
+    g_st = engine.generate(prompt, mode="stitch", max_new_tokens=24)
+    assert g_b1.token_ids == g_full.token_ids
+    assert g_b0.token_ids == g_st.token_ids
+    assert g_b1.recomputed_tokens == doc_tokens and g_b1.to_dict()["recomputed_tokens"] == doc_tokens
+
+
+def test_documents_reused_in_any_order_and_misses_are_stored(engine: Engine, texts: list[str]) -> None:
+    a, b, c = texts
+    first = engine.generate(engine.prompt(QUESTION, [a, b]), mode="stitch", max_new_tokens=4)
+    assert [d.cache for d in first.documents] == [CacheStatus.MISS, CacheStatus.MISS]
+    assert first.stored_tokens > 0 and first.text
+    # another combination and order: the stored documents are moved to their new positions
+    again = engine.generate(engine.prompt(QUESTION, [c, b, a]), mode="stitch", max_new_tokens=4)
+    assert [d.cache for d in again.documents] == [CacheStatus.MISS, CacheStatus.HIT, CacheStatus.HIT]
+    assert again.cached_tokens >= sum(d.tokens for d in again.documents[1:])
+    keys = {d.source: d.key for d in again.documents}
+    assert sorted(keys.values()) == sorted(engine.document_key(t) for t in (a, b, c))
+
+
+def test_prompt_ending_with_a_document(engine: Engine, texts: list[str]) -> None:
+    prompt = Prompt((Segment("Notes:\n"), Segment(texts[0], True, "a"), Segment("\n"), Segment(texts[1], True, "b")))
+    engine.publish(texts[:2])
+    pre = engine.prefill(prompt, mode="stitch")
+    assert pre.logits is not None and pre.prompt_tokens == len(engine.tokenize(prompt))
+    b1 = engine.prefill(prompt, mode="blend", recompute=1.0)
+    assert b1.logits is not None
+    ref = engine.reference_logits(engine.tokenize(prompt).ids)
+    assert float((b1.logits - ref).abs().max()) <= TOL
+
+
+def test_recompute_is_checked(engine: Engine, texts: list[str]) -> None:
+    with pytest.raises(InputError, match="between 0 and 1"):
+        engine.prefill(engine.prompt(QUESTION, texts[:1]), mode="blend", recompute=1.5)
+    with pytest.raises(InputError, match="blend"):
+        engine.prefill(engine.prompt(QUESTION, texts[:1]), mode="stitch", recompute=0.2)
+    with pytest.raises(ValueError, match="exact, stitch, blend"):
+        engine.prefill(engine.prompt(QUESTION, texts[:1]), mode="glue")
+
+
+def test_tiny_llama3_blend_endpoints(tmp_path: Path, texts: list[str]) -> None:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    }
+    model, tok = tiny_model("llama", num_hidden_layers=3, rope_parameters=rope)
+    engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    prompt = engine.prompt(QUESTION, texts)
+    ref = engine.reference_logits(engine.tokenize(prompt).ids)
+    st = engine.prefill(prompt, mode="stitch")
+    b0 = engine.prefill(prompt, mode="blend", recompute=0.0)
+    b1 = engine.prefill(prompt, mode="blend", recompute=1.0)
+    bh = engine.prefill(prompt, mode="blend", recompute=0.3)
+    assert st.logits is not None and b0.logits is not None and b1.logits is not None and bh.logits is not None
+    assert torch.equal(st.logits, b0.logits)
+    assert float((b1.logits - ref).abs().max()) <= TOL
+    assert bh.mode is Mode.BLEND and bh.recomputed_tokens > 0
+
+
+def test_sliding_window_falls_back_to_exact_with_one_warning(tmp_path: Path, texts: list[str]) -> None:
+    model, tok = tiny_model("mistral", sliding_window=64)
+    engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    prompt = engine.prompt(QUESTION, texts[:2])
+    plain = engine.generate(prompt, use_cache=False, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="sliding-window"):
+        gen = engine.generate(prompt, mode="stitch", max_new_tokens=8)
+    assert gen.mode is Mode.EXACT
+    assert gen.token_ids == plain.token_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model, not on every request
+        again = engine.generate(prompt, mode="blend", max_new_tokens=8)
+    assert again.mode is Mode.EXACT and again.token_ids == plain.token_ids
+
+
+def test_model_without_rope_falls_back(tmp_path: Path, texts: list[str], embedded: object) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = embedded.tokenizer  # type: ignore[attr-defined]
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=2048)
+    model = AutoModelForCausalLM.from_config(config)
+    engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    prompt = engine.prompt(QUESTION, texts[:2])
+    with pytest.warns(UserWarning, match="no rotary position embedding"):
+        gen = engine.generate(prompt, mode="stitch", max_new_tokens=4)
+    assert gen.mode is Mode.EXACT
+
+
+def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp_path: Path, corpus_dir: Path) -> None:
+    import json
+
+    from kv_rag.cli import main
+
+    store = str(tmp_path / "store")
+    q = "What does the else clause of a for loop do?"
+    base = [
+        "ask",
+        q,
+        "--docs",
+        str(corpus_dir),
+        "--json",
+        "--store",
+        store,
+        "--max-new-tokens",
+        "4",
+        "--chunk-tokens",
+        "200",
+    ]
+    assert main([*base, "--k", "2"]) == 0
+    default_multi = json.loads(capsys.readouterr().out)
+    assert default_multi["mode"] == "blend" and len(default_multi["docs"]) == 2
+    assert main([*base, "--k", "2", "--mode", "stitch"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["mode"] == "stitch" and [d["cache"] for d in st["docs"]] == ["hit", "hit"]
+    assert main([*base, "--k", "2", "--mode", "blend", "--recompute", "1"]) == 0
+    b1 = json.loads(capsys.readouterr().out)
+    assert b1["recomputed_tokens"] == sum(d["tokens"] for d in b1["docs"])
+    assert main([*base, "--mode", "stitch", "--recompute", "0.2"]) == 2
+    assert "--recompute applies to --mode blend" in capsys.readouterr().err
+
+
+def test_partial_blend_merges_exactly(engine: Engine, texts: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recomputing exactly the documents that lost context (all but the first) gives the full prefill."""
+    from kv_rag import stitch
+
+    prompt = engine.prompt(QUESTION, texts)
+    tp = engine.tokenize(prompt)
+    engine.publish(texts)
+    starts = [0]
+    for seg in tp.segments:
+        starts.append(starts[-1] + len(seg))
+    docs = [i for i in range(len(tp.segments)) if tp.document(i)]
+    later = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in docs[1:]])
+    n_doc = sum(len(tp.segments[i]) for i in docs)
+    monkeypatch.setattr(stitch._Assembler, "_choose", lambda self, cache, positions, n: later[:n])
+    pre = engine.prefill(prompt, mode="blend", recompute=len(later) / n_doc)
+    assert pre.recomputed_tokens == len(later)
+    assert pre.logits is not None
+    assert float((pre.logits - engine.reference_logits(tp.ids)).abs().max()) <= TOL
