@@ -7,7 +7,7 @@ DSTAMP := $(VENV)/.kv-rag-dev-installed
 LC     := integrations/langchain
 LLAMA  := integrations/llama_index
 
-.PHONY: demo test lint bench install dev clean
+.PHONY: demo test lint bench fidelity install dev clean
 
 install: $(STAMP)
 dev: $(DSTAMP)
@@ -49,6 +49,11 @@ test: $(DSTAMP) lint
 
 bench: $(STAMP)
 	$(VENV)/bin/kv-rag bench --lengths 256,1024,4096
+
+# Stitch/blend fidelity against full prefill (long: about half a minute per question on 2 cores).
+fidelity: $(STAMP)
+	$(PIP) install -e '.[bench]'
+	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15,0.5 --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
