@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default=None,
         help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
-        "position) or blend (stitch + recompute a fraction of document tokens); default: exact for --k 1, "
-        "else blend (see README, Fidelity)",
+        "position) or blend (stitch + recompute a fraction of document tokens); default: exact (see README, "
+        "Fidelity: stitch and blend trade answer accuracy for speed on the embedded model)",
     )
     p.add_argument(
         "--recompute", type=float, default=None, help="blend: fraction of document tokens to recompute (default 0.15)"

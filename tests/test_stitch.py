@@ -80,10 +80,10 @@ def test_blend_endpoints(engine: Engine, texts: list[str]) -> None:
     assert half.recomputed_tokens == round(0.5 * doc_tokens)
     assert half.cached_tokens < stitched.cached_tokens
 
-    g_full = engine.generate(prompt, use_cache=False, max_new_tokens=24)
-    g_b1 = engine.generate(prompt, mode="blend", recompute=1.0, max_new_tokens=24)
-    g_b0 = engine.generate(prompt, mode="blend", recompute=0.0, max_new_tokens=24)
-    g_st = engine.generate(prompt, mode="stitch", max_new_tokens=24)
+    g_full = engine.generate(prompt, use_cache=False, max_new_tokens=16)
+    g_b1 = engine.generate(prompt, mode="blend", recompute=1.0, max_new_tokens=16)
+    g_b0 = engine.generate(prompt, mode="blend", recompute=0.0, max_new_tokens=16)
+    g_st = engine.generate(prompt, mode="stitch", max_new_tokens=16)
     assert g_b1.token_ids == g_full.token_ids
     assert g_b0.token_ids == g_st.token_ids
     assert g_b1.recomputed_tokens == doc_tokens and g_b1.to_dict()["recomputed_tokens"] == doc_tokens
@@ -177,6 +177,7 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     import json
 
     from kv_rag.cli import main
+    from kv_rag.defaults import MULTI_DOC_MODE
 
     store = str(tmp_path / "store")
     q = "What does the else clause of a for loop do?"
@@ -195,7 +196,7 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     ]
     assert main([*base, "--k", "2"]) == 0
     default_multi = json.loads(capsys.readouterr().out)
-    assert default_multi["mode"] == "blend" and len(default_multi["docs"]) == 2
+    assert default_multi["mode"] == MULTI_DOC_MODE and len(default_multi["docs"]) == 2
     assert main([*base, "--k", "2", "--mode", "stitch"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["mode"] == "stitch" and [d["cache"] for d in st["docs"]] == ["hit", "hit"]
