@@ -199,7 +199,10 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     assert default_multi["mode"] == MULTI_DOC_MODE and len(default_multi["docs"]) == 2
     assert main([*base, "--k", "2", "--mode", "stitch"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["mode"] == "stitch" and [d["cache"] for d in st["docs"]] == ["hit", "hit"]
+    # exact mode stored the chain: the first document is its own per-document artifact, the second is not
+    assert st["mode"] == "stitch" and [d["cache"] for d in st["docs"]] == ["hit", "miss"]
+    assert main([*base, "--k", "2", "--mode", "stitch"]) == 0
+    assert [d["cache"] for d in json.loads(capsys.readouterr().out)["docs"]] == ["hit", "hit"]
     assert main([*base, "--k", "2", "--mode", "blend", "--recompute", "1"]) == 0
     b1 = json.loads(capsys.readouterr().out)
     assert b1["recomputed_tokens"] == sum(d["tokens"] for d in b1["docs"])
