@@ -7,7 +7,7 @@ DSTAMP := $(VENV)/.kv-rag-dev-installed
 LC     := integrations/langchain
 LLAMA  := integrations/llama_index
 
-.PHONY: demo test lint bench fidelity install dev clean
+.PHONY: demo test lint bench cost fidelity install dev clean
 
 install: $(STAMP)
 dev: $(DSTAMP)
@@ -47,8 +47,19 @@ test: $(DSTAMP) lint
 	$(PY) -m pytest -q $(LC)/tests
 	$(PY) -m pytest -q $(LLAMA)/tests
 
-bench: $(STAMP)
-	$(VENV)/bin/kv-rag bench --lengths 256,1024,4096
+# The benchmark's extras: llama-cpp-python compiles llama.cpp from source (plain CPU build, a few minutes).
+BSTAMP := $(VENV)/.kv-rag-bench-installed
+$(BSTAMP): $(STAMP) pyproject.toml
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF" \
+		$(PIP) install -e '.[bench]'
+	touch $@
+
+bench: $(BSTAMP)
+	$(VENV)/bin/kv-rag bench --lengths 256,1024,2048,4096,7168 --codec-docs 5 \
+		--out benchmarks/results/bench.json --plots benchmarks/results
+
+cost: $(STAMP)
+	$(VENV)/bin/kv-rag cost --tokens 4096 --reuses 100
 
 # Stitch/blend fidelity against full prefill (long: about half a minute per question on 2 cores).
 fidelity: $(STAMP)

@@ -1,4 +1,4 @@
-"""The ``kv-rag`` command: demo, publish, ask, inspect, bench."""
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost."""
 
 from __future__ import annotations
 
@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="256,1024,4096", help="comma-separated document lengths in tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each cache hit (median is reported)")
     p.add_argument("--out", default="benchmarks/results/core_bench.json", help="where to save the JSON")
+    p.add_argument("--full-repeats", type=int, default=2, help="full prefills per length and system")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with the full prefill")
+    p.add_argument("--peer", default="auto", choices=["auto", "llama.cpp", "none"], help="llama.cpp side by side")
+    p.add_argument(
+        "--evict", default="fadvise", choices=["fadvise", "drop_caches"], help="how disk reads leave the page cache"
+    )
+    p.add_argument("--codec-docs", type=int, default=0, help="also measure codecs; int8 agreement on N documents")
+    p.add_argument("--plots", help="folder for PNG plots (needs matplotlib)")
+    p.add_argument("--tmp-dir", help="folder on the disk to measure (default: the system temp folder)")
+
+    p = sub.add_parser("cost", help="cost of re-prefilling versus loading or shipping a document's KV cache")
+    p.add_argument("--tokens", type=int, default=4096, help="document length in tokens")
+    p.add_argument("--reuses", type=int, default=100, help="how many requests use the document")
+    p.add_argument("--gpu-hour", type=float, help="USD per GPU-hour (default 3.50; CPU profile: 0.10)")
+    p.add_argument("--egress", type=float, help="USD per GB moved over the network (default 0.09)")
+    p.add_argument("--bench", default="benchmarks/results/bench.json", help="bench JSON for the measured CPU profile")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -90,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ask": cmd_ask,
             "inspect": cmd_inspect,
             "bench": cmd_bench,
+            "cost": cmd_cost,
         }[args.command]
         return handler(args)
     except KVRagError as exc:
@@ -230,9 +248,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_core_bench
 
     lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
-    result = run_core_bench(_engine(args), lengths, repeats=args.repeats, out=Path(args.out))
+    result = run_core_bench(
+        _engine(args),
+        lengths,
+        repeats=args.repeats,
+        out=Path(args.out),
+        full_repeats=args.full_repeats,
+        n_new=args.greedy_tokens,
+        peer=args.peer,
+        evict=args.evict,
+        codec_docs=args.codec_docs,
+        plots_dir=Path(args.plots) if args.plots else None,
+        tmp_dir=Path(args.tmp_dir) if args.tmp_dir else None,
+    )
     if args.json:
         _print(result)
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    """``kv-rag cost``: the three costs for the H200 profile and, if a bench JSON exists, the measured CPU one."""
+    from . import cost
+
+    profiles = [(cost.H200_QWEN3_4B, cost.DEFAULT_GPU_HOUR_USD)]
+    if args.bench and Path(args.bench).is_file():
+        profiles.append((cost.profile_from_bench(args.bench), cost.DEFAULT_CPU_HOUR_USD))
+    egress = cost.DEFAULT_EGRESS_USD_PER_GB if args.egress is None else args.egress
+    out = []
+    for prof, hour in profiles:
+        c = cost.costs(
+            prof, args.tokens, args.reuses, hour_usd=hour if args.gpu_hour is None else args.gpu_hour,
+            egress_usd_per_gb=egress,
+        )
+        out.append({**c.to_dict(), "hour_usd": hour if args.gpu_hour is None else args.gpu_hour,
+                    "egress_usd_per_gb": egress, "source": prof.source})
+    if args.json:
+        _print(out)
+        return 0
+    for d in out:
+        print(
+            f"{d['profile']} ({d['source']})\n"
+            f"  {d['tokens']} tokens, {d['reuses']} reuses, ${d['hour_usd']:g}/hour, "
+            f"${d['egress_usd_per_gb']:g}/GB egress: "
+            f"KV {d['kv_mb']:.1f} MB, prefill {d['prefill_s']:.3f} s, load {d['load_s']:.3f} s\n"
+            f"  re-prefill every time    ${d['reprefill_usd']:.6f}\n"
+            f"  load from hosted store   ${d['hosted_store_usd']:.6f}  "
+            f"(cheaper after {d['break_even_hosted'] or 'no number of'} reuses)\n"
+            f"  ship the artifact once   ${d['ship_artifact_usd']:.6f}  "
+            f"(cheaper after {d['break_even_ship'] or 'no number of'} reuses)\n"
+            f"  egress price at which moving KV costs as much as computing it: ${d['egress_parity_usd_per_gb']:.6f}/GB"
+        )
     return 0
 
 

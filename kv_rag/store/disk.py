@@ -9,6 +9,7 @@ from pathlib import Path
 
 import diskcache
 
+from .. import codec as _codec
 from ..artifact import Artifact
 from ..defaults import DISK_TIER_BYTES
 from ..errors import ArtifactError
@@ -24,11 +25,17 @@ class DiskTier:
     threads and for several processes opening the same folder (not across network filesystems).
     Every ``get`` verifies the checksum; a damaged or foreign entry is deleted, a warning is
     issued, and ``None`` is returned. Eviction: least recently stored beyond ``size_limit`` bytes.
+
+    ``codec`` chooses how new entries are written (see :mod:`kv_rag.codec`): ``"none"`` (default,
+    plain safetensors), ``"zstd"`` (lossless; smaller files, slower loads on a fast disk) or
+    ``"int8"`` (lossy, opt-in: about 0.27x the size, answers may differ from a full prefill).
+    ``get`` reads entries written with any codec.
     """
 
     name = "disk"
 
-    def __init__(self, directory: str | Path, size_limit: int = DISK_TIER_BYTES) -> None:
+    def __init__(self, directory: str | Path, size_limit: int = DISK_TIER_BYTES, codec: str = "none") -> None:
+        self.codec = _codec.check_codec(codec)
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._cache = diskcache.Cache(
@@ -51,7 +58,7 @@ class DiskTier:
             self._drop(key, f"holds {type(data).__name__}, not artifact bytes")
             return None
         try:
-            return Artifact.from_bytes(data, expect_key=key)
+            return _codec.decode(data, expect_key=key)
         except ArtifactError as exc:
             self._drop(key, str(exc))
             return None
@@ -63,7 +70,7 @@ class DiskTier:
 
     def put(self, key: str, artifact: Artifact) -> None:
         """Write ``artifact`` under ``key`` atomically (replacing any entry)."""
-        self.put_bytes(key, artifact.to_bytes())
+        self.put_bytes(key, _codec.encode(artifact, self.codec))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them)."""
