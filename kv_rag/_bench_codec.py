@@ -85,7 +85,7 @@ def int8_agreement(
     """
     loaded = engine.loaded
     tok = loaded.tokenizer
-    per_doc = []
+    per_doc: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kv-rag-int8-", dir=tmp_dir) as tmp:
         mem = MemoryTier()
         q8 = DiskTier(Path(tmp) / "int8", codec="int8")
@@ -129,6 +129,6 @@ def int8_agreement(
         "greedy_tokens": n_new,
         "cases": len(per_doc),
         "all_tokens_equal": sum(r["tokens_equal"] for r in per_doc),
-        "mean_matching_prefix": statistics.mean(r["matching_prefix"] for r in per_doc) if per_doc else 0,
+        "mean_matching_prefix": statistics.mean(float(r["matching_prefix"]) for r in per_doc) if per_doc else 0.0,
         "per_document": per_doc,
     }
