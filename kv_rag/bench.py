@@ -301,6 +301,9 @@ def run_core_bench(
                 row["ours_vs_llama_restore"] = lrow["memory_restore_ttft_s"] / mem
             rows.append(row)
             _print_row(row)
+            if out is not None:  # save as we go: a long run interrupted keeps its finished rows
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
             disk.delete(pub.key)
             for k in mem_engine.segment_keys(tp):
                 mem_engine.store.delete(k)

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec-docs", type=int, default=0, help="also measure codecs; int8 agreement on N documents")
     p.add_argument("--plots", help="folder for PNG plots (needs matplotlib)")
     p.add_argument("--tmp-dir", help="folder on the disk to measure (default: the system temp folder)")
+    p.add_argument("--threads", type=int, help="CPU threads for both systems (default: torch's current setting)")
 
     p = sub.add_parser("cost", help="cost of re-prefilling versus loading or shipping a document's KV cache")
     p.add_argument("--tokens", type=int, default=4096, help="document length in tokens")
@@ -248,6 +249,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_core_bench
 
     lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run_core_bench(
         _engine(args),
         lengths,

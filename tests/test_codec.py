@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kv_rag import Artifact, ArtifactError, DiskTier, InputError, codec
-from tests.test_artifact import make_artifact
+from test_artifact import make_artifact
 
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
