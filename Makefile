@@ -50,7 +50,7 @@ test: $(DSTAMP) lint
 # The benchmark's extras: llama-cpp-python compiles llama.cpp from source (plain CPU build, a few minutes).
 BSTAMP := $(VENV)/.kv-rag-bench-installed
 $(BSTAMP): $(STAMP) pyproject.toml
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF" \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF" \
 		$(PIP) install -e '.[bench]'
 	touch $@
 
