@@ -196,7 +196,9 @@ def run_core_bench(
                     if r == 0:
                         lfull_logits, lfull_tokens = llg, ltoks
             if full_repeats == 1:  # the single run gave logits only: get the tokens from a hit-free generate
-                full_tokens = engine.generate(prompt, use_cache=False, max_new_tokens=n_new).token_ids
+                gen = engine.generate(prompt, use_cache=False, max_new_tokens=n_new)
+                full_runs.append(gen.ttft_s)
+                full_tokens = gen.token_ids
             # hits, alternating
             mem_runs: list[float] = []
             disk_runs: list[float] = []

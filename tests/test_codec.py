@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_artifact import make_artifact
 
 from kv_rag import Artifact, ArtifactError, DiskTier, InputError, codec
-from test_artifact import make_artifact
 
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
