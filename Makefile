@@ -63,7 +63,7 @@ cost: $(STAMP)
 
 # Stitch/blend fidelity against full prefill (long: about half a minute per question on 2 cores).
 fidelity: $(STAMP)
-	$(PIP) install -e '.[bench]'
+	$(PIP) install -e '.[plots]'
 	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15,0.5 --threads 1
 
 clean:
