@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import warnings
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class DiskTier:
         """The verified artifact under ``key`` or ``None`` (damaged entries are dropped with a warning)."""
         try:
             data = self._cache.get(key, default=None, retry=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, sqlite3.Error) as exc:
             self._drop(key, f"unreadable ({exc})")
             return None
         if data is None:
@@ -66,8 +67,15 @@ class DiskTier:
         self.put_bytes(key, artifact.to_bytes())
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them)."""
-        self._cache.set(key, data, retry=True)
+        """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them).
+
+        Raises ``OSError`` when the write fails (a full disk; SQLite errors are re-raised as ``OSError``),
+        which :class:`~kv_rag.store.Store` turns into a warning and a skipped tier.
+        """
+        try:
+            self._cache.set(key, data, retry=True)
+        except sqlite3.Error as exc:
+            raise OSError(f"disk tier write failed: {exc}") from exc
 
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
@@ -96,5 +104,5 @@ class DiskTier:
     def _drop(self, key: str, why: str) -> None:
         warnings.warn(f"kv-rag: dropping stored artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=3)
         log.warning("dropping artifact %s: %s", key, why)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, sqlite3.Error):
             self._cache.delete(key, retry=True)
