@@ -134,7 +134,7 @@ def verify_artifact(
     t0 = time.perf_counter()
     loaded = engine.loaded
     m = artifact.meta
-    tol = rtol if rtol is not None else RTOL.get(m.dtype, 6e-2)
+    tol = rtol if rtol is not None else RTOL.get(m.dtype if m.dtype.startswith("torch.") else f"torch.{m.dtype}", 6e-2)
     windows = plan_windows(m.num_tokens, fraction, window, random.Random(seed))
     n_win = math.ceil(m.num_tokens / window)
 
@@ -184,13 +184,16 @@ def verify_artifact(
                     vs.append(artifact.values[layer][:, :a].to(device=device, dtype=loaded.model.dtype).unsqueeze(0))
                 keys.append(ks)
                 values.append(vs)
-            cache = build_cache(keys if ctx_ids or a else None, values if ctx_ids or a else None,
-                                loaded.num_layers, m.start + b)
+            cache = build_cache(
+                keys if ctx_ids or a else None, values if ctx_ids or a else None, loaded.num_layers, m.start + b
+            )
             forward(loaded.model, torch.tensor([ids[a:b]], device=device), cache, m.start + a)
             worst, worst_layer = 0.0, 0
             for layer, (k, v) in enumerate(cache_layers(cache)):
-                for new, old in ((k[0, :, m.start + a : m.start + b], artifact.keys[layer][:, a:b]),
-                                 (v[0, :, m.start + a : m.start + b], artifact.values[layer][:, a:b])):
+                for new, old in (
+                    (k[0, :, m.start + a : m.start + b], artifact.keys[layer][:, a:b]),
+                    (v[0, :, m.start + a : m.start + b], artifact.values[layer][:, a:b]),
+                ):
                     ref = old.to(device=device, dtype=torch.float32)
                     diff = (new.float() - ref).abs().max().item()
                     scale = max(ref.abs().max().item(), 1e-6)

@@ -168,7 +168,8 @@ def test_redis_killed_and_restarted_during_a_run(redis_server: RedisServer) -> N
     assert tiers[8:] == [None] * 4 or "redis" in tiers[8:]
     gen = engine.generate("Which value?", [docs[0]], max_new_tokens=5)
     assert gen.documents[0].tier == "redis" and gen.token_ids == ref[docs[0]]
-    for key in tier.keys():  # consistent: every manifest verifies
+    keys = tier.keys()
+    for key in keys:  # consistent: every manifest verifies
         assert tier.get(key) is not None
 
 
