@@ -275,6 +275,7 @@ def test_foreign_artifact_under_a_key_is_a_clean_miss(tiny: tuple, tmp_path: Pat
     other = Engine(other_model, tokenizer=tok, store="memory")
     doc = _doc(4)
     key = engine.document_key(doc)
+    engine.publish([_doc(9)])  # the system prefix is stored, so the lookup reaches the document
     other.publish([doc])
     hit = other.store.get(other.document_key(doc))
     assert hit is not None
@@ -289,21 +290,22 @@ def test_foreign_artifact_under_a_key_is_a_clean_miss(tiny: tuple, tmp_path: Pat
 
 
 def test_unreachable_redis_in_the_python_api_and_the_cli(
-    embedded: object, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tiny: tuple, embedded: object, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KV_RAG_HOME", str(tmp_path / "home"))
-    models = Path(os.environ.get("KV_RAG_HOME", "")).parent  # unused; the embedded model is already loaded
-    del models
+    monkeypatch.setenv("KV_RAG_HOME", str(tmp_path / "home"))  # the embedded model is already loaded
     url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-    engine = Engine(None, store=url, device="cpu", dtype="float32")
+    model, tok = tiny
+    engine = Engine(model, tokenizer=tok, store=url)
+    ref = engine.generate("What is entry 2?", [_doc(5)], use_cache=False, max_new_tokens=3).token_ids
     with pytest.warns(UserWarning, match="Redis at redis://127.0.0.1:1/0 failed"):
         gen = engine.generate("What is entry 2?", [_doc(5)], max_new_tokens=3)
-    assert gen.token_ids
+    assert gen.token_ids == ref
+    assert [t.name for t in engine.store.tiers] == ["memory", "disk", "redis"]
     doc = tmp_path / "d.txt"
-    doc.write_text(_doc(6))
+    doc.write_text("Entry 2 reads 41.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["ask", "What is entry 2?", "--docs", str(doc), "--store", url, "--max-new-tokens", "3"]) == 0
+        assert main(["ask", "What is entry 2?", "--docs", str(doc), "--store", url, "--max-new-tokens", "2"]) == 0
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import warnings
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
@@ -15,6 +17,21 @@ from ..defaults import DISK_TIER_BYTES
 from ..errors import ArtifactError
 
 log = logging.getLogger(__name__)
+
+
+class _CleanDisk(diskcache.Disk):
+    """diskcache's file layer, but a write that fails (a full disk) removes its partial file.
+
+    Plain diskcache leaves the half-written file behind, which keeps the disk full for good.
+    """
+
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int | None:
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(full_path)
+            raise
 
 
 class DiskTier:
@@ -37,6 +54,7 @@ class DiskTier:
             size_limit=size_limit,
             eviction_policy="least-recently-stored",
             disk_min_file_size=0,
+            disk=_CleanDisk,
         )
 
     def get(self, key: str) -> Artifact | None:
