@@ -1,4 +1,4 @@
-"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost."""
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ DEMO_QUESTIONS = (
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", help="store folder for the disk tier, or 'memory' (default: $KV_RAG_HOME/store)")
+    p.add_argument(
+        "--store",
+        help="store folder for the disk tier, 'memory', or redis://host:port/db for a shared Redis "
+        "behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
+    )
     p.add_argument("--model", help="local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--egress", type=float, help="USD per GB moved over the network (default 0.09)")
     p.add_argument("--bench", default="benchmarks/results/bench.json", help="bench JSON for the measured CPU profile")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
+    _add_common(p)
+    p.add_argument("artifact", help="an artifact file, or a key in the store")
+    p.add_argument("--fraction", type=float, default=0.1, help="fraction of the artifact's windows to recompute")
+    p.add_argument("--window", type=int, default=16, help="tokens per recomputed window")
+    p.add_argument("--seed", type=int, help="seed of the window choice (default: random)")
     return parser
 
 
@@ -109,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "inspect": cmd_inspect,
             "bench": cmd_bench,
             "cost": cmd_cost,
+            "verify": cmd_verify,
         }[args.command]
         return handler(args)
     except KVRagError as exc:
@@ -304,6 +316,33 @@ def cmd_cost(args: argparse.Namespace) -> int:
             f"  egress price at which moving KV costs as much as computing it: ${d['egress_parity_usd_per_gb']:.6f}/GB"
         )
     return 0
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``kv-rag verify``: exit 0 when the artifact checks out, 1 when it does not, 2 on an error."""
+    from .artifact import Artifact
+    from .errors import InputError
+    from .verify import verify_artifact
+
+    engine = _engine(args)
+    path = Path(args.artifact)
+    if path.is_file():
+        art = Artifact.from_bytes(path.read_bytes())  # ArtifactError (damaged, not an artifact) -> exit 2
+    else:
+        hit = engine.store.get(args.artifact)
+        if hit is None:
+            raise InputError(f"{args.artifact!r} is neither an artifact file nor a key in the store")
+        art = hit.artifact
+    rep = verify_artifact(engine, art, fraction=args.fraction, window=args.window, seed=args.seed)
+    if args.json:
+        _print({**rep.to_dict(), "detects_16_token_span": rep.detection_probability(16)})
+    else:
+        print(f"{'OK' if rep.ok else 'FAILED'}: {rep.reason}")
+        print(
+            f"  {rep.windows_checked}/{rep.windows_total} windows of {rep.window} tokens, "
+            f"{rep.context_tokens} context tokens recomputed; cost {rep.cost_fraction:.0%} of a full prefill "
+            f"(in tokens), {rep.seconds:.2f} s; a tampered span of {rep.window} tokens is caught with "
+            f"probability >= {rep.detection_probability(rep.window):.0%}"
+        )
+    return 0 if rep.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -41,10 +41,16 @@ class Store:
         """A store from a short spec.
 
         ``None``: memory in front of the default disk folder (``$KV_RAG_HOME/store``);
-        ``"memory"``: memory only; any other string or path: memory in front of that disk folder.
+        ``"memory"``: memory only; ``"redis://host:port/db"`` (or ``rediss://``): memory, then the
+        default disk folder, then that shared Redis (see :class:`~kv_rag.store.redis.RedisTier`);
+        any other string or path: memory in front of that disk folder.
         """
         if spec is not None and str(spec) == "memory":
             return cls([MemoryTier(memory_bytes)])
+        if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
+            from .redis import RedisTier
+
+            return cls([MemoryTier(memory_bytes), DiskTier(default_store_dir()), RedisTier(spec)])
         directory = Path(spec) if spec is not None else default_store_dir()
         if directory.exists() and not directory.is_dir():
             raise InputError(f"--store must be a folder (or 'memory'), got the file {directory}")
@@ -56,7 +62,11 @@ class Store:
         ``accept`` returns ``None`` to accept or a reason string to reject.
         """
         for i, tier in enumerate(self.tiers):
-            art = tier.get(key)
+            try:
+                art = tier.get(key)
+            except OSError as exc:
+                _warn_skip(tier, "read", key, exc)
+                continue
             if art is None:
                 continue
             if accept is not None:
@@ -67,23 +77,41 @@ class Store:
                         "it will be recomputed",
                         stacklevel=2,
                     )
-                    tier.delete(key)
+                    self._delete_from(tier, key)
                     continue
             for upper in self.tiers[:i]:
-                upper.put(key, art)
+                self._put_into(upper, key, art)
             return Hit(art, tier.name)
         return None
 
     def put(self, key: str, artifact: Artifact) -> None:
-        """Write ``artifact`` (sealed with its checksum) to every tier."""
+        """Write ``artifact`` (sealed with its checksum) to every tier.
+
+        A tier whose write fails with ``OSError`` (full disk, lost connection) is skipped with a
+        warning: the artifact stays in the other tiers and the request goes on.
+        """
         art = artifact if artifact.meta.checksum else artifact.sealed()
         for tier in self.tiers:
-            tier.put(key, art)
+            self._put_into(tier, key, art)
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` from every tier."""
+        """Remove ``key`` from every tier (a tier that fails is skipped with a warning)."""
         for tier in self.tiers:
+            self._delete_from(tier, key)
+
+    @staticmethod
+    def _put_into(tier: Tier, key: str, art: Artifact) -> None:
+        try:
+            tier.put(key, art)
+        except OSError as exc:
+            _warn_skip(tier, "write", key, exc)
+
+    @staticmethod
+    def _delete_from(tier: Tier, key: str) -> None:
+        try:
             tier.delete(key)
+        except OSError as exc:
+            _warn_skip(tier, "delete", key, exc)
 
     def __contains__(self, key: object) -> bool:
         return any(key in tier for tier in self.tiers)
@@ -94,3 +122,10 @@ class Store:
             if t.name == name:
                 return t
         raise KeyError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
+
+
+def _warn_skip(tier: Tier, op: str, key: str, exc: OSError) -> None:
+    warnings.warn(
+        f"kv-rag: the {tier.name} tier could not {op} {key[:12]}… ({type(exc).__name__}: {exc}); skipped it",
+        stacklevel=4,
+    )

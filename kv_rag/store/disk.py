@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sqlite3
 import warnings
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
@@ -15,6 +18,21 @@ from ..defaults import DISK_TIER_BYTES
 from ..errors import ArtifactError
 
 log = logging.getLogger(__name__)
+
+
+class _CleanDisk(diskcache.Disk):
+    """diskcache's file layer, but a write that fails (a full disk) removes its partial file.
+
+    Plain diskcache leaves the half-written file behind, which keeps the disk full for good.
+    """
+
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int | None:
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(full_path)
+            raise
 
 
 class DiskTier:
@@ -43,13 +61,14 @@ class DiskTier:
             size_limit=size_limit,
             eviction_policy="least-recently-stored",
             disk_min_file_size=0,
+            disk=_CleanDisk,
         )
 
     def get(self, key: str) -> Artifact | None:
         """The verified artifact under ``key`` or ``None`` (damaged entries are dropped with a warning)."""
         try:
             data = self._cache.get(key, default=None, retry=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, sqlite3.Error) as exc:
             self._drop(key, f"unreadable ({exc})")
             return None
         if data is None:
@@ -73,8 +92,15 @@ class DiskTier:
         self.put_bytes(key, _codec.encode(artifact, self.codec))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them)."""
-        self._cache.set(key, data, retry=True)
+        """Write raw bytes under ``key`` (used by tests and tools; ``get`` still verifies them).
+
+        Raises ``OSError`` when the write fails (a full disk; SQLite errors are re-raised as ``OSError``),
+        which :class:`~kv_rag.store.Store` turns into a warning and a skipped tier.
+        """
+        try:
+            self._cache.set(key, data, retry=True)
+        except sqlite3.Error as exc:
+            raise OSError(f"disk tier write failed: {exc}") from exc
 
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
@@ -103,5 +129,5 @@ class DiskTier:
     def _drop(self, key: str, why: str) -> None:
         warnings.warn(f"kv-rag: dropping stored artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=3)
         log.warning("dropping artifact %s: %s", key, why)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, sqlite3.Error):
             self._cache.delete(key, retry=True)

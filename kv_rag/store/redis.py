@@ -1,0 +1,288 @@
+"""Shared tier on Redis: artifacts split into chunks, published by flipping a small manifest.
+
+Layout (``prefix`` defaults to ``kvrag:``)::
+
+    {prefix}m:{key}                 manifest: JSON {"v": version, "n": chunks, "size": bytes, "xxh": xxh3-128}
+    {prefix}c:{key}:{version}:{i}   chunk i of that version's bytes (at most ``chunk_bytes`` each)
+
+Writes never expose half an artifact: the chunks go under a fresh random version first, and only
+then is the manifest replaced with one ``SET`` (atomic in Redis). A reader fetches the manifest,
+then that version's chunks with one ``MGET``, and checks the size and the xxh3 of the joined bytes
+before :meth:`Artifact.from_bytes` verifies the artifact's own checksum and key. The chunks of a
+replaced version are kept for ``grace_s`` seconds so that a reader that fetched the old manifest
+still finds them. A missing chunk (evicted, expired) or a mismatch is a miss: the manifest is
+dropped with a warning and the artifact is recomputed by the caller.
+
+Expiry and eviction: every key gets the TTL ``ttl_s`` (default 7 days, ``None`` for none), and a
+hit renews it, so artifacts nobody reads expire. Memory limits are the server's: run Redis with
+``maxmemory`` and ``maxmemory-policy allkeys-lru`` (or ``volatile-lru``); if it evicts a chunk,
+the artifact becomes a miss and is republished by the next request that needs it.
+
+Faults: any Redis or socket error opens a circuit breaker. While open (``retry_s`` seconds) the
+tier answers every ``get`` with a miss and skips every ``put`` without touching the network, so
+requests answer from the local tiers or by prefill; a warning says so once per outage. After
+``retry_s`` the next call tries Redis again; on success the tier is used again (logged).
+
+Safety: thread-safe (the client's connection pool) and shared by any number of processes and
+machines; concurrent ``put`` of the same key is last-writer-wins, each writer's artifact whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+import warnings
+from typing import Any
+
+import xxhash
+
+from ..artifact import Artifact
+from ..errors import ArtifactError, InputError
+
+log = logging.getLogger(__name__)
+
+#: Default size of one chunk (Redis strings may be 512 MB; small chunks keep each command short).
+CHUNK_BYTES = 4 * 1024**2
+#: Default time to live of an artifact, renewed by every hit.
+TTL_S = 7 * 24 * 3600
+#: How long the chunks of a replaced version stay readable.
+GRACE_S = 60
+#: Seconds the breaker stays open after a failure before Redis is tried again.
+RETRY_S = 5.0
+
+
+class RedisTier:
+    """Artifacts in Redis, chunked, published atomically by a manifest; see the module docstring."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "kvrag:",
+        chunk_bytes: int = CHUNK_BYTES,
+        ttl_s: int | None = TTL_S,
+        grace_s: int = GRACE_S,
+        retry_s: float = RETRY_S,
+        timeout_s: float = 2.0,
+        client: Any = None,
+    ) -> None:
+        if chunk_bytes < 1:
+            raise InputError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        if ttl_s is not None and ttl_s < 1:
+            raise InputError(f"ttl_s must be >= 1 second or None, got {ttl_s}")
+        self.url = url
+        self.prefix = prefix
+        self.chunk_bytes = chunk_bytes
+        self.ttl_s = ttl_s
+        self.grace_s = grace_s
+        self.retry_s = retry_s
+        self._timeout_s = timeout_s
+        self._client = client
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._down = False
+        self.failures = 0
+
+    # ----------------------------------------------------------------- connection and breaker
+    @property
+    def client(self) -> Any:
+        """The ``redis.Redis`` client (created on first use)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        import redis
+                    except ImportError as exc:  # pragma: no cover - depends on the install
+                        raise InputError(
+                            "a redis:// store needs the redis client: pip install 'kv-rag[redis]'"
+                        ) from exc
+                    self._client = redis.Redis.from_url(
+                        self.url,
+                        socket_timeout=self._timeout_s,
+                        socket_connect_timeout=self._timeout_s,
+                        retry_on_timeout=False,
+                    )
+        return self._client
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (Redis failed less than ``retry_s`` seconds ago)."""
+        return not self._down or time.monotonic() >= self._down_until
+
+    def _fail(self, op: str, exc: BaseException) -> None:
+        with self._lock:
+            self.failures += 1
+            first = not self._down
+            self._down = True
+            self._down_until = time.monotonic() + self.retry_s
+        if first:
+            warnings.warn(
+                f"kv-rag: Redis at {_redact(self.url)} failed during {op} ({type(exc).__name__}: {exc}); "
+                f"answering from the local tiers or by prefill, retrying every {self.retry_s:g} s",
+                stacklevel=4,
+            )
+        log.warning("redis %s failed: %s", op, exc)
+
+    def _ok(self) -> None:
+        if self._down:
+            with self._lock:
+                if self._down:
+                    self._down = False
+                    log.warning("redis at %s is reachable again", _redact(self.url))
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        import redis
+
+        return (redis.RedisError, OSError)
+
+    # ----------------------------------------------------------------- keys
+    def _mkey(self, key: str) -> str:
+        return f"{self.prefix}m:{key}"
+
+    def _ckey(self, key: str, version: str, i: int) -> str:
+        return f"{self.prefix}c:{key}:{version}:{i}"
+
+    # ----------------------------------------------------------------- Tier protocol
+    def get(self, key: str) -> Artifact | None:
+        """The verified artifact under ``key``, or ``None`` (miss, damage, or Redis down)."""
+        data = self.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return Artifact.from_bytes(data, expect_key=key)
+        except ArtifactError as exc:
+            self._drop(key, str(exc))
+            return None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The artifact bytes under ``key`` with their size and xxh3 checked against the manifest."""
+        if not self.available:
+            return None
+        try:
+            raw = self.client.get(self._mkey(key))
+            if raw is None:
+                self._ok()
+                return None
+            try:
+                man = json.loads(raw)
+                version, n, size, digest = str(man["v"]), int(man["n"]), int(man["size"]), str(man["xxh"])
+            except (ValueError, KeyError, TypeError):
+                self._ok()
+                self._drop(key, "manifest unreadable")
+                return None
+            names = [self._ckey(key, version, i) for i in range(n)]
+            chunks = self.client.mget(names) if names else []
+            if self.ttl_s is not None:
+                pipe = self.client.pipeline(transaction=False)
+                for name in [self._mkey(key), *names]:
+                    pipe.expire(name, self.ttl_s)
+                pipe.execute()
+        except self._errors() as exc:
+            self._fail("get", exc)
+            return None
+        self._ok()
+        if any(c is None for c in chunks):
+            self._drop(key, "a chunk is missing (evicted or expired)")
+            return None
+        data = b"".join(chunks)
+        if len(data) != size or xxhash.xxh3_128(data).hexdigest() != digest:
+            self._drop(key, "chunks do not match the manifest's size or checksum")
+            return None
+        return data
+
+    def put(self, key: str, artifact: Artifact) -> None:
+        """Store ``artifact`` under ``key``: chunks under a new version, then the manifest (skipped if down)."""
+        self.put_bytes(key, artifact.to_bytes())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Publish raw bytes under ``key`` (``get`` still verifies them)."""
+        if not self.available:
+            return
+        version = uuid.uuid4().hex[:16]
+        step = self.chunk_bytes
+        parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+        man = json.dumps({"v": version, "n": len(parts), "size": len(data), "xxh": xxhash.xxh3_128(data).hexdigest()})
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for i, part in enumerate(parts):
+                pipe.set(self._ckey(key, version, i), part, ex=self.ttl_s)
+            pipe.execute()
+            old = self.client.set(self._mkey(key), man, ex=self.ttl_s, get=True)
+            if old is not None:
+                self._expire_version(key, old)
+        except self._errors() as exc:
+            self._fail("put", exc)
+            return
+        self._ok()
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (its manifest now, its chunks after the grace period)."""
+        if not self.available:
+            return
+        try:
+            old = self.client.getdel(self._mkey(key))
+            if old is not None:
+                self._expire_version(key, old)
+        except self._errors() as exc:
+            self._fail("delete", exc)
+            return
+        self._ok()
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or not self.available:
+            return False
+        try:
+            found = bool(self.client.exists(self._mkey(key)))
+        except self._errors() as exc:
+            self._fail("exists", exc)
+            return False
+        self._ok()
+        return found
+
+    # ----------------------------------------------------------------- tools
+    def keys(self) -> list[str]:
+        """Every artifact key with a manifest (scans; for tools and tests)."""
+        pat = f"{self.prefix}m:*"
+        start = len(self.prefix) + 2
+        return [k.decode()[start:] for k in self.client.scan_iter(match=pat, count=1000)]
+
+    def chunk_keys(self) -> list[str]:
+        """Every chunk key (for consistency checks in tests)."""
+        return [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}c:*", count=1000)]
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of ``key`` as a dict, or ``None``."""
+        raw = self.client.get(self._mkey(key))
+        return None if raw is None else dict(json.loads(raw))
+
+    def _expire_version(self, key: str, raw_manifest: bytes) -> None:
+        try:
+            man = json.loads(raw_manifest)
+            version, n = str(man["v"]), int(man["n"])
+        except (ValueError, KeyError, TypeError):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.expire(self._ckey(key, version, i), max(1, self.grace_s))
+        pipe.execute()
+
+    def _drop(self, key: str, why: str) -> None:
+        warnings.warn(f"kv-rag: dropping Redis artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=4)
+        log.warning("dropping redis artifact %s: %s", key, why)
+        try:
+            self.delete(key)
+        except self._errors():  # pragma: no cover - delete already guards
+            pass
+
+
+def _redact(url: str) -> str:
+    """``url`` without a password."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
