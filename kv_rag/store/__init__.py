@@ -1,8 +1,9 @@
-"""Artifact storage: a :class:`Store` of ordered :class:`Tier` objects (memory, disk)."""
+"""Artifact storage: a :class:`Store` of ordered :class:`Tier` objects (GPU, pinned host memory, memory, disk)."""
 
 from ._store import Hit, Store
 from .base import Tier
+from .device import GpuTier, PinnedTier
 from .disk import DiskTier
 from .memory import MemoryTier
 
-__all__ = ["DiskTier", "Hit", "MemoryTier", "Store", "Tier"]
+__all__ = ["DiskTier", "GpuTier", "Hit", "MemoryTier", "PinnedTier", "Store", "Tier"]
