@@ -14,6 +14,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import _fastpath
+
 _CACHE_KWARG: dict[type, str] = {}
 
 
@@ -64,8 +66,8 @@ class PreallocatedLayer(DynamicLayer):
             self._v = v.new_empty((*v.shape[:2], cap, v.shape[-1]))
             self._k[..., : self._len, :] = k[..., : self._len, :]
             self._v[..., : self._len, :] = v[..., : self._len, :]
-        self._k[..., self._len : self._len + n, :] = key_states
-        self._v[..., self._len : self._len + n, :] = value_states
+        _copy_into(self._k[..., self._len : self._len + n, :], key_states)
+        _copy_into(self._v[..., self._len : self._len + n, :], value_states)
         self._len += n
         self.keys = self._k[..., : self._len, :]
         self.values = self._v[..., : self._len, :]
@@ -94,6 +96,17 @@ class PreallocatedLayer(DynamicLayer):
             self._k.index_copy_(2, index.to(self._k.device), k)
             self._v.index_copy_(2, index.to(self._v.device), v)
         self.truncate(length)
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src``; half-precision rows are moved as 8-byte words (a strided copy runs ~3x faster)."""
+    if dst.dtype == src.dtype and dst.element_size() < 8 and dst.shape == src.shape:
+        try:
+            dst.view(torch.int64).copy_(src.view(torch.int64))
+            return
+        except RuntimeError:  # rows not a multiple of 8 bytes, or strides that forbid the view
+            pass
+    dst.copy_(src)
 
 
 def build_cache(
@@ -155,9 +168,14 @@ def forward(
     """Run ``model`` on ``input_ids`` (``[1, n]``) at positions ``start..start+n-1`` on top of ``cache``.
 
     Returns the logits of the last ``logits_to_keep`` positions as float32 ``[n_keep, vocab]``;
-    ``cache`` is extended in place.
+    ``cache`` is extended in place. Short steps of supported models on CUDA go through
+    :mod:`kv_rag._fastpath` (same weights, same cache, fewer launches; see ``KV_RAG_FAST``).
     """
     n = input_ids.shape[1]
+    if n <= _fastpath.MAX_FAST_TOKENS and _fastpath.enabled(input_ids.device):
+        fast = _fastpath.runner_for(model)
+        if fast is not None:
+            return fast.forward(input_ids, cache, start, logits_to_keep)
     position_ids = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)
     kwargs = {cache_kwarg(model): cache}
     out = model(

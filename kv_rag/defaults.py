@@ -14,6 +14,12 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 #: Bytes the in-process memory tier may hold before it evicts the least recently used artifact.
 MEMORY_TIER_BYTES = 2 * 1024**3
 
+#: Bytes the GPU tier may hold (artifacts resident in GPU memory) before it evicts.
+GPU_TIER_BYTES = 8 * 1024**3
+
+#: Bytes the pinned host-memory tier may hold before it evicts.
+PINNED_TIER_BYTES = 16 * 1024**3
+
 #: Bytes the disk tier may hold before diskcache evicts (least recently stored first).
 DISK_TIER_BYTES = 32 * 1024**3
 

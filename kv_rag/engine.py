@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,18 @@ class Engine:
     def store(self) -> Store:
         """The store (opened on first access)."""
         if self._store is None:
+            device = self._store_device()  # may load the model: outside the (non-reentrant) lock
             with self._init_lock:
                 if self._store is None:
-                    self._store = Store.open(self._store_spec)
+                    self._store = Store.open(self._store_spec, device=device)
         return self._store
+
+    def _store_device(self) -> str:
+        if self._device is not None:
+            return self._device
+        if self._model_spec is not None and not isinstance(self._model_spec, (str, Path)):
+            return str(self.loaded.device)
+        return models.default_device()
 
     @property
     def context_window(self) -> int:
@@ -294,7 +303,7 @@ class Engine:
                 return "made with another tokenizer"
             if m.start != start or m.num_tokens != len(seg) or art.num_layers != n_layers:
                 return "position, length or layer count differ from this request"
-            if art.token_ids.tolist() != list(seg):
+            if not _same_ids(art.token_ids, seg):
                 return "token ids differ from this request"
             return None
 
@@ -535,6 +544,16 @@ def _cache_from_artifacts(
         keys.append(ks)
         values.append(vs)
     return build_cache(keys, values, num_layers, capacity)
+
+
+def _same_ids(stored: torch.Tensor, ids: Sequence[int]) -> bool:
+    """Whether the stored token ids equal ``ids`` (compared as int32 bytes: fast for long documents)."""
+    if stored.dtype != torch.int32 or stored.numel() != len(ids):
+        return bool(stored.tolist() == list(ids))
+    try:
+        return bool(stored.contiguous().cpu().numpy().tobytes() == array("i", ids).tobytes())
+    except OverflowError:
+        return False
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,8 +120,11 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 def tokens_digest(ids: Any) -> str:
     """Digest of a sequence of token ids."""
-    arr = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.int64)
-    return xxhash.xxh3_128(arr.contiguous().numpy().data).hexdigest()
+    if isinstance(ids, torch.Tensor):
+        data = ids.to(torch.int64).contiguous().cpu().numpy().data
+    else:  # the same bytes as an int64 tensor, built without a tensor (fast for long prompts)
+        data = memoryview(array("q", ids))
+    return xxhash.xxh3_128(data).hexdigest()
 
 
 def chain_key(parent: str, model_digest: str, tokenizer_digest: str, ids: Any) -> str:

@@ -11,6 +11,7 @@ from ..artifact import Artifact
 from ..defaults import MEMORY_TIER_BYTES, default_store_dir
 from ..errors import InputError
 from .base import Tier
+from .device import GpuTier, PinnedTier
 from .disk import DiskTier
 from .memory import MemoryTier
 
@@ -37,24 +38,32 @@ class Store:
         self.tiers: list[Tier] = list(tiers)
 
     @classmethod
-    def open(cls, spec: str | Path | None = None, memory_bytes: int = MEMORY_TIER_BYTES) -> Store:
+    def open(
+        cls, spec: str | Path | None = None, memory_bytes: int = MEMORY_TIER_BYTES, device: str | None = None
+    ) -> Store:
         """A store from a short spec.
 
         ``None``: memory in front of the default disk folder (``$KV_RAG_HOME/store``);
         ``"memory"``: memory only; ``"redis://host:port/db"`` (or ``rediss://``): memory, then the
         default disk folder, then that shared Redis (see :class:`~kv_rag.store.redis.RedisTier`);
         any other string or path: memory in front of that disk folder.
+        With a CUDA ``device``, "memory" is a :class:`GpuTier` in front of a :class:`PinnedTier`.
         """
+        front: list[Tier] = (
+            [GpuTier(device=device), PinnedTier()]
+            if device is not None and device.startswith("cuda")
+            else [MemoryTier(memory_bytes)]
+        )
         if spec is not None and str(spec) == "memory":
-            return cls([MemoryTier(memory_bytes)])
+            return cls(front)
         if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
             from .redis import RedisTier
 
-            return cls([MemoryTier(memory_bytes), DiskTier(default_store_dir()), RedisTier(spec)])
+            return cls([*front, DiskTier(default_store_dir()), RedisTier(spec)])
         directory = Path(spec) if spec is not None else default_store_dir()
         if directory.exists() and not directory.is_dir():
             raise InputError(f"--store must be a folder (or 'memory'), got the file {directory}")
-        return cls([MemoryTier(memory_bytes), DiskTier(directory)])
+        return cls([*front, DiskTier(directory)])
 
     def get(self, key: str, accept: Callable[[Artifact], str | None] | None = None) -> Hit | None:
         """The first acceptable artifact under ``key``, or ``None``.
@@ -79,8 +88,12 @@ class Store:
                     )
                     self._delete_from(tier, key)
                     continue
-            for upper in self.tiers[:i]:
+            # copy up nearest first; in-process tiers hand on their own copy (pinned -> GPU), and the
+            # caller gets the top tier's copy, so nothing is moved twice
+            for upper in reversed(self.tiers[:i]):
                 self._put_into(upper, key, art)
+                if isinstance(upper, MemoryTier):
+                    art = upper.get(key) or art
             return Hit(art, tier.name)
         return None
 
