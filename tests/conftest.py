@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from kv_rag import Engine
 from kv_rag import models as kv_models
@@ -26,3 +28,12 @@ def engine(embedded: kv_models.LoadedModel, tmp_path: Path) -> Engine:
 def corpus_dir() -> Path:
     """The bundled sample corpus."""
     return Path(__file__).resolve().parents[1] / "kv_rag" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: small forwards run 10-20x faster on a shared, loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

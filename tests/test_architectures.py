@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import tiny_model
+from tiny import LLAMA3_ROPE, tiny_model
 
 from kv_rag import CacheStatus, Engine
 
@@ -14,19 +14,7 @@ DOC = (Path(__file__).resolve().parents[1] / "kv_rag" / "corpus" / "for-statemen
 
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("llama", {}),
-    (
-        "llama",
-        {
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 256,
-            }
-        },
-    ),
+    ("llama", {"rope_parameters": LLAMA3_ROPE}),
     ("qwen2", {}),
     ("qwen3", {}),
     ("mistral", {}),

@@ -12,12 +12,10 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_client
-import torch
 from redis_server import RedisServer, redis_server
 from test_artifact import make_artifact
 from tiny import tiny_model
@@ -31,13 +29,7 @@ __all__ = ["redis_server"]  # the fixture
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: these small forwards run 10-20x faster on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

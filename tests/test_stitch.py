@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import LLAMA3_ROPE, tiny_model
 
 from kv_rag import CacheStatus, Engine, InputError, Mode
 from kv_rag.prompt import Prompt, Segment
@@ -123,15 +123,7 @@ def test_recompute_is_checked(engine: Engine, texts: list[str]) -> None:
 
 
 def test_tiny_llama3_blend_endpoints(tmp_path: Path, texts: list[str]) -> None:
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 256,
-    }
-    model, tok = tiny_model("llama", num_hidden_layers=3, rope_parameters=rope)
+    model, tok = tiny_model("llama", num_hidden_layers=3, rope_parameters=LLAMA3_ROPE)
     engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
     prompt = engine.prompt(QUESTION, texts)
     ref = engine.reference_logits(engine.tokenize(prompt).ids)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from kv_rag.bench import document_of_length
 from kv_rag.cli import main
 from kv_rag.verify import detection_probability, plan_windows, verify_artifact
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: these small forwards run 10-20x faster on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tamper(art: Artifact, layer: int, start: int, length: int, scale: float, part: str = "values") -> Artifact:

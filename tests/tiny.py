@@ -18,6 +18,16 @@ _BASE: dict[str, Any] = dict(
     max_position_embeddings=4096,
 )
 
+#: llama3-scaled rotary parameters (original context 256, so tests reach the scaled frequencies)
+LLAMA3_ROPE: dict[str, Any] = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
+
 #: model_type -> extra config entries
 ARCHS: dict[str, dict[str, Any]] = {
     "llama": {},
