@@ -8,6 +8,7 @@ or a missing field raises :class:`~kv_rag.errors.ArtifactError`, which callers t
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -88,14 +89,14 @@ class Artifact:
         return st_save(tensors, metadata={_META_KEY: json.dumps(art.meta.to_dict(), sort_keys=True)})
 
     @classmethod
-    def from_bytes(cls, data: bytes, expect_key: str | None = None) -> Artifact:
+    def from_bytes(cls, data: bytes | bytearray, expect_key: str | None = None) -> Artifact:
         """Parse and verify bytes written by :meth:`to_bytes`.
 
         Raises :class:`ArtifactError` (a miss) on truncation, a bad checksum, a foreign format
         or a key other than ``expect_key``.
         """
         try:
-            tensors = st_load(data)
+            tensors = _load_tensors(data)
             header_meta = _read_header_meta(data)
             raw = json.loads(header_meta[_META_KEY])
         except ArtifactError:
@@ -124,7 +125,52 @@ class Artifact:
         return cls(keys=keys, values=values, token_ids=token_ids, meta=meta)
 
 
-def _read_header_meta(data: bytes) -> dict[str, str]:
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _load_tensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data``: views of it when it is a writable ``bytearray``
+    (no copy: a disk read lands once in memory), copies when it is immutable ``bytes``.
+
+    Raises ``ValueError`` (or ``KeyError``/``json`` errors) on a malformed or truncated file.
+    """
+    if not isinstance(data, bytearray):
+        return st_load(bytes(data))
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError("safetensors header runs past the end of the data")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    base = 8 + n
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(x) for x in info["data_offsets"])
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end or base + end > len(data) or numel * itemsize != end - start:
+            raise ValueError(f"tensor {name!r} lies outside the data or has the wrong size")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).view(shape)
+    return out
+
+
+def _read_header_meta(data: bytes | bytearray) -> dict[str, str]:
     if len(data) < 8:
         raise ArtifactError("artifact shorter than a safetensors header")
     n = int.from_bytes(data[:8], "little")

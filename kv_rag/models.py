@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._attention import use_grouped_sdpa
 from .defaults import EMBEDDED_MODEL, models_dir
 from .errors import ModelLoadError
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
@@ -118,6 +119,7 @@ def wrap(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
     if tokenizer is None:
         raise ModelLoadError("a tokenizer is required when passing a model object")
     model.eval()
+    use_grouped_sdpa(model)
     nm = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(nm), path=str(nm))
 
@@ -157,6 +159,7 @@ def _load_folder(path: Path, device: str, dtype: torch.dtype, name: str) -> Load
         raise ModelLoadError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from exc
     model.to(device)  # type: ignore[arg-type]
     model.eval()
+    use_grouped_sdpa(model)
     return LoadedModel(model=model, tokenizer=tok, name=name, path=str(path))
 
 

@@ -30,10 +30,12 @@ def make_artifact(n: int = 5, layers: int = 2, dtype: torch.dtype = torch.float3
     return Artifact(keys, values, torch.arange(n, dtype=torch.int32), meta).sealed()
 
 
+@pytest.mark.parametrize("writable", [False, True], ids=["bytes", "bytearray"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+def test_round_trip_is_bit_exact(dtype: torch.dtype, writable: bool) -> None:
     art = make_artifact(dtype=dtype)
-    back = Artifact.from_bytes(art.to_bytes(), expect_key=art.meta.key)
+    data = art.to_bytes()
+    back = Artifact.from_bytes(bytearray(data) if writable else data, expect_key=art.meta.key)
     assert back.meta == art.meta
     for a, b in zip((*art.keys, *art.values), (*back.keys, *back.values), strict=True):
         assert a.dtype == b.dtype
@@ -48,11 +50,26 @@ def test_flipped_tensor_byte_is_caught() -> None:
         Artifact.from_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("writable", [False, True], ids=["bytes", "bytearray"])
 @pytest.mark.parametrize("keep", [0, 7, 100, -1])
-def test_truncated_bytes_are_caught(keep: int) -> None:
+def test_truncated_bytes_are_caught(keep: int, writable: bool) -> None:
     data = make_artifact().to_bytes()
+    cut = data[:keep] if keep >= 0 else data[:-1]
     with pytest.raises(ArtifactError):
-        Artifact.from_bytes(data[:keep] if keep >= 0 else data[:-1])
+        Artifact.from_bytes(bytearray(cut) if writable else cut)
+
+
+def test_bytearray_is_read_without_copying() -> None:
+    """A disk read lands in a bytearray once; the artifact's tensors are views of it."""
+    data = bytearray(make_artifact(n=64).to_bytes())
+    back = Artifact.from_bytes(data)
+    lo = memoryview(data).cast("B")
+    addr = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for t in (*back.keys, *back.values):
+        assert addr <= t.data_ptr() < addr + len(lo)
+    data[-3] ^= 0x40  # the views see later changes to the buffer: the checksum then catches them
+    with pytest.raises(ArtifactError, match="checksum"):
+        Artifact.from_bytes(data)
 
 
 def test_foreign_bytes_are_caught() -> None:

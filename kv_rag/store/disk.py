@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sqlite3
@@ -67,13 +68,13 @@ class DiskTier:
     def get(self, key: str) -> Artifact | None:
         """The verified artifact under ``key`` or ``None`` (damaged entries are dropped with a warning)."""
         try:
-            data = self._cache.get(key, default=None, retry=True)
+            data = _read_value(self._cache.get(key, default=None, read=True, retry=True))
         except (OSError, ValueError, sqlite3.Error) as exc:
             self._drop(key, f"unreadable ({exc})")
             return None
         if data is None:
             return None
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, bytearray)):
             self._drop(key, f"holds {type(data).__name__}, not artifact bytes")
             return None
         try:
@@ -131,3 +132,27 @@ class DiskTier:
         log.warning("dropping artifact %s: %s", key, why)
         with contextlib.suppress(OSError, sqlite3.Error):
             self._cache.delete(key, retry=True)
+
+
+def _read_value(value: Any) -> Any:
+    """The bytes of a diskcache value read with ``read=True``: a file is read whole into a
+    ``bytearray`` (one allocation, no copy afterwards: the artifact's tensors are views of it);
+    anything else (a value kept inline in SQLite) is returned as it is."""
+    if not isinstance(value, io.BufferedIOBase | io.RawIOBase):
+        return value
+    with value as f:
+        size = os.fstat(f.fileno()).st_size
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view.release()
+    if got < size:  # the file shrank under us: what was read is checked (and rejected) like any damage
+        del buf[got:]
+    return buf
