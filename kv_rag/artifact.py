@@ -89,7 +89,7 @@ class Artifact:
         return st_save(tensors, metadata={_META_KEY: json.dumps(art.meta.to_dict(), sort_keys=True)})
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray, expect_key: str | None = None) -> Artifact:
+    def from_bytes(cls, data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
         """Parse and verify bytes written by :meth:`to_bytes`.
 
         Raises :class:`ArtifactError` (a miss) on truncation, a bad checksum, a foreign format
@@ -139,13 +139,16 @@ _ST_DTYPES = {
 }
 
 
-def _load_tensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors ``data``: views of it when it is a writable ``bytearray``
-    (no copy: a disk read lands once in memory), copies when it is immutable ``bytes``.
+def _load_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data``: views of it when it is a writable buffer
+    (``bytearray`` or a writable ``memoryview``: a disk read lands once in memory), copies
+    when it is immutable ``bytes``.
 
     Raises ``ValueError`` (or ``KeyError``/``json`` errors) on a malformed or truncated file.
     """
-    if not isinstance(data, bytearray):
+    if isinstance(data, memoryview) and data.readonly:
+        data = data.tobytes()
+    if not isinstance(data, bytearray | memoryview):
         return st_load(bytes(data))
     n = int.from_bytes(data[:8], "little")
     if len(data) < 8 or n > len(data) - 8:
@@ -170,11 +173,11 @@ def _load_tensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_header_meta(data: bytes | bytearray) -> dict[str, str]:
+def _read_header_meta(data: bytes | bytearray | memoryview) -> dict[str, str]:
     if len(data) < 8:
         raise ArtifactError("artifact shorter than a safetensors header")
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
+    header = json.loads(bytes(data[8 : 8 + n]))
     meta = header.get("__metadata__") or {}
     if _META_KEY not in meta:
         raise ArtifactError("not a kv-rag artifact (no kv_rag metadata)")

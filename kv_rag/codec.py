@@ -64,7 +64,7 @@ def encode(artifact: Artifact, codec: str = "none", level: int = 3) -> bytes:
     return compress(data, level) if codec == "zstd" else data
 
 
-def decode(data: bytes | bytearray, expect_key: str | None = None) -> Artifact:
+def decode(data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
     """The artifact held by stored bytes written with any codec. Raises :class:`ArtifactError` on damage."""
     magic = bytes(data[:4])
     if magic == MAGIC_INT8:
@@ -127,7 +127,7 @@ def compress(data: bytes, level: int = 3) -> bytes:
     return _ZSTD_HEAD.pack(MAGIC_ZSTD, width, hlen, len(body)) + frame
 
 
-def decompress(data: bytes | bytearray) -> bytes:
+def decompress(data: bytes | bytearray | memoryview) -> bytes:
     """Safetensors bytes from :func:`compress` output. Raises :class:`ArtifactError` on damage."""
     zstd = _zstd()
     try:
@@ -172,7 +172,7 @@ def encode_int8(artifact: Artifact) -> bytes:
     return _INT8_HEAD.pack(MAGIC_INT8, xxhash.xxh3_64_intdigest(body)) + body
 
 
-def decode_int8(data: bytes | bytearray, expect_key: str | None = None) -> Artifact:
+def decode_int8(data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
     """The (dequantized) artifact held by :func:`encode_int8` bytes. Raises :class:`ArtifactError` on damage."""
     try:
         magic, digest = _INT8_HEAD.unpack_from(data)

@@ -114,3 +114,23 @@ def test_foreign_artifact_under_our_key_is_a_miss(engine: Engine, tmp_path: Path
         again = fresh.generate(prompt, max_new_tokens=6)
     assert again.documents[0].cache == CacheStatus.MISS
     assert again.token_ids == first.token_ids
+
+
+def test_disk_hit_tensors_are_views_of_one_read(tmp_path: Path) -> None:
+    """A disk read lands in memory once: the loaded keys and values share one buffer."""
+    from kv_rag.store import DiskTier
+
+    from test_artifact import make_artifact
+
+    disk = DiskTier(tmp_path / "d")
+    art = make_artifact(n=64)
+    disk.put(art.meta.key, art)
+    got = disk.get(art.meta.key)
+    assert got is not None
+    tensors = (*got.keys, *got.values)
+    lo = min(t.data_ptr() for t in tensors)
+    hi = max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
+    path = disk.path_of(art.meta.key)
+    assert path is not None
+    assert hi - lo <= path.stat().st_size  # all inside one buffer the size of the file
+    assert all(torch.equal(a, b) for a, b in zip((*art.keys, *art.values), (*got.keys, *got.values), strict=True))

@@ -9,9 +9,10 @@ import os
 import sqlite3
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import diskcache
+import torch
 
 from .. import codec as _codec
 from ..artifact import Artifact
@@ -74,7 +75,7 @@ class DiskTier:
             return None
         if data is None:
             return None
-        if not isinstance(data, (bytes, bytearray)):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
             self._drop(key, f"holds {type(data).__name__}, not artifact bytes")
             return None
         try:
@@ -135,24 +136,25 @@ class DiskTier:
 
 
 def _read_value(value: Any) -> Any:
-    """The bytes of a diskcache value read with ``read=True``: a file is read whole into a
-    ``bytearray`` (one allocation, no copy afterwards: the artifact's tensors are views of it);
-    anything else (a value kept inline in SQLite) is returned as it is."""
-    if not isinstance(value, io.BufferedIOBase | io.RawIOBase):
+    """The bytes of a diskcache value read with ``read=True``.
+
+    A file is read whole, in one call, into an uninitialised buffer and returned as a writable
+    ``memoryview``: the artifact's tensors are views of it, so the bytes land in memory once
+    (a ``bytearray`` would be zero-filled first, and ``bytes`` would have to be copied into
+    tensors). Anything else (a value kept inline in SQLite) is returned as it is.
+    """
+    if not isinstance(value, io.IOBase):
         return value
     with value as f:
-        size = os.fstat(f.fileno()).st_size
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
         with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buf = bytearray(size)
-        view = memoryview(buf)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        view = memoryview(cast(Any, torch.empty(size, dtype=torch.uint8).numpy()))
         got = 0
         while got < size:
-            n = f.readinto(view[got:])
+            n = os.readv(fd, [view[got:]])
             if not n:
                 break
             got += n
-        view.release()
-    if got < size:  # the file shrank under us: what was read is checked (and rejected) like any damage
-        del buf[got:]
-    return buf
+    return view[:got]  # a file that shrank under us is checked (and rejected) like any damage
