@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from test_artifact import make_artifact
 
 from kv_rag import CacheStatus, Engine
@@ -118,10 +119,6 @@ def test_foreign_artifact_under_our_key_is_a_miss(engine: Engine, tmp_path: Path
 
 def test_disk_hit_tensors_are_views_of_one_read(tmp_path: Path) -> None:
     """A disk read lands in memory once: the loaded keys and values share one buffer."""
-    from kv_rag.store import DiskTier
-
-    from test_artifact import make_artifact
-
     disk = DiskTier(tmp_path / "d")
     art = make_artifact(n=64)
     disk.put(art.meta.key, art)
