@@ -36,6 +36,10 @@ MULTI_DOC_MODE = "exact"
 #: Tokens generated when a request names no limit.
 MAX_NEW_TOKENS = 128
 
+#: Characters of document text remembered per loaded model for finding documents in ready-made
+#: prompts (``Engine.prompt_from_text``); the least recently registered are forgotten first.
+KNOWN_DOCUMENT_CHARS = 64 * 1024**2
+
 
 def home() -> Path:
     """The kv-rag folder: ``$KV_RAG_HOME`` if set, else ``~/.cache/kv-rag``."""

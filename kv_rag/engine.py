@@ -164,10 +164,7 @@ class Engine:
 
     def register_documents(self, documents: Mapping[str, str] | Sequence[str]) -> None:
         """Remember document texts (-> source) so that prompts containing them are split there."""
-        with self.loaded.lock:
-            for text, src in _doc_items(documents):
-                if text.strip():
-                    self.loaded.documents.setdefault(text, src)
+        self.loaded.remember_documents(_doc_items(documents))
 
     def _known(self, extra: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
         with self.loaded.lock:

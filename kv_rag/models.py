@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from ._attention import use_grouped_sdpa
-from .defaults import EMBEDDED_MODEL, models_dir
+from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
 from .errors import ModelLoadError
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
 
@@ -37,12 +39,31 @@ class LoadedModel:
     name: str
     path: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    #: document text -> source, for every document published in this process (see Engine.prompt_from_text)
-    documents: dict[str, str] = field(default_factory=dict, repr=False)
+    #: document text -> source, for documents published in this process (see Engine.prompt_from_text),
+    #: least recently registered first; bounded by :meth:`remember_documents`
+    documents: OrderedDict[str, str] = field(default_factory=OrderedDict, repr=False)
     #: per-model facts computed once by other modules (the rotary shift, warnings already shown)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    _document_chars: int = field(default=0, repr=False)
     _fingerprint: ModelFingerprint | None = field(default=None, repr=False)
     _tokenizer_digest: str | None = field(default=None, repr=False)
+
+    def remember_documents(self, items: Iterable[tuple[str, str]], max_chars: int = KNOWN_DOCUMENT_CHARS) -> None:
+        """Add ``(text, source)`` pairs to :attr:`documents` (a known text keeps its first source and
+        becomes the most recent), then forget the least recent until at most ``max_chars`` remain."""
+        with self.lock:
+            docs = self.documents
+            for text, src in items:
+                if not text.strip():
+                    continue
+                if text in docs:
+                    docs.move_to_end(text)
+                else:
+                    docs[text] = src
+                    self._document_chars += len(text)
+            while self._document_chars > max_chars and len(docs) > 1:
+                old, _ = docs.popitem(last=False)
+                self._document_chars -= len(old)
 
     @property
     def fingerprint(self) -> ModelFingerprint:

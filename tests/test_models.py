@@ -50,3 +50,17 @@ def test_any_local_model_folder_loads(tmp_path: Path) -> None:
     gen = engine.generate("Hi?", ["A document."], max_new_tokens=3)
     assert engine.model_name == "m"
     assert len(gen.token_ids) >= 1 or gen.finish_reason == "stop"
+
+
+def test_known_documents_are_bounded_least_recent_first() -> None:
+    from kv_rag.models import LoadedModel
+
+    lm = LoadedModel(model=None, tokenizer=None, name="x", path="x")
+    lm.remember_documents([("a" * 10, "1"), ("b" * 10, "2"), ("c" * 10, "3")], max_chars=30)
+    assert list(lm.documents) == ["a" * 10, "b" * 10, "c" * 10]
+    lm.remember_documents([("a" * 10, "other source"), ("  ", "blank")], max_chars=30)  # a: most recent again
+    assert lm.documents["a" * 10] == "1" and list(lm.documents)[-1] == "a" * 10
+    lm.remember_documents([("d" * 15, "4")], max_chars=30)  # b and c are the least recent: both go
+    assert list(lm.documents) == ["a" * 10, "d" * 15]
+    lm.remember_documents([("e" * 50, "5")], max_chars=30)  # one over-long document is still kept
+    assert list(lm.documents) == ["e" * 50]
