@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="an artifact file, or a key in the store")
-    p.add_argument("--store", help="store folder to look the key up in (default: $KV_RAG_HOME/store)")
+    p.add_argument(
+        "--store",
+        help="store to look the key up in: a folder, or redis://host:port/db (default: $KV_RAG_HOME/store)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="prefill versus cache-hit TTFT at several document lengths")
@@ -223,24 +226,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``kv-rag inspect``."""
-    from .artifact import Artifact
-    from .errors import ArtifactError, InputError
+    from .codec import decode
     from .store import Store
 
     path = Path(args.artifact)
     if path.is_file():
-        art = Artifact.from_bytes(path.read_bytes())
+        art = decode(path.read_bytes())
         where = str(path)
     else:
-        disk = Store.open(args.store).tier("disk")
-        data = disk.get_bytes(args.artifact)  # type: ignore[attr-defined]
-        if data is None:
-            raise InputError(f"{args.artifact!r} is neither a file nor a key in the store {disk.directory}")  # type: ignore[attr-defined]
-        try:
-            art = Artifact.from_bytes(data, expect_key=args.artifact)
-        except ArtifactError as exc:
-            raise ArtifactError(f"the stored artifact is damaged and would be recomputed: {exc}") from exc
-        where = f"{disk.directory} (key)"  # type: ignore[attr-defined]
+        art, where = _find_artifact(Store.open(args.store), args.artifact)
     m = art.meta
     k0 = art.keys[0]
     info = {
@@ -259,6 +253,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k:>16}: {v}")
     return 0
+
+
+def _find_artifact(store: Any, key: str) -> tuple[Any, str]:
+    """The artifact under ``key`` in the first tier of ``store`` holding it, and where it was found."""
+    from .codec import decode
+    from .errors import ArtifactError, InputError
+
+    for tier in store.tiers:
+        raw = getattr(tier, "get_bytes", None)
+        if raw is not None:  # read without the tier's own verification, so damage is shown, not dropped
+            data = raw(key)
+            if data is None:
+                continue
+            try:
+                return decode(data, expect_key=key), f"{tier.name} tier (key)"
+            except ArtifactError as exc:
+                raise ArtifactError(
+                    f"the artifact in the {tier.name} tier is damaged and would be recomputed: {exc}"
+                ) from exc
+        art = tier.get(key)
+        if art is not None:
+            return art, f"{tier.name} tier (key)"
+    names = ", ".join(t.name for t in store.tiers)
+    raise InputError(f"{key!r} is neither a file nor a key in the store (tiers: {names}); pass --store to choose one")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

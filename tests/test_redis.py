@@ -203,3 +203,18 @@ def test_store_spec_shares_kv_between_processes_with_separate_disks(
         outs.append(json.loads(out.stdout))
     assert outs[0]["cache"] == "miss" and outs[1]["cache"] == "hit" and outs[1]["tier"] == "redis"
     assert outs[0]["ids"] == outs[1]["ids"]
+
+
+def test_inspect_finds_a_key_held_only_in_redis(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kv_rag.cli import main
+
+    monkeypatch.setenv("KV_RAG_HOME", str(tmp_path))  # an empty disk tier in front of Redis
+    art = keyed(make_artifact(n=40, layers=2), "c" * 64)
+    RedisTier(server.url).put("c" * 64, art)
+    assert main(["inspect", "c" * 64, "--store", server.url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["key"] == "c" * 64 and info["num_tokens"] == 40 and info["where"] == "redis tier (key)"
+    assert main(["inspect", "d" * 64, "--store", server.url]) == 2
+    assert "tiers: memory, disk, redis" in capsys.readouterr().err
