@@ -55,8 +55,13 @@ QWEN3_4B_SHAPE: dict[str, Any] = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 1e6},
 )
 TINY_SHAPE: dict[str, Any] = dict(
-    QWEN3_4B_SHAPE, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32,
+    QWEN3_4B_SHAPE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
 )
 
 
@@ -199,7 +204,7 @@ def run_length(
     row["full_prefill_ttft_ms"] = median_ms(full)
 
     # publish (fills every tier)
-    dt, _ = timed(lambda: engine.prefill(pub, need_logits=False), dev)
+    dt = timed(lambda: engine.prefill(pub, need_logits=False), dev)[0]  # its cache freed: the slot too
     row["publish_s"] = round(dt, 3)
     arts = [tiers["gpu"].get(k) for k in keys]
     kv_bytes = sum(sum(t.numel() * t.element_size() for t in (*a.keys, *a.values)) for a in arts)
@@ -249,33 +254,65 @@ def run_length(
     doc_path = paths[-1]
     row["disk_read"] = disk_read_speed(doc_path) if doc_path is not None else None
 
-    # exactness: hit (GPU tier, fast path) against a from-scratch prefill and plain decode
+    # exactness: hit (GPU tier, whole-step graphs) against a from-scratch prefill and plain decode
+    fast = _fastpath.runner_for(engine.model)
     pre = engine.prefill(tp, reserve=args.decode_tokens + 2)
     ref = engine.reference_logits(tp.ids)
     row["logits_max_abs_diff"] = float((pre.logits - ref).abs().max())
     row["logits_ref_max_abs"] = float(ref.abs().max())
     hit_toks, step_s = greedy(engine, pre, args.decode_tokens)
+    row["static_slot"] = hasattr(pre.cache, "_kv_rag_static_slot")
+    del pre
+    # the same step code run eagerly (no graph replay): must agree exactly
+    if fast is not None:
+        fast.replay = False
+        try:
+            epre = engine.prefill(tp, reserve=args.decode_tokens + 2)
+            eager_toks, _ = greedy(engine, epre, args.decode_tokens)
+        finally:
+            fast.replay = True
+        row["graph_vs_eager_greedy_equal"] = f"{_prefix(hit_toks, eager_toks)}/{len(eager_toks)}"
+        del epre
     with Switch("0"):
         ref_pre = engine.prefill(tp, use_cache=False, reserve=args.check_tokens + 2)
         ref_toks, plain_s = greedy(engine, ref_pre, args.check_tokens)
-    same = 0
-    for a, b in zip(hit_toks, ref_toks, strict=False):
-        if a != b:
-            break
-        same += 1
+        del ref_pre
+        ref2 = engine.prefill(tp, use_cache=False, reserve=args.check_tokens + 2)
+        ref2_toks, _ = greedy(engine, ref2, args.check_tokens)
+        del ref2
+        tfhit = engine.prefill(tp, reserve=args.check_tokens + 2)  # transformers on the cached KV
+        row["logits_max_abs_diff_plain_transformers_hit"] = float((tfhit.logits - ref).abs().max())
+        tfhit_toks, _ = greedy(engine, tfhit, args.check_tokens)
+        del tfhit
     row["greedy_checked"] = len(ref_toks)
-    row["greedy_equal_prefix"] = same
+    row["greedy_equal_prefix"] = _prefix(hit_toks, ref_toks)
+    row["greedy_equal_prefix_plain_transformers_hit"] = _prefix(tfhit_toks, ref_toks)
+    row["greedy_equal_prefix_plain_transformers_rerun"] = _prefix(ref2_toks, ref_toks)
     row["greedy_tokens_hit"] = hit_toks[: len(ref_toks)]
     row["greedy_tokens_ref"] = ref_toks
-    fast = _fastpath.runner_for(engine.model)
-    row["graph_buckets"] = sorted(k for k, v in (fast._graphs.items() if fast else ()) if v is not None)
+    row["greedy_tokens_plain_transformers_hit"] = tfhit_toks
+    row["graph_buckets_per_layer"] = sorted(k for k, v in (fast._graphs.items() if fast else ()) if v is not None)
+    pool = fast._pool if fast is not None else None
+    row["static_slots"] = [
+        {"cap": sl.cap, "step_graphs": sorted(k for k, v in sl.steps.items() if v is not None)}
+        for sl in (pool.slots if pool is not None else [])
+    ]
     row["decode_first_step_ms"] = round(1000 * step_s[0], 3)
     row["decode_tok_s"] = round((len(step_s) - 2) / sum(step_s[2:]), 1)
     row["decode_tok_s_plain_transformers"] = round((len(plain_s) - 2) / sum(plain_s[2:]), 1)
-    del pre, ref_pre
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    same = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        same += 1
+    return same
 
 
 def plot(result: dict[str, Any], png: Path) -> bool:
@@ -410,7 +447,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         "| tokens | full prefill | GPU hit | speedup | GPU hit (plain tf) | pinned hit | transfer bound | "
         "pinned/bound | disk hit | disk tier GB/s | disk read GB/s | decode tok/s | decode tok/s (plain tf) "
-        "| logits diff | greedy equal |"
+        "| logits diff | greedy equal (tf hit; tf re-run) | graph vs eager |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
@@ -421,7 +458,8 @@ def table(result: dict[str, Any]) -> str:
             f"{r['host_hit_ttft_ms']} ms | {r['transfer_bound_ms']} ms | {r.get('host_hit_over_bound')} | "
             f"{r['disk_hit_ttft_ms']} ms | {r['disk_tier_GBps']} | {dr.get('GBps')} | {r['decode_tok_s']} | "
             f"{r['decode_tok_s_plain_transformers']} | {r['logits_max_abs_diff']:.3g} | "
-            f"{r['greedy_equal_prefix']}/{r['greedy_checked']} |"
+            f"{r['greedy_equal_prefix']}/{r['greedy_checked']} ({r['greedy_equal_prefix_plain_transformers_hit']}; "
+            f"{r['greedy_equal_prefix_plain_transformers_rerun']}) | {r.get('graph_vs_eager_greedy_equal')} |"
         )
     return "\n".join(lines)
 

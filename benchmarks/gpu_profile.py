@@ -78,7 +78,7 @@ def main() -> None:
             os.environ["KV_RAG_FAST"] = flag
 
             def suffix() -> None:
-                c = _cache_from_artifacts(arts, dev, nl, n + 80)
+                c = _cache_from_artifacts(arts, dev, nl, n + 80, model=model if flag == "1" else None)
                 with torch.inference_mode():
                     torch.argmax(forward(model, sfx, c, n - 16)).item()
 
@@ -124,6 +124,26 @@ def main() -> None:
             print("sdpa sliced ms", ms(lambda: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]), dev, 9))
             qq = torch.randn(1, 32, 1, 128, device=dev, dtype=torch.bfloat16)
             print("sdpa gqa flash ms", ms(lambda: F.scaled_dot_product_attention(qq, k, v, enable_gqa=True), dev, 9))
+            # the whole-step graph's kernel: varlen flash over a capacity, used length on the device
+            kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)
+            for rows in (1, 16):
+                qv = torch.randn(rows, 32, 128, device=dev, dtype=torch.bfloat16)
+                cq = torch.tensor([0, rows], dtype=torch.int32, device=dev)
+                ck = torch.tensor([0, cap], dtype=torch.int32, device=dev)
+                used = torch.tensor([n], dtype=torch.int32, device=dev)
+
+                def varlen() -> None:
+                    torch.ops.aten._flash_attention_forward(
+                        qv, kt, vt, cq, ck, rows, cap, 0.0, True, False, seqused_k=used
+                    )
+
+                def dense() -> None:
+                    torch.ops.aten._scaled_dot_product_flash_attention(
+                        qv.transpose(0, 1).unsqueeze(0), k[:, :, :n], v[:, :, :n], 0.0, True
+                    )
+
+                print(f"flash varlen seqused_k q={rows} ms", ms(varlen, dev, 9))
+                print(f"flash dense sliced q={rows} ms", ms(dense, dev, 9))
         engine.store.tiers[0].clear()
         torch.cuda.empty_cache()
 

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import _fastpath
+from .store.device import stacked_view as _stacked
 
 _CACHE_KWARG: dict[type, str] = {}
 
@@ -39,12 +40,19 @@ class PreallocatedLayer(DynamicLayer):
     are views of the filled part.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.capacity = max(1, capacity)
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._len = 0
+        if buffers is not None:  # given buffers (static ones for whole-step CUDA graphs): used until full
+            self._k, self._v = buffers
+            self.is_initialized = True
+            self.device = self._k.device
+            self.dtype = self._k.dtype
+            self.keys = self._k[..., :0, :]
+            self.values = self._v[..., :0, :]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -114,21 +122,86 @@ def build_cache(
     values: Sequence[Sequence[torch.Tensor]] | None,
     num_layers: int,
     capacity: int,
+    model: Any = None,
 ) -> DynamicCache:
     """A ``DynamicCache`` of :class:`PreallocatedLayer` with room for ``capacity`` tokens per layer.
 
     ``keys[layer]`` / ``values[layer]`` are lists of ``[batch, kv_heads, tokens, head_dim]`` tensors
     copied in order (once) into each layer's buffer; ``None`` gives an empty cache. Every layer keeps
     every token (sliding-window models mask by position instead), which keeps slicing exact.
+
+    With ``model`` given, the buffers may come from the fast path's pool of static buffers (CUDA,
+    half precision; see :mod:`kv_rag._fastpath`), so that whole forward steps on this cache can be
+    replayed as one CUDA graph. The cache is the same either way.
     """
     cache = DynamicCache()
-    for i in range(num_layers):
-        layer = PreallocatedLayer(capacity)
-        if keys is not None and values is not None:
-            for k, v in zip(keys[i], values[i], strict=True):
-                layer.update(k, v)
-        cache.layers.append(layer)
+    bufs = _fastpath.static_buffers(model, cache, num_layers, capacity) if model is not None else None
+    layers = [PreallocatedLayer(capacity, bufs[i] if bufs is not None else None) for i in range(num_layers)]
+    cache.layers.extend(layers)
+    if keys is None or values is None:
+        return cache
+    if bufs is not None and _fill_static(layers, keys, values):
+        return cache
+    for layer, ks, vs in zip(layers, keys, values, strict=True):
+        for k, v in zip(ks, vs, strict=True):
+            layer.update(k, v)
     return cache
+
+
+def _fill_static(
+    layers: Sequence[PreallocatedLayer],
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
+) -> bool:
+    """Copy every layer's pieces into the layers' given buffers with few host operations.
+
+    Where the buffers of all layers are equally spaced views of one block (the static pool's) and
+    so are a piece's tensors (the GPU tier's), the piece is one strided copy for all layers;
+    anything else goes into one multi-tensor copy. Returns ``False`` (nothing copied) when the
+    pieces do not fit the buffers as they are.
+    """
+    total = sum(int(k.shape[-2]) for k in keys[0])
+    for layer in layers:
+        kb = layer._k
+        if kb is None or layer._v is None or total > kb.shape[-2]:
+            return False
+    for ks in (*keys, *values):
+        for piece, ref in zip(ks, keys[0], strict=True):
+            kb = layers[0]._k
+            assert kb is not None
+            same = piece.shape == ref.shape and piece.shape[:2] == kb.shape[:2] and piece.shape[-1] == kb.shape[-1]
+            if not same or piece.dtype != kb.dtype or piece.device != kb.device:
+                return False
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    for bufs, pieces in (([la._k for la in layers], keys), ([la._v for la in layers], values)):
+        whole = _stacked(bufs)  # type: ignore[arg-type]
+        at = 0
+        for j in range(len(pieces[0])):
+            col = [p[j] for p in pieces]
+            n = int(col[0].shape[-2])
+            block = _stacked(col)
+            if whole is not None and block is not None:
+                dst.append(whole[..., at : at + n, :])
+                src.append(block)
+            else:
+                dst += [b[..., at : at + n, :] for b in bufs]  # type: ignore[index]
+                src += col
+            at += n
+    try:  # as 8-byte words where every piece allows it (a strided copy of 2-byte elements is ~3x slower)
+        dst_w, src_w = [t.view(torch.int64) for t in dst], [t.view(torch.int64) for t in src]
+    except RuntimeError:
+        dst_w, src_w = dst, src
+    if len(dst_w) <= 8:
+        for d, s in zip(dst_w, src_w, strict=True):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst_w, src_w)
+    for layer in layers:
+        layer._len = total
+        layer.keys = layer._k[..., :total, :]  # type: ignore[index]
+        layer.values = layer._v[..., :total, :]  # type: ignore[index]
+    return True
 
 
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

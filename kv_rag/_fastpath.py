@@ -7,11 +7,21 @@ Python and kernel launches than the GPU needs for the arithmetic (about 1 ms per
 * attention is one ``scaled_dot_product_attention`` call per layer over the cached length, with
   grouped KV heads (``enable_gqa``) and a lower-right causal mask for the new tokens (flash
   kernels on CUDA), no mask building or KV repetition;
-* on CUDA everything between two attention calls (norms, projections, rotary, MLP, the final
-  norm and head) is replayed from CUDA graphs. Steps are padded to a power-of-two bucket, and
-  each bucket's graphs are captured once per model and reused by every later request: they
-  read and write only the decoder's own static buffers, never a request's cache. Per layer the
-  host then issues one graph launch, the cache append and the attention call.
+* on CUDA with a half-precision model, caches built by the engine take their KV buffers from a
+  per-model pool of *static* buffers (fixed addresses, sized to a capacity bucket; one cache
+  owns a slot of the pool while it lives). A whole step (embedding, every layer with its
+  cache append and attention, the head) is then one CUDA graph, captured once per (slot,
+  step-length bucket) and replayed by every later request that gets the slot: attention is
+  flash's varlen form, which reads the cached length from a device tensor (``seqused_k``), and
+  the append is an ``index_copy_`` at a position held on the device. The host issues one
+  replay per step;
+* otherwise on CUDA (fp32 models, caches with their own buffers) everything between two
+  attention calls is replayed from per-bucket CUDA graphs that touch only the decoder's own
+  buffers, and the host issues the cache append and the attention call per layer.
+
+Steps are padded to a power-of-two bucket; padded rows are computed and ignored (rows are
+independent outside attention, the attention reads only real rows, and the KV rows written
+past the step's end are overwritten before they are ever read).
 
 It writes into the same :class:`~kv_rag._compat.PreallocatedLayer` cache as transformers' own
 forward, so long prefills (misses) keep running through transformers and both paths can be
@@ -20,13 +30,16 @@ blocks with full attention are handled (llama, qwen2, qwen3, mistral without a s
 :func:`runner_for` returns ``None`` for anything else and the caller uses transformers.
 
 Switch: environment variable ``KV_RAG_FAST`` = ``0`` (never), ``1`` (always, CPU too); unset:
-on for models on CUDA.
+on for models on CUDA. ``KV_RAG_STATIC_BYTES`` caps the static-buffer pool (default: a quarter
+of the GPU's memory, at most 16 GiB; ``0`` turns whole-step graphs off).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -39,6 +52,7 @@ MAX_FAST_TOKENS = 512
 _SUPPORTED = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 _POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 _ATTR = "_kv_rag_fast"
+_SLOT_ATTR = "_kv_rag_static_slot"
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -63,6 +77,29 @@ def runner_for(model: Any) -> FastDecoder | None:
         except (AttributeError, TypeError):
             return dec
     return cached if isinstance(cached, FastDecoder) else None
+
+
+def static_buffers(model: Any, cache: Any, num_layers: int, capacity: int) -> list[tuple[Any, Any]] | None:
+    """Static per-layer ``(keys, values)`` buffers for a new ``cache`` of ``model``, or ``None``.
+
+    ``None`` (the cache then allocates its own) unless the fast path applies to the model on CUDA
+    in half precision and the pool has room. The buffers hold at least ``capacity`` tokens plus
+    room for a padded step; the slot stays with ``cache`` until the cache is freed.
+    """
+    if not torch.cuda.is_available():
+        return None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.device.type != "cuda" or weight.dtype not in _HALF or not enabled(weight.device):
+        return None
+    dec = runner_for(model)
+    if dec is None or not dec._flash or num_layers != len(dec.inner.layers):
+        return None
+    slot = dec.pool(weight.device).acquire(cache, capacity, weight.dtype)
+    if slot is None:
+        return None
+    object.__setattr__(cache, _SLOT_ATTR, slot)
+    return list(zip(slot.k, slot.v, strict=True))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +127,31 @@ class FastDecoder:
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self._graphs: dict[int, _BucketGraphs | None] = {}
         self._flash = self.head_dim % 8 == 0 and self.head_dim <= 256
+        self._pool: _StaticPool | None = None
+        self._kernels: Any = None
+        cfg = model.config
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        #: whether the layers are the plain blocks :mod:`kv_rag._fused` writes out (SiLU MLP, RMSNorm)
+        self.fusable = getattr(cfg, "hidden_act", None) in ("silu", "swish") and all(
+            hasattr(layer.input_layernorm, "variance_epsilon") for layer in self.inner.layers
+        )
+        #: Whole-step graphs are replayed (``False``: the same step code runs eagerly, for comparisons).
+        self.replay = True
+
+    def kernels(self) -> Any:
+        """The fused layer functions (:class:`kv_rag._fused.Kernels`) and per-layer weights, made once."""
+        if self._kernels is None:
+            from . import _fused
+
+            ws = [_fused.layer_weights(layer) for layer in self.inner.layers]
+            self._kernels = (_fused.Kernels(), [w[0] for w in ws], [w[1] for w in ws], ws[0][2])
+        return self._kernels
+
+    def pool(self, device: torch.device) -> _StaticPool:
+        """The model's pool of static KV buffers (made on first use)."""
+        if self._pool is None:
+            self._pool = _StaticPool(self, device)
+        return self._pool
 
     @classmethod
     def build(cls, model: Any) -> FastDecoder | None:
@@ -134,6 +196,28 @@ class FastDecoder:
             k = a.k_norm(k)
         return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
+    def pre_rows(
+        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`pre` in token-major layout: ``[1, n, heads, dim]`` (cos/sin ``[1, n, 1, dim]``)."""
+        layer = self.inner.layers[i]
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        n = x.shape[1]
+        q = a.q_proj(x).view(1, n, -1, self.head_dim)
+        k = a.k_proj(x).view(1, n, -1, self.head_dim)
+        v = a.v_proj(x).view(1, n, -1, self.head_dim)
+        if self.qk_norm:
+            q = a.q_norm(q)
+            k = a.k_norm(k)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def post_rows(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`post` with ``o`` in token-major layout ``[n, heads, dim]``."""
+        layer = self.inner.layers[i]
+        h = h + layer.self_attn.o_proj(o.reshape(1, o.shape[0], -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
     def post(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Hidden states after layer ``i``'s output projection and MLP (``o``: ``[1, heads, n, dim]``)."""
         layer = self.inner.layers[i]
@@ -168,6 +252,11 @@ class FastDecoder:
         """Logits (float32 ``[keep, vocab]``) of ``input_ids`` ``[1, n]`` at ``start..``; extends ``cache``."""
         n = input_ids.shape[1]
         if input_ids.is_cuda and logits_to_keep == 1:
+            slot = getattr(cache, _SLOT_ATTR, None)
+            if slot is not None:
+                out = slot.run(input_ids, cache, start)
+                if out is not None:
+                    return out
             graphs = self._bucket(n, input_ids.device)
             if graphs is not None:
                 return graphs.run(input_ids, cache, start)
@@ -288,3 +377,234 @@ def _append(cl: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
     cl.keys = kb[:, :, :b]
     cl.values = vb[:, :, :b]
     return cl.keys, cl.values
+
+
+def _bucket_size(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_capacity(n: int) -> int:
+    """``n`` rounded up to a coarse bucket (multiples of 1024, or of 1/16 of ``n`` when larger)."""
+    step = max(1024, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _pool_limit(device: torch.device) -> int:
+    env = os.environ.get("KV_RAG_STATIC_BYTES", "").strip()
+    if env:
+        return int(env)
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    return min(16 << 30, total // 4)
+
+
+class _StaticPool:
+    """Static KV buffer sets (slots) of one model, least recently used first, bounded in bytes."""
+
+    def __init__(self, dec: FastDecoder, device: torch.device) -> None:
+        self.dec = dec
+        self.device = device
+        self.max_bytes = _pool_limit(device)
+        self.slots: list[_Slot] = []
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every slot."""
+        return sum(s.nbytes for s in self.slots)
+
+    def acquire(self, cache: Any, capacity: int, dtype: torch.dtype) -> _Slot | None:
+        """A free slot for ``cache`` with room for ``capacity`` tokens and a padded step (made if needed)."""
+        cap = _round_capacity(capacity + MAX_FAST_TOKENS)
+        for attempt in range(2):
+            for s in self.slots:
+                if s.cap == cap and s.dtype == dtype and s.free():
+                    self.slots.remove(s)
+                    self.slots.append(s)
+                    s.take(cache)
+                    return s
+            if attempt or not any(s.cap == cap for s in self.slots):
+                break
+            gc.collect()  # a finished request's cache may be waiting in a reference cycle
+        cfg = self.dec.model.config
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        shape = (1, kv_heads, cap, self.dec.head_dim)
+        elem = torch.empty((), dtype=dtype).element_size()
+        need = 2 * len(self.dec.inner.layers) * cap * kv_heads * self.dec.head_dim * elem
+        if need > self.max_bytes:
+            return None
+        while self.nbytes + need > self.max_bytes:
+            victim = next((s for s in self.slots if s.free()), None)
+            if victim is None:
+                return None
+            self.slots.remove(victim)
+        try:
+            slot = _Slot(self, shape, dtype)
+        except torch.cuda.OutOfMemoryError:
+            return None
+        self.slots.append(slot)
+        slot.take(cache)
+        return slot
+
+
+class _Slot:
+    """Per-layer K/V buffers ``[1, kv_heads, cap, dim]`` at fixed addresses and their step graphs."""
+
+    def __init__(self, pool: _StaticPool, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+        self.pool = pool
+        self.dec = pool.dec
+        self.cap = shape[2]
+        self.dtype = dtype
+        n_layers = len(self.dec.inner.layers)
+        # one block per K and V, layers as views: the engine fills all layers with one strided copy
+        self.k = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
+        self.v = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
+        self.nbytes = 2 * n_layers * self.k[0].numel() * self.k[0].element_size()
+        self.steps: dict[int, _StepGraph | None] = {}
+        self._owner: weakref.ref[Any] | None = None
+
+    def free(self) -> bool:
+        """Whether no live cache owns the slot."""
+        return self._owner is None or self._owner() is None
+
+    def take(self, cache: Any) -> None:
+        """Give the slot to ``cache`` (until it is freed)."""
+        self._owner = weakref.ref(cache)
+
+    def run(self, input_ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor | None:
+        """One step through the whole-step graph, or ``None`` when ``cache`` no longer fits the slot."""
+        first = cache.layers[0]
+        size = _bucket_size(input_ids.shape[1])
+        if getattr(first, "_k", None) is not self.k[0] or first._len + size > self.cap:
+            return None  # the cache outgrew its buffers (or never had them)
+        if size not in self.steps:
+            try:
+                self.steps[size] = _StepGraph(self, size, first._len)
+            except RuntimeError as exc:  # capture or the varlen kernel refused: per-layer path from now on
+                warnings.warn(f"kv-rag: whole-step CUDA graph unavailable ({exc})", stacklevel=3)
+                self.steps[size] = None
+        step = self.steps[size]
+        return step.run(input_ids, cache, start) if step is not None else None
+
+
+class _StepGraph:
+    """One CUDA graph for a whole step of up to ``size`` tokens on one slot's buffers.
+
+    Inputs (static, on the device): ``ids`` and ``meta`` = (first position for rotary, first cache
+    row to write, real tokens). Output: float32 logits of the last real token.
+    """
+
+    def __init__(self, slot: _Slot, size: int, free_from: int) -> None:
+        self.slot = slot
+        self.dec = slot.dec
+        self.size = size
+        dev = slot.pool.device
+        self.ids = torch.zeros((1, size), dtype=torch.long, device=dev)
+        # warm-up writes rows past every valid one (the caller checked free_from + size <= cap)
+        self.meta = torch.tensor([0, slot.cap - size, 1], dtype=torch.long, device=dev)
+        self.rows = torch.arange(size, device=dev)
+        self.pinned = torch.cuda.is_available()
+        # split-KV over the cached rows: chunks of at least 256 rows, at most 32
+        self.n_splits = max(1, min(32, slot.cap // 256))
+        self.splits = torch.arange(self.n_splits + 1, device=dev)
+        self.max_k = -(-slot.cap // self.n_splits)
+        self.max_q = size * (int(self.dec.model.config.num_attention_heads) // self.dec.kv_heads)
+        self.cum_q = torch.arange(0, (self.n_splits + 1) * self.max_q, self.max_q, dtype=torch.int32, device=dev)
+        self.graph: Any = None
+        cur = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            try:  # warm-up: compiles, makes handles and workspaces; raises if a kernel refuses
+                self.body()
+            except Exception as exc:
+                kern = self.dec.kernels()[0]
+                if not kern.compiled:
+                    raise
+                warnings.warn(f"kv-rag: compiled layer functions failed ({exc}); using plain ones", stacklevel=4)
+                kern.plain()
+                self.body()
+        cur.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=slot.pool.mempool):
+            self.logits = self.body()
+        self.graph = graph
+
+    def body(self) -> torch.Tensor:
+        """The step: embed, every layer (append + attention), head of the last real row."""
+        dec, slot, meta = self.dec, self.slot, self.meta
+        h, cos, sin = dec.embed(self.ids, (meta[0] + self.rows).unsqueeze(0))
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, n, 1, dim]
+        rows = meta[1] + self.rows
+        bounds = ((meta[1] * self.splits) // self.n_splits).to(torch.int32)
+        used = bounds[1:] - bounds[:-1]
+        kern, w_pre, w_post, eps = dec.kernels()
+        for i in range(len(slot.k)):
+            if dec.fusable:
+                q, k, v = kern.pre(h, cos, sin, w_pre[i], eps, dec.head_dim)
+            else:
+                q, k, v = dec.pre_rows(i, h, cos, sin)
+            kb, vb = slot.k[i], slot.v[i]
+            kb.index_copy_(2, rows, k.transpose(1, 2))
+            vb.index_copy_(2, rows, v.transpose(1, 2))
+            o = self.attend(kern, q, k, v, kb, vb, bounds, used)
+            h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
+        return dec.head(h.index_select(1, meta[2:3] - 1))
+
+    def attend(
+        self,
+        kern: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        bounds: torch.Tensor,
+        used: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of the step's queries ``[1, n, heads, dim]``: ``[n, heads, dim]``.
+
+        Split-KV by hand, with every length on the device: flash's varlen kernel over ``B`` chunks
+        of the cached rows (one batch element per chunk; the query heads that share a KV head
+        packed as rows, so each KV row is read once; no mask: every cached row precedes the step),
+        dense causal flash over the step's own keys, then the partial results merged by their
+        log-sum-exp.
+        """
+        b, scale = self.n_splits, self.dec.scaling
+        qs = kern.pack(q, self.dec.kv_heads, b)
+        o_old, lse_old = torch.ops.aten._flash_attention_forward(
+            qs,
+            kb[0].transpose(0, 1),
+            vb[0].transpose(0, 1),
+            self.cum_q,
+            bounds,
+            self.max_q,
+            self.max_k,
+            0.0,
+            False,
+            False,
+            scale=scale,
+            seqused_k=used,
+        )[:2]
+        o_new, lse_new = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True, scale=scale
+        )[:2]
+        return kern.merge(o_old, lse_old, o_new, lse_new, b, self.size)
+
+    def run(self, input_ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        n = input_ids.shape[1]
+        first = int(cache.layers[0]._len)
+        self.ids[:, :n].copy_(input_ids)
+        # from pinned memory: a pageable copy would hold the host until the stream drains (the KV copy)
+        meta = torch.tensor([start, first, n], dtype=torch.long)
+        self.meta.copy_(meta.pin_memory() if self.pinned else meta, non_blocking=True)
+        if self.dec.replay:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self.body()
+        end = first + n
+        for cl in cache.layers:
+            cl._len = end
+            cl.keys = cl._k[..., :end, :]
+            cl.values = cl._v[..., :end, :]
+        return out.clone()

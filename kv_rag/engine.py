@@ -257,12 +257,15 @@ class Engine:
         # 2. prefill the rest on top of it
         rest: list[int] = [t for seg in tp.segments[first_uncached:] for t in seg] + list(tp.suffix)
         drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
-        cache = _cache_from_artifacts(hits, loaded.device, loaded.num_layers, len(tp) + reserve, drop_last=drop_last)
+        # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
+        ids = torch.tensor([rest or tp.ids[-1:]], dtype=torch.long, device=loaded.device)
+        cache = _cache_from_artifacts(
+            hits, loaded.device, loaded.num_layers, len(tp) + reserve, drop_last=drop_last, model=loaded.model
+        )
         if drop_last:
             rest = tp.ids[-1:]
         logits: torch.Tensor | None = None
         if rest:
-            ids = torch.tensor([rest], dtype=torch.long, device=loaded.device)
             logits = forward(loaded.model, ids, cache, pos - 1 if drop_last else pos)[-1]
         # 3. store the newly computed chain segments
         stored = 0
@@ -525,11 +528,16 @@ def _recompute_fraction(mode: Mode, recompute: float | None) -> float:
 
 
 def _cache_from_artifacts(
-    arts: Sequence[Artifact], device: torch.device, num_layers: int, capacity: int, drop_last: bool = False
+    arts: Sequence[Artifact],
+    device: torch.device,
+    num_layers: int,
+    capacity: int,
+    drop_last: bool = False,
+    model: Any = None,
 ) -> Any:
-    """A cache holding the artifacts' KV in order (each copied once, to ``device``)."""
+    """A cache holding the artifacts' KV in order (each copied once, to ``device``; ``model``: see ``build_cache``)."""
     if not arts:
-        return build_cache(None, None, num_layers, capacity)
+        return build_cache(None, None, num_layers, capacity, model=model)
     end = -1 if drop_last else None
     keys: list[list[torch.Tensor]] = []
     values: list[list[torch.Tensor]] = []
@@ -540,7 +548,7 @@ def _cache_from_artifacts(
             ks[-1], vs[-1] = ks[-1][..., :end, :], vs[-1][..., :end, :]
         keys.append(ks)
         values.append(vs)
-    return build_cache(keys, values, num_layers, capacity)
+    return build_cache(keys, values, num_layers, capacity, model=model)
 
 
 def _same_ids(stored: torch.Tensor, ids: Sequence[int]) -> bool:

@@ -202,3 +202,154 @@ def test_engine_on_a_model_object_opens_a_store_for_its_device(tmp_path: Path) -
     model, tok = _tiny("llama")
     eng = Engine(model, tokenizer=tok, store=tmp_path / "store")
     assert [t.name for t in eng.store.tiers] == ["memory", "disk"]  # the model is on the CPU
+
+
+def test_cpu_caches_use_their_own_buffers() -> None:
+    model, _ = _tiny("qwen3")
+    cache = build_cache(None, None, model.config.num_hidden_layers, 16, model=model)
+    assert not hasattr(cache, "_kv_rag_static_slot")  # static buffers are a CUDA half-precision thing
+    assert _fastpath.static_buffers(model, cache, model.config.num_hidden_layers, 16) is None
+
+
+def _bf16_qwen3() -> Any:
+    model, _ = _tiny("qwen3", head_dim=32)
+    return model.to("cuda", torch.bfloat16)
+
+
+@cuda
+def test_cuda_whole_step_graph_matches_transformers_and_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model = _bf16_qwen3()
+    n_layers = model.config.num_hidden_layers
+    ids = torch.randint(0, 1000, (1, 80), generator=torch.Generator().manual_seed(4)).cuda()
+    fast = _fastpath.runner_for(model)
+    assert fast is not None
+
+    def run(replay: bool) -> tuple[list[torch.Tensor], Any]:
+        fast.replay = replay
+        cache = build_cache(None, None, n_layers, 100, model=model)
+        out = [forward(model, ids[:, :60], cache, 0)[-1]]  # long chunk: transformers into the static buffers
+        out.append(forward(model, ids[:, 60:73], cache, 60)[-1])  # 13 tokens: the 16-token step graph
+        for p in range(73, 80):
+            out.append(forward(model, ids[:, p : p + 1], cache, p)[-1])
+        return out, cache
+
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False).logits[0].float()
+        graph_out, cache = run(True)
+        slot = cache._kv_rag_static_slot
+        assert cache.layers[0]._k is slot.k[0] and cache.layers[0].get_seq_length() == 80
+        assert slot.steps.get(1) is not None and slot.steps.get(16) is not None
+        del cache
+        eager_out, cache = run(False)
+        assert cache._kv_rag_static_slot is slot  # the freed cache's slot was taken again
+    fast.replay = True
+    for p, (g, e) in zip([59, 72, *range(73, 80)], zip(graph_out, eager_out, strict=True), strict=True):
+        assert torch.equal(g, e), p  # replay = the same kernels as the eager step
+        assert (g - ref[p]).abs().max().item() <= 5e-2, p
+
+
+@cuda
+def test_cuda_static_slots_are_per_live_cache_and_outgrowing_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model = _bf16_qwen3()
+    n_layers = model.config.num_hidden_layers
+    a = build_cache(None, None, n_layers, 50, model=model)
+    b = build_cache(None, None, n_layers, 50, model=model)
+    assert a._kv_rag_static_slot is not b._kv_rag_static_slot  # both alive: two slots
+    cap = a._kv_rag_static_slot.cap
+    ids = torch.randint(0, 1000, (1, cap + 40), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False).logits[0].float()
+        forward(model, ids[:, : cap - 8], a, 0)
+        out = forward(model, ids[:, cap - 8 : cap + 10], a, cap - 8)[-1]  # past the slot: buffers grow
+        assert a.layers[0]._k is not a._kv_rag_static_slot.k[0]
+        assert (out - ref[cap + 9]).abs().max().item() <= 5e-2
+        for p in range(cap + 10, cap + 14):  # decode on the grown cache: per-layer path, still right
+            out = forward(model, ids[:, p : p + 1], a, p)[-1]
+            assert (out - ref[p]).abs().max().item() <= 5e-2
+
+
+def test_static_fill_equals_update() -> None:
+    from kv_rag._compat import PreallocatedLayer, _fill_static
+
+    g = torch.Generator().manual_seed(6)
+    pieces = [[torch.randn(1, 2, t, 8, generator=g) for t in (5, 7)] for _ in range(3)]
+    vals = [[torch.randn(1, 2, t, 8, generator=g) for t in (5, 7)] for _ in range(3)]
+    bufs = [(torch.zeros(1, 2, 20, 8), torch.zeros(1, 2, 20, 8)) for _ in range(3)]
+    layers = [PreallocatedLayer(20, b) for b in bufs]
+    assert _fill_static(layers, pieces, vals)
+    ref = build_cache(pieces, vals, 3, 20)
+    for got, want in zip(layers, ref.layers, strict=True):
+        assert got.get_seq_length() == 12 and torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+        assert got._k is not None and got.keys.data_ptr() == got._k.data_ptr()
+    # blocks (the pool's buffers, the GPU tier's pieces): one strided copy per piece
+    kblock, vblock = torch.zeros(3, 1, 2, 20, 8), torch.zeros(3, 1, 2, 20, 8)
+    stacked = [PreallocatedLayer(20, b) for b in zip(kblock.unbind(0), vblock.unbind(0), strict=True)]
+    kp = [list(t) for t in zip(torch.stack([p[0] for p in pieces]).unbind(0), [p[1] for p in pieces], strict=True)]
+    vp = [list(t) for t in zip(torch.stack([p[0] for p in vals]).unbind(0), [p[1] for p in vals], strict=True)]
+    assert _fill_static(stacked, kp, vp)
+    for got, want in zip(stacked, ref.layers, strict=True):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    small = [PreallocatedLayer(4, (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))) for _ in range(3)]
+    assert not _fill_static(small, pieces, vals)  # does not fit: the caller appends (and grows) instead
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_fused_layer_functions_match_the_modules(arch: str) -> None:
+    from kv_rag import _fused
+
+    model, _ = _tiny(arch)
+    dec = _fastpath.runner_for(model)
+    assert dec is not None and dec.fusable
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(1, 5, model.config.hidden_size, generator=g)
+    with torch.inference_mode():
+        _, cos, sin = dec.embed(torch.zeros((1, 5), dtype=torch.long), torch.arange(3, 8).unsqueeze(0))
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+        w_pre, w_post, eps = _fused.layer_weights(model.model.layers[1])
+        got = _fused.pre(h, cos, sin, w_pre, eps, dec.head_dim)
+        want = dec.pre_rows(1, h, cos, sin)
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+        o = torch.randn(5, model.config.num_attention_heads, dec.head_dim, generator=g)
+        assert torch.allclose(_fused.post(h, o, w_post, eps), dec.post_rows(1, h, o), atol=1e-5)
+
+
+def _attn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Math attention of ``q`` ``[rows, heads, dim]`` over ``k``/``v``: output and lse ``[heads, rows]``."""
+    s = torch.einsum("rhd,khd->hrk", q, k)
+    if causal:
+        rows, keys = q.shape[0], k.shape[0]
+        s = s.masked_fill(torch.ones(rows, keys, dtype=torch.bool).triu(keys - rows + 1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("hrk,khd->rhd", torch.softmax(s, -1), v)
+    if k.shape[0] == 0:
+        return torch.zeros_like(q), torch.full_like(lse, float("inf"))  # flash's empty-range convention
+    return out, lse
+
+
+@pytest.mark.parametrize("cached", [0, 3, 29])
+def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
+    from kv_rag import _fused
+
+    g = torch.Generator().manual_seed(cached)
+    n, heads, kvh, dim, splits = 4, 8, 2, 16, 3
+    q = torch.randn(1, n, heads, dim, generator=g)
+    k_all = torch.randn(cached + n, kvh, dim, generator=g)
+    v_all = torch.randn(cached + n, kvh, dim, generator=g)
+    rep = heads // kvh
+    want, _ = _attn_lse(q[0], k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), causal=True)
+    # what the varlen call computes: every chunk of the cached rows, packed queries, no mask
+    packed = _fused.pack(q, kvh, splits).view(splits, rep * n, kvh, dim)
+    bounds = [(cached * i) // splits for i in range(splits + 1)]
+    outs, lses = [], []
+    for c in range(splits):
+        o, lse = _attn_lse(packed[c], k_all[bounds[c] : bounds[c + 1]], v_all[bounds[c] : bounds[c + 1]], False)
+        outs.append(o)
+        lses.append(lse)
+    o_old, lse_old = torch.cat(outs), torch.cat(lses, dim=1)
+    kn, vn = k_all[cached:].repeat_interleave(rep, 1), v_all[cached:].repeat_interleave(rep, 1)
+    o_new, lse_new = _attn_lse(q[0], kn, vn, causal=True)
+    got = _fused.merge(o_old, lse_old, o_new.transpose(0, 1).unsqueeze(0), lse_new.unsqueeze(0), splits, n)
+    assert torch.allclose(got, want, atol=1e-5)

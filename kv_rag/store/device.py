@@ -16,6 +16,7 @@ lower tier is copied up, and the copy the engine receives is the one in the top 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -30,6 +31,41 @@ def _move(art: Artifact, convert: object) -> Artifact:
     keys = tuple(fn(k) for k in art.keys)  # type: ignore[operator]
     values = tuple(fn(v) for v in art.values)  # type: ignore[operator]
     return replace(art, keys=keys, values=values)
+
+
+def stacked_view(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.stack(ts)`` as a view, when ``ts`` are equally spaced views of one storage (else ``None``)."""
+    first = ts[0]
+    if len(ts) < 2:
+        return first.unsqueeze(0)
+    size = first.element_size()
+    step, rem = divmod(ts[1].data_ptr() - first.data_ptr(), size)
+    if rem or step <= 0 or first.untyped_storage().data_ptr() != ts[-1].untyped_storage().data_ptr():
+        return None
+    base = first.data_ptr()
+    for i, t in enumerate(ts):
+        if t.shape != first.shape or t.stride() != first.stride() or t.data_ptr() != base + i * step * size:
+            return None
+    return first.as_strided((len(ts), *first.shape), (step, *first.stride()))
+
+
+def _stack_to(ts: tuple[torch.Tensor, ...], device: torch.device | None, pin: bool = False) -> tuple[torch.Tensor, ...]:
+    """``ts`` on ``device`` (``None``: host, pinned if ``pin``) as views of one block ``[layers, ...]``.
+
+    Later moves of the artifact are then one copy for all layers (one DMA, one strided copy into
+    the static cache buffers) instead of one per layer.
+    """
+    if not ts or any(t.shape != ts[0].shape or t.dtype != ts[0].dtype for t in ts):
+        return ts
+    dev = device if device is not None else torch.device("cpu")
+    block = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=dev, pin_memory=pin)
+    whole = stacked_view(ts)
+    if whole is not None:
+        block.copy_(whole, non_blocking=True)
+    else:
+        for dst, src in zip(block.unbind(0), ts, strict=True):
+            dst.copy_(src, non_blocking=True)
+    return tuple(block.unbind(0))
 
 
 def pinning_available() -> bool:
@@ -57,7 +93,11 @@ class GpuTier(MemoryTier):
             self.delete(key)
             return
         dev = self.device
-        super().put(key, _move(artifact, lambda t: t.to(dev, non_blocking=True)))
+        keys, values = _stack_to(artifact.keys, dev), _stack_to(artifact.values, dev)
+        if keys is artifact.keys or values is artifact.values:  # ragged: per tensor
+            super().put(key, _move(artifact, lambda t: t.to(dev, non_blocking=True)))
+            return
+        super().put(key, replace(artifact, keys=keys, values=values))
 
 
 class PinnedTier(MemoryTier):
@@ -88,7 +128,12 @@ class PinnedTier(MemoryTier):
         if artifact.nbytes > self.max_bytes:
             self.delete(key)
             return
-        moved = _move(artifact, self._to_host)
+        keys = _stack_to(artifact.keys, None, pin=self.pinned)
+        values = _stack_to(artifact.values, None, pin=self.pinned)
+        if keys is artifact.keys or values is artifact.values:  # ragged: per tensor
+            moved = _move(artifact, self._to_host)
+        else:
+            moved = replace(artifact, keys=keys, values=values)
         if self.pinned and any(t.device.type != "cpu" for t in artifact.keys):
             torch.cuda.synchronize()
         super().put(key, replace(moved, token_ids=moved.token_ids.to("cpu")))
