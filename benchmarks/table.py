@@ -12,7 +12,9 @@ from pathlib import Path
 
 def main(path: str) -> None:
     """Print the TTFT, disk and codec tables."""
-    rows = json.loads(Path(path).read_text())["rows"]
+    data = json.loads(Path(path).read_text())
+    rows = data["rows"]
+    dtype = str(data.get("dtype", "float32")).removeprefix("torch.")
     print("| doc tokens | ours full | ours memory hit | speed-up | ours disk hit | suffix alone | llama.cpp full "
           "| llama.cpp restore | llama.cpp file restore | py load_state | ours / llama restore | N* ours | N* llama "
           "| equal (ours, llama) | max logit diff (ours, llama) |")
@@ -29,7 +31,7 @@ def main(path: str) -> None:
             f"| {r['max_logit_diff']:.1e}, {lr.get('max_logit_diff', 0):.1e} |"
         )
     print()
-    print("| doc tokens | KV MB/token (ours fp32, llama.cpp f16 state) | artifact MB | disk load GB/s "
+    print(f"| doc tokens | KV MB/token (ours {dtype}, llama.cpp f16 state) | artifact MB | disk load GB/s "
           "| plain read GB/s | dd GB/s | load / dd | resident after evict | load avg |")
     print("|" + "---:|" * 9)
     for r in rows:

@@ -19,7 +19,7 @@ from .artifact import Artifact, ArtifactMeta
 from .decode import GenerationSettings, Sampler, TextStream
 from .defaults import BLEND_RECOMPUTE, SYSTEM_PROMPT
 from .errors import ContextLengthError, InputError
-from .fingerprint import chain_key, tokens_digest
+from .fingerprint import chain_key_of_digest, tokens_digest
 from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
 from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
 from .store import Store
@@ -181,8 +181,8 @@ class Engine:
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
         keys: list[str] = []
         parent = ""
-        for seg in tp.segments:
-            parent = chain_key(parent, fp, tok, seg) if seg else parent
+        for i, seg in enumerate(tp.segments):
+            parent = chain_key_of_digest(parent, fp, tok, tp.digest(i)) if seg else parent
             keys.append(parent)
         return keys
 
@@ -246,7 +246,7 @@ class Engine:
         pos = 0
         first_uncached = n_seg
         for i, seg in enumerate(tp.segments):
-            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos)) if use_cache and seg else None
+            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos, tp.digest(i))) if use_cache and seg else None
             if seg and hit is None:
                 first_uncached = i
                 break
@@ -290,7 +290,12 @@ class Engine:
             segments=reports,
         )
 
-    def _acceptor(self, seg: Sequence[int], start: int) -> Callable[[Artifact], str | None]:
+    def _acceptor(self, seg: Sequence[int], start: int, digest: str | None = None) -> Callable[[Artifact], str | None]:
+        """A check that a stored artifact holds ``seg`` at ``start`` for this model and tokenizer.
+
+        ``digest`` (the segment's :func:`tokens_digest`, when the caller has it) makes the token
+        check a hash of the stored ids instead of a comparison with a Python sequence.
+        """
         loaded = self.loaded
         fp = loaded.fingerprint
         n_layers = loaded.num_layers
@@ -303,7 +308,8 @@ class Engine:
                 return "made with another tokenizer"
             if m.start != start or m.num_tokens != len(seg) or art.num_layers != n_layers:
                 return "position, length or layer count differ from this request"
-            if not _same_ids(art.token_ids, seg):
+            same = tokens_digest(art.token_ids) == digest if digest is not None else _same_ids(art.token_ids, seg)
+            if not same:
                 return "token ids differ from this request"
             return None
 

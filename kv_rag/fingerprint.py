@@ -133,5 +133,10 @@ def chain_key(parent: str, model_digest: str, tokenizer_digest: str, ids: Any) -
     ``parent`` is ``""`` for a span at position 0. Anything that changes the span's KV (model,
     tokenizer, the span's ids, any earlier token) changes the key.
     """
-    payload = f"kv-rag/1|{model_digest}|{tokenizer_digest}|{parent}|{tokens_digest(ids)}"
+    return chain_key_of_digest(parent, model_digest, tokenizer_digest, tokens_digest(ids))
+
+
+def chain_key_of_digest(parent: str, model_digest: str, tokenizer_digest: str, ids_digest: str) -> str:
+    """:func:`chain_key` from the span's :func:`tokens_digest` (computed once per span by callers)."""
+    payload = f"kv-rag/1|{model_digest}|{tokenizer_digest}|{parent}|{ids_digest}"
     return hashlib.sha256(payload.encode()).hexdigest()

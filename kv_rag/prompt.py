@@ -9,7 +9,7 @@ question and the generation prompt) is always prefilled.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
@@ -74,6 +74,16 @@ class TokenizedPrompt:
     suffix: tuple[int, ...]
     is_document: tuple[bool, ...] = ()
     sources: tuple[str, ...] = ()
+    _digests: dict[int, str] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def digest(self, i: int) -> str:
+        """Digest of chain segment ``i``'s ids (:func:`~kv_rag.fingerprint.tokens_digest`), computed once."""
+        got = self._digests.get(i)
+        if got is None:
+            from .fingerprint import tokens_digest
+
+            got = self._digests[i] = tokens_digest(self.segments[i])
+        return got
 
     @property
     def ids(self) -> list[int]:
