@@ -120,7 +120,7 @@ def modes(blend_rs: list[float]) -> list[tuple[str, str, float | None]]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from kv_rag import Engine
+    from kv_rag import Engine, stitch
     from kv_rag.store import MemoryTier, Store
 
     warnings.filterwarnings("ignore")
@@ -130,13 +130,11 @@ def run(args: argparse.Namespace) -> None:
     tok = engine.tokenizer
     qs = questions(tok, args.questions + 1, args.k, args.seed)
     warm = qs.pop()  # the warm-up question is not one of the measured ones
-    raw = Path(args.raw)
+    shard, n_shards = args.shard
+    qs = [q for q in qs if q["id"] % n_shards == shard]
+    raw = _shard_path(Path(args.raw), args.shard)
     raw.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if raw.exists():
-        for line in raw.read_text().splitlines():
-            if line.strip():
-                done.add(json.loads(line)["id"])
+    done = {row["id"] for row in read_rows(Path(args.raw))}
     configs = modes(args.blend)
     # warm-up (not recorded): the rotary probe, allocator, first-call costs
     engine.publish(warm["docs"])
@@ -158,6 +156,9 @@ def run(args: argparse.Namespace) -> None:
             "k": len(q["docs"]),
             "prompt_tokens": full.prompt_tokens,
             "load_1min": load,
+            "threads": torch.get_num_threads(),
+            "shard": f"{shard}/{n_shards}",
+            "selection": repr(stitch.SELECTION),
             "full": {"text": full.text, "tokens": full.token_ids, "ttft_s": full.ttft_s},
         }
         for label, mode, r in configs:
@@ -198,8 +199,35 @@ def _prefix_fraction(ref: list[int], out: list[int]) -> float:
     return n / max(len(ref), len(out), 1)
 
 
+def _shard_path(raw: Path, shard: tuple[int, int]) -> Path:
+    """The raw file of shard ``i/n``: ``raw`` itself for ``0/1``, else ``<stem>.<i>of<n>.jsonl`` beside it."""
+    i, n = shard
+    return raw if n == 1 else raw.with_name(f"{raw.stem}.{i}of{n}{raw.suffix}")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    shard = (int(i), int(n or 1))
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard wants i/n with 0 <= i < n, got {text!r}")
+    return shard
+
+
+def read_rows(raw: Path) -> list[dict[str, Any]]:
+    """Rows of ``raw`` and of its shard files (``<stem>.<i>of<n>.jsonl``), one per question id, by id."""
+    files = [raw, *sorted(raw.parent.glob(f"{raw.stem}.*of*{raw.suffix}"))]
+    rows: dict[int, dict[str, Any]] = {}
+    for f in files:
+        if f.exists():
+            for line in f.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows.setdefault(row["id"], row)
+    return [rows[i] for i in sorted(rows)]
+
+
 def summarize(args: argparse.Namespace) -> dict[str, Any]:
-    rows = [json.loads(line) for line in Path(args.raw).read_text().splitlines() if line.strip()]
+    rows = read_rows(Path(args.raw))
     if not rows:
         raise SystemExit(f"no results in {args.raw}: run without --summarize first")
     labels = ["full"] + [k for k in rows[0] if k.startswith(("exact", "stitch", "blend"))]
@@ -235,6 +263,9 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": MAX_NEW,
         "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "cpu_count": os.cpu_count(),
+        "torch_threads_per_process": sorted({r.get("threads", 0) for r in rows}),
+        "shards": sorted({r.get("shard", "0/1") for r in rows}),
+        "blend_selection": sorted({r.get("selection", "deviation at layer 1 (v1)") for r in rows}),
         "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
         "table": table,
     }
@@ -298,9 +329,14 @@ def main() -> None:
     p.add_argument("--raw", default=str(RESULTS / "fidelity_raw.jsonl"))
     p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     p.add_argument("--summarize", action="store_true", help="only summarize what --raw holds")
+    p.add_argument(
+        "--shard", type=_parse_shard, default=(0, 1), help="i/n: run only questions with id %% n == i (own raw file)"
+    )
     args = p.parse_args()
     if not args.summarize:
         run(args)
+        if args.shard[1] > 1:
+            return  # summarize once every shard is done
     summarize(args)
 
 

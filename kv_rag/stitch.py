@@ -46,6 +46,26 @@ _WARNED_STATE = "stitch_warnings"
 PROBE_LAYER = 1
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How blend picks the document tokens it recomputes.
+
+    ``method``: ``"attention"`` (the tokens the question attends to most in the stitched cache),
+    ``"deviation"`` (CacheBlend: the tokens whose KV deviates most from a fresh computation) or
+    ``"leading"`` (the first tokens of every moved document). ``layers``: the layers scored (empty:
+    the method's default). ``sink``: this many leading tokens of every moved document are always
+    recomputed, the rest of the budget by ``method``.
+    """
+
+    method: str = "attention"
+    layers: tuple[int, ...] = ()
+    sink: int = 0
+
+
+#: the selection blend uses (``benchmarks/blend_selection.py`` compares the alternatives)
+SELECTION = Selection()
+
+
 class _StopProbe(Exception):
     """Raised by a hook to end a forward pass after the probe layer."""
 
@@ -321,14 +341,153 @@ class _Assembler:
         return logits if self.need_logits else None
 
     def _choose(self, cache: Any, doc_positions: torch.Tensor, n_sel: int) -> torch.Tensor:
-        """The ``n_sel`` document positions whose probe-layer KV deviates most from a fresh computation.
+        """The ``n_sel`` document positions to recompute, by :data:`SELECTION` (sorted)."""
+        sel = SELECTION
+        n_layers = len(cache.layers)
+        moved = self._moved(doc_positions)
+        cand = doc_positions[moved] if int(moved.sum()) >= n_sel else doc_positions
+        forced = cand[:0]
+        if sel.sink > 0:
+            forced = self._leading(cand, min(sel.sink, n_sel // max(1, len(self._doc_ranges(cand)))))
+        rest = cand[~torch.isin(cand, forced)]
+        need = n_sel - int(forced.numel())
+        if need <= 0 or not rest.numel():
+            picked = rest[:0]
+        elif sel.method == "leading":
+            per = -(-need // max(1, len(self._doc_ranges(rest))))
+            picked = self._leading(rest, per)[:need]
+        else:
+            scores = None
+            if sel.method == "attention":
+                layers = sel.layers or tuple(range(0, n_layers // 2 + 1))
+                scores = self._attention_scores(cache, rest, [min(i, n_layers - 1) for i in layers])
+            if scores is None:  # deviation, or no question to score with
+                layers = sel.layers if sel.method == "deviation" and sel.layers else (PROBE_LAYER,)
+                scores = self._deviation_scores(cache, rest, [min(i, n_layers - 1) for i in layers])
+            picked = rest[torch.topk(scores.cpu(), min(need, int(rest.numel()))).indices]
+        out = torch.cat([forced, picked])
+        if out.numel() < n_sel:  # fewer moved tokens than asked for: fill with the others in order
+            others = doc_positions[~torch.isin(doc_positions, out)]
+            out = torch.cat([out, others[: n_sel - int(out.numel())]])
+        return torch.sort(out).values
 
-        The fresh KV comes from a plain causal prefill of everything after the leading text, on a
-        separate cache holding only the leading text, stopped after the probe layer.
+    def _doc_ranges(self, positions: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, end) of every document segment that holds one of ``positions``."""
+        out = []
+        for i in range(self.first_doc, self.n_seg):
+            if self.tp.document(i) and self.tp.segments[i]:
+                a, b = self.starts[i], self.starts[i] + len(self.tp.segments[i])
+                if bool(((positions >= a) & (positions < b)).any()):
+                    out.append((a, b))
+        return out
+
+    def _leading(self, positions: torch.Tensor, per_doc: int) -> torch.Tensor:
+        """The first ``per_doc`` of ``positions`` in each document."""
+        parts = []
+        for a, b in self._doc_ranges(positions):
+            inside = positions[(positions >= a) & (positions < b)]
+            parts.append(inside[:per_doc])
+        return torch.cat(parts) if parts else positions[:0]
+
+    def _moved(self, doc_positions: torch.Tensor) -> torch.Tensor:
+        """Mask over ``doc_positions``: tokens whose stitched KV can differ from a full prefill's.
+
+        A document that directly follows exactly the fixed prefix it was computed after has the
+        full prefill's KV already; recomputing its tokens would change nothing.
+        """
+        head_ids, _ = fixed_prefix(self.engine)
+        moved = torch.ones(doc_positions.numel(), dtype=torch.bool)
+        ids = self.tp.ids
+        for i in range(self.first_doc, self.n_seg):
+            if not self.tp.document(i) or not self.tp.segments[i]:
+                continue
+            a = self.starts[i]
+            if a == len(head_ids) and tuple(ids[:a]) == tuple(head_ids):
+                moved &= ~((doc_positions >= a) & (doc_positions < a + len(self.tp.segments[i])))
+        return moved
+
+    def _attention_scores(self, cache: Any, positions: torch.Tensor, layers: list[int]) -> torch.Tensor | None:
+        """Attention the question pays to each of ``positions`` in the stitched cache, summed over ``layers``.
+
+        Runs the text to compute (glue and suffix) on top of the stitched cache up to the last of
+        ``layers``, captures the suffix's queries there, and sums their softmax attention (over
+        every valid slot, as the model computes it) on ``positions`` across heads, queries and
+        layers. The cache is left as it was. ``None`` where there is no suffix or the model's
+        attention has no ``q_proj`` to read queries from.
         """
         model = self.loaded.model
         n_layers = len(cache.layers)
-        layer_idx = min(PROBE_LAYER, n_layers - 1)
+        n_suf = self.total - self.chain_end
+        decoder = _decoder_layers(model, n_layers)
+        if n_suf <= 0 or decoder is None:
+            return None
+        attns = [getattr(decoder[i], "self_attn", None) for i in layers]
+        if any(a is None or not hasattr(a, "q_proj") for a in attns):
+            return None
+        todo = self._plain_positions()
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for li, attn in zip(layers, attns, strict=True):
+
+            def grab(_m: Any, _inp: Any, out: torch.Tensor, li: int = li) -> None:
+                captured[li] = out[0, -n_suf:].detach()
+
+            handles.append(attn.q_proj.register_forward_hook(grab))
+        last = max(layers)
+        if last + 1 < len(decoder):
+
+            def stop(*_: Any) -> None:
+                raise _StopProbe
+
+            handles.append(decoder[last + 1].register_forward_pre_hook(stop))
+        dtype = next(model.parameters()).dtype
+        valid = self._valid(todo)
+        ids = torch.tensor(self.tp.ids, dtype=torch.long)[todo].unsqueeze(0).to(self.device)
+        try:
+            forward_at(model, ids, cache, todo, self._mask(todo, valid, dtype))
+        except _StopProbe:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        n_todo = int(todo.numel())
+        slots = positions.to(self.device)
+        suf_pos = torch.arange(self.chain_end, self.total, device=self.device)
+        see = torch.cat(
+            [valid.to(self.device)[None, :].expand(n_suf, -1), todo.to(self.device)[None, :] <= suf_pos[:, None]], dim=1
+        )
+        angles = self.shifter.angles(self.chain_end, n_suf).double()
+        rot = (angles.cos().to(self.device), angles.sin().to(self.device))
+        total = torch.zeros(int(positions.numel()), dtype=torch.float32, device=self.device)
+        for li, attn in zip(layers, attns, strict=True):
+            layer = cache.layers[li]
+            k = layer.keys[0, :, : self.total + n_todo].float()  # [kv, slots, d]
+            kv_heads, _, d = k.shape
+            q = captured[li].view(n_suf, -1, int(getattr(attn, "head_dim", d)))
+            norm = getattr(attn, "q_norm", None)
+            if norm is not None:
+                q = norm(q)
+            q = q.transpose(0, 1).float()  # [heads, n_suf, d]
+            q = self.shifter.shift(q, 0, self.chain_end, rot)  # query j rotated to position chain_end + j
+            q = q.view(kv_heads, -1, n_suf, d)
+            scale = float(getattr(attn, "scaling", d**-0.5))
+            scores = torch.einsum("kgqd,ksd->kgqs", q, k) * scale
+            scores = scores.masked_fill(~see[None, None], float("-inf")).softmax(-1)
+            total += scores.index_select(-1, slots).sum(dim=(0, 1, 2))
+        for layer in cache.layers:
+            layer.truncate(self.total)
+        return total
+
+    def _deviation_scores(self, cache: Any, positions: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """How far each of ``positions``' stitched KV is from a fresh computation, summed over ``layers``.
+
+        The fresh KV comes from a plain causal prefill of everything after the leading text, on a
+        separate cache holding only the leading text, stopped after the last of ``layers``. Per
+        layer: relative squared error of keys plus values, summed over heads (CacheBlend).
+        """
+        model = self.loaded.model
+        n_layers = len(cache.layers)
+        layer_idx = max(layers)
         lead_k = [
             [layer.keys[..., : self.n_lead, :]] if self.n_lead and i <= layer_idx else []
             for i, layer in enumerate(cache.layers)
@@ -354,17 +513,19 @@ class _Assembler:
         finally:
             if handle is not None:
                 handle.remove()
-        fresh_layer: Any = probe.layers[layer_idx]
-        old_layer: Any = cache.layers[layer_idx]
-        slots = doc_positions.to(self.device)
-        fresh_k = fresh_layer.keys[0].index_select(1, slots).float()
-        fresh_v = fresh_layer.values[0].index_select(1, slots).float()
-        old_k = old_layer.keys[0].index_select(1, slots).float()
-        old_v = old_layer.values[0].index_select(1, slots).float()
-        dk = (fresh_k - old_k).pow(2).sum(dim=(0, 2)) / fresh_k.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
-        dv = (fresh_v - old_v).pow(2).sum(dim=(0, 2)) / fresh_v.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
-        top = torch.topk((dk + dv).cpu(), n_sel).indices
-        return torch.sort(doc_positions[top]).values
+        slots = positions.to(self.device)
+        total = torch.zeros(int(positions.numel()), dtype=torch.float32, device=self.device)
+        for li in layers:
+            fresh_layer: Any = probe.layers[li]
+            old_layer: Any = cache.layers[li]
+            fresh_k = fresh_layer.keys[0].index_select(1, slots).float()
+            fresh_v = fresh_layer.values[0].index_select(1, slots).float()
+            old_k = old_layer.keys[0].index_select(1, slots).float()
+            old_v = old_layer.values[0].index_select(1, slots).float()
+            dk = (fresh_k - old_k).pow(2).sum(dim=(0, 2)) / fresh_k.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
+            dv = (fresh_v - old_v).pow(2).sum(dim=(0, 2)) / fresh_v.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
+            total += dk + dv
+        return total
 
 
 def _decoder_layers(model: Any, num_layers: int) -> Any:

@@ -220,3 +220,69 @@ def test_partial_blend_merges_exactly(engine: Engine, texts: list[str], monkeypa
     assert pre.recomputed_tokens == len(later)
     assert pre.logits is not None
     assert float((pre.logits - engine.reference_logits(tp.ids)).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"), [("llama", {"rope_parameters": LLAMA3_ROPE}), ("qwen3", {"num_hidden_layers": 3})]
+)
+def test_blend_attention_scores_match_the_models_attention(
+    tmp_path: Path, texts: list[str], monkeypatch: pytest.MonkeyPatch, arch: str, overrides: dict[str, object]
+) -> None:
+    """The question's attention that blend ranks tokens by is the model's own (one document: stitched == full)."""
+    from kv_rag import stitch
+
+    model, tok = tiny_model(arch, **overrides)
+    engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    prompt = engine.prompt(QUESTION, texts[:1])
+    tp = engine.tokenize(prompt)
+    n_layers = model.config.num_hidden_layers
+    got: dict[str, torch.Tensor] = {}
+
+    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
+        got["positions"] = positions
+        scores = self._attention_scores(cache, positions, list(range(n_layers)))
+        assert scores is not None
+        got["scores"] = scores
+        return positions[:n]
+
+    monkeypatch.setattr(stitch._Assembler, "_choose", spy)
+    pre = engine.prefill(prompt, mode="blend", recompute=0.5)
+    ref = engine.reference_logits(tp.ids)
+    assert pre.logits is not None and float((pre.logits - ref).abs().max()) <= TOL  # the probe left the cache intact
+
+    n_suffix = len(tp.suffix)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([tp.ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    want = sum(a[0, :, -n_suffix:, :].sum(dim=(0, 1)) for a in out.attentions)[got["positions"]]
+    # a random tiny model attends almost uniformly: the tolerance is well below the spread between tokens
+    assert float(want.max() - want.min()) > 50 * 1e-4
+    assert torch.allclose(got["scores"], want, atol=1e-4, rtol=0)
+
+
+def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str]) -> None:
+    """The first document sits right after the prefix it was computed after: its KV is exact, never recomputed."""
+    from kv_rag import stitch
+
+    prompt = engine.prompt(QUESTION, texts)
+    tp = engine.tokenize(prompt)
+    engine.publish(texts)
+    first = next(i for i in range(len(tp.segments)) if tp.document(i))
+    start = sum(len(s) for s in tp.segments[:first])
+    end = start + len(tp.segments[first])
+    picked: list[torch.Tensor] = []
+    orig = stitch._Assembler._choose
+
+    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
+        picked.append(orig(self, cache, positions, n))
+        return picked[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stitch._Assembler, "_choose", spy)
+        pre = engine.prefill(prompt, mode="blend", recompute=0.2)
+    chosen = picked[0]
+    assert pre.recomputed_tokens == chosen.numel() > 0
+    assert not bool(((chosen >= start) & (chosen < end)).any())

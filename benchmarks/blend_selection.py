@@ -1,0 +1,190 @@
+"""Which document tokens should blend recompute? A comparison of selection methods at one fraction.
+
+Runs the first ``--questions`` questions of ``benchmarks/fidelity.py`` (same builder, same seed) and,
+for each, a full prefill, stitch, and blend at ``--recompute`` with every selection method below
+(``kv_rag.stitch.SELECTION``). Reports answer accuracy, identical first 32 greedy tokens against the
+full prefill, the mean common prefix, median TTFT, and where the chosen tokens lie (the share inside
+the inserted fact sentences, and inside the first 10% of each document).
+
+    .venv/bin/python benchmarks/blend_selection.py --questions 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fidelity import MAX_NEW, _prefix_fraction, correct, questions  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def methods(n_layers: int) -> dict[str, Any]:
+    from kv_rag.stitch import Selection
+
+    mid = n_layers // 2
+    return {
+        "deviation L1 (CacheBlend, old)": Selection("deviation", (1,)),
+        "deviation L1-4": Selection("deviation", (1, 2, 3, 4)),
+        "leading tokens of each doc": Selection("leading"),
+        f"attention L{mid}": Selection("attention", (mid,)),
+        f"attention L0-{mid}": Selection("attention", tuple(range(mid + 1))),
+        f"attention L0-{n_layers - 1}": Selection("attention", tuple(range(n_layers))),
+        f"sink 8 + attention L0-{mid}": Selection("attention", tuple(range(mid + 1)), sink=8),
+    }
+
+
+def _fact_positions(tok: Any, tp: Any, sentences: list[str]) -> set[int]:
+    """Prompt positions of the inserted fact sentences (token subsequence search, first token dropped)."""
+    ids = list(tp.ids)
+    out: set[int] = set()
+    for s in sentences:
+        sub = tok(s, add_special_tokens=False)["input_ids"][1:]
+        for i in range(len(ids) - len(sub) + 1):
+            if ids[i : i + len(sub)] == sub:
+                out.update(range(i, i + len(sub)))
+                break
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--recompute", type=float, default=0.15)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
+    p.add_argument("--out", default=str(RESULTS / "blend_selection.json"))
+    args = p.parse_args()
+
+    import torch
+
+    from kv_rag import Engine, stitch
+    from kv_rag.store import MemoryTier, Store
+
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
+    tok = engine.tokenizer
+    n_layers = engine.model.config.num_hidden_layers
+    table_methods = methods(n_layers)
+    if args.only:
+        keep = args.only.split(",")
+        table_methods = {k: v for k, v in table_methods.items() if any(s in k for s in keep)}
+    qs = questions(tok, args.questions, 4, 7)
+
+    chosen: dict[str, list[Any]] = {}
+    orig_choose = stitch._Assembler._choose
+
+    def spy(self: Any, cache: Any, doc_positions: Any, n_sel: int) -> Any:
+        out = orig_choose(self, cache, doc_positions, n_sel)
+        chosen["last"] = [out, self.starts, self.tp]
+        return out
+
+    stitch._Assembler._choose = spy  # type: ignore[method-assign]
+    # warm-up
+    engine.publish(qs[0]["docs"])
+    engine.generate(qs[0]["question"], qs[0]["docs"], mode="blend", recompute=args.recompute, max_new_tokens=2)
+    rows = []
+    for q in qs:
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        engine.publish(q["docs"])
+        prompt = engine.prompt(q["question"], q["docs"])
+        tp = engine.tokenize(prompt)
+        facts = [line for d in q["docs"] for line in d.split("\n\n") if line.startswith(("The ", "Professor "))]
+        fact_pos = _fact_positions(tok, tp, [f for f in facts if f.endswith(".") and len(f) < 80])
+        full = engine.generate(prompt, use_cache=False, max_new_tokens=MAX_NEW)
+        row: dict[str, Any] = {"id": q["id"], "answer": q["answer"], "load_1min": load}
+        row["full"] = {"text": full.text, "tokens": full.token_ids, "ttft_s": full.ttft_s}
+        st = engine.generate(prompt, mode="stitch", max_new_tokens=MAX_NEW)
+        row["stitch"] = {"text": st.text, "tokens": st.token_ids, "ttft_s": st.ttft_s}
+        for name, sel in table_methods.items():
+            stitch.SELECTION = sel
+            g = engine.generate(prompt, mode="blend", recompute=args.recompute, max_new_tokens=MAX_NEW)
+            picked, starts, _tp = chosen["last"]
+            pos = set(picked.tolist())
+            docs = [i for i in range(len(tp.segments)) if tp.document(i)]
+            leading = set()
+            for i in docs:
+                n = len(tp.segments[i])
+                leading.update(range(starts[i], starts[i] + max(1, n // 10)))
+            row[name] = {
+                "text": g.text,
+                "tokens": g.token_ids,
+                "ttft_s": g.ttft_s,
+                "recomputed": g.recomputed_tokens,
+                "in_facts": len(pos & fact_pos) / max(1, len(pos)),
+                "facts_covered": len(pos & fact_pos) / max(1, len(fact_pos)),
+                "in_leading_10pct": len(pos & leading) / max(1, len(pos)),
+            }
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        marks = " ".join(
+            f"{'Y' if correct(q['answer'], row[k]['text']) else 'n'}" for k in ["full", "stitch", *table_methods]
+        )
+        print(f"q{q['id']:3d} load {load:.2f} {row['seconds']:.0f}s {marks}", flush=True)
+
+    labels = ["full", "stitch", *table_methods]
+    table = []
+    for lab in labels:
+        rs = [r[lab] for r in rows]
+        entry = {
+            "method": lab,
+            "accuracy": sum(correct(r["answer"], r[lab]["text"]) for r in rows) / len(rows),
+            "identical_32_tokens": sum(
+                x["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for x, r in zip(rs, rows, strict=True)
+            )
+            / len(rows),
+            "mean_common_prefix": statistics.mean(
+                _prefix_fraction(r["full"]["tokens"], x["tokens"]) for x, r in zip(rs, rows, strict=True)
+            ),
+            "ttft_median_s": statistics.median(x["ttft_s"] for x in rs),
+        }
+        entry["speedup_median_ttft"] = statistics.median(r["full"]["ttft_s"] for r in rows) / entry["ttft_median_s"]
+        for extra in ("in_facts", "facts_covered", "in_leading_10pct"):
+            if extra in rs[0]:
+                entry[extra] = statistics.mean(x[extra] for x in rs)
+        table.append(entry)
+    loads = [r["load_1min"] for r in rows]
+    result = {
+        "benchmark": "blend_selection",
+        "recompute": args.recompute,
+        "questions": len(rows),
+        "threads": torch.get_num_threads(),
+        "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+        "command": "python benchmarks/blend_selection.py " + " ".join(sys.argv[1:]),
+        "table": table,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        "| method | accuracy | identical 32 | common prefix | median TTFT | speed-up "
+        "| in facts | facts covered | in first 10% |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in table:
+        print(
+            f"| {t['method']} | {100 * t['accuracy']:.1f}% | {100 * t['identical_32_tokens']:.1f}% | "
+            f"{100 * t['mean_common_prefix']:.1f}% | {t['ttft_median_s']:.3f} s | {t['speedup_median_ttft']:.1f}x | "
+            + " | ".join(
+                f"{100 * t[e]:.0f}%" if e in t else "" for e in ("in_facts", "facts_covered", "in_leading_10pct")
+            )
+            + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()
