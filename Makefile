@@ -61,10 +61,12 @@ bench: $(BSTAMP)
 cost: $(STAMP)
 	$(VENV)/bin/kv-rag cost --tokens 4096 --reuses 100
 
-# Stitch/blend fidelity against full prefill (long: about half a minute per question on 2 cores).
+# Stitch/blend fidelity against full prefill (long: two 1-thread shards, about 30 s a question each).
 fidelity: $(STAMP)
 	$(PIP) install -e '.[plots]'
-	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15,0.5 --threads 1
+	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 0/2 & \
+	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 1/2; wait
+	$(PY) benchmarks/fidelity.py --summarize
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -134,8 +134,11 @@ def main() -> None:
             f"{'Y' if correct(q['answer'], row[k]['text']) else 'n'}" for k in ["full", "stitch", *table_methods]
         )
         print(f"q{q['id']:3d} load {load:.2f} {row['seconds']:.0f}s {marks}", flush=True)
+        report(rows, ["full", "stitch", *table_methods], args, torch.get_num_threads(), quiet=q is not qs[-1])
 
-    labels = ["full", "stitch", *table_methods]
+
+def report(rows: list[dict[str, Any]], labels: list[str], args: argparse.Namespace, threads: int, quiet: bool) -> None:
+    """Write the JSON of ``rows`` (after every question) and, unless ``quiet``, print the table."""
     table = []
     for lab in labels:
         rs = [r[lab] for r in rows]
@@ -161,7 +164,7 @@ def main() -> None:
         "benchmark": "blend_selection",
         "recompute": args.recompute,
         "questions": len(rows),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "command": "python benchmarks/blend_selection.py " + " ".join(sys.argv[1:]),
         "table": table,
@@ -170,6 +173,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    if quiet:
+        return
     print(
         "| method | accuracy | identical 32 | common prefix | median TTFT | speed-up "
         "| in facts | facts covered | in first 10% |"

@@ -15,8 +15,12 @@ mean common-prefix fraction), and median TTFT with its speed-up over the full pr
 
 Resumable: every question appends one JSON line to ``--raw``; a rerun skips the done ones.
 
-    .venv/bin/python benchmarks/fidelity.py --questions 100            # run (long: about 25 s a question)
+    .venv/bin/python benchmarks/fidelity.py --questions 100            # run (long: about 30 s a question)
     .venv/bin/python benchmarks/fidelity.py --summarize                # JSON + PNG + markdown table only
+
+Two processes of one torch thread each can share the questions (``--shard 0/2`` and ``--shard 1/2``,
+each with its own raw file beside ``--raw``); ``--summarize`` merges them. Every row records the
+1-minute load, the torch threads, its shard, and blend's token selection.
 """
 
 from __future__ import annotations
@@ -267,6 +271,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         "shards": sorted({r.get("shard", "0/1") for r in rows}),
         "blend_selection": sorted({r.get("selection", "deviation at layer 1 (v1)") for r in rows}),
         "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
+        "run_as": _run_as(rows),
         "table": table,
     }
     out = Path(args.out)
@@ -275,6 +280,16 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     print(markdown(result))
     _plot(result, out.with_suffix(".png"))
     return result
+
+
+def _run_as(rows: list[dict[str, Any]]) -> str:
+    """How the rows were produced, from what they record."""
+    shards = sorted({r.get("shard", "0/1") for r in rows})
+    threads = ",".join(str(t) for t in sorted({r.get("threads", 0) for r in rows}))
+    blends = ",".join(k.split("=", 1)[1] for k in rows[0] if k.startswith("blend r="))
+    n = shards[0].split("/")[1] if shards else "1"
+    how = f"python benchmarks/fidelity.py --questions {len(rows)} --blend {blends} --threads {threads}"
+    return how + (f" --shard i/{n}: {n} processes at once" if n != "1" else "")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -15,10 +15,17 @@ to every valid cached token and every computed token before it; their KV is then
 slots. A blend-selected token's stale stitched KV is masked out, so r = 1 is a full prefill of
 everything after the leading text and r = 0 is plain stitching.
 
-Blend's choice of tokens (after CacheBlend, Yao et al. 2024): every token after the leading text is
-recomputed through the first two layers only; the document tokens whose second-layer KV deviates most
-from the stitched KV (relative squared error of keys plus values, summed over heads) are recomputed
-through all layers.
+Blend's choice of tokens. Only tokens of *moved* documents are candidates: a document that directly
+follows exactly the fixed prefix it was computed after (usually the first) already has the full
+prefill's KV. Among those, the default (:class:`Selection`, ``method="attention"``) recomputes the
+tokens the question attends to most: the glue and suffix are run on top of the stitched cache (as
+stitch mode would), the suffix's queries are read at every layer, and each candidate is scored by
+the softmax attention it receives from them, summed over heads, suffix tokens and layers. The
+answer is computed from those tokens' KV, so that is where a stale (context-free) KV costs the most;
+the score costs one pass of the few suffix tokens, not of the documents. CacheBlend's criterion
+(Yao et al. 2024: the tokens whose KV at an early layer deviates most from a fresh computation)
+stays available as ``method="deviation"``: it needs a pass of every document token through the
+probe layers and, on the embedded model, did no better than stitching (README, "Fidelity").
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ class Selection:
 
     ``method``: ``"attention"`` (the tokens the question attends to most in the stitched cache),
     ``"deviation"`` (CacheBlend: the tokens whose KV deviates most from a fresh computation) or
-    ``"leading"`` (the first tokens of every moved document). ``layers``: the layers scored (empty:
-    the method's default). ``sink``: this many leading tokens of every moved document are always
-    recomputed, the rest of the budget by ``method``.
+    ``"leading"`` (the first tokens of every moved document, as EPIC's attention-sink fix). ``layers``:
+    the layers scored (empty: every layer for attention, :data:`PROBE_LAYER` for deviation).
+    ``sink``: this many leading tokens of every moved document are always recomputed, the rest of
+    the budget by ``method``. Attention falls back to deviation where there is no suffix to score
+    with or the model's attention modules have no ``q_proj``.
     """
 
     method: str = "attention"
@@ -359,7 +368,7 @@ class _Assembler:
         else:
             scores = None
             if sel.method == "attention":
-                layers = sel.layers or tuple(range(0, n_layers // 2 + 1))
+                layers = sel.layers or tuple(range(n_layers))
                 scores = self._attention_scores(cache, rest, [min(i, n_layers - 1) for i in layers])
             if scores is None:  # deviation, or no question to score with
                 layers = sel.layers if sel.method == "deviation" and sel.layers else (PROBE_LAYER,)
