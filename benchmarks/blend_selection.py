@@ -115,7 +115,7 @@ def main() -> None:
             picked, starts, _tp = chosen["last"]
             pos = set(picked.tolist())
             docs = [i for i in range(len(tp.segments)) if tp.document(i)]
-            leading = set()
+            leading: set[int] = set()
             for i in docs:
                 n = len(tp.segments[i])
                 leading.update(range(starts[i], starts[i] + max(1, n // 10)))

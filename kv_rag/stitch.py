@@ -430,8 +430,9 @@ class _Assembler:
         decoder = _decoder_layers(model, n_layers)
         if n_suf <= 0 or decoder is None:
             return None
-        attns = [getattr(decoder[i], "self_attn", None) for i in layers]
-        if any(a is None or not hasattr(a, "q_proj") for a in attns):
+        found = [getattr(decoder[i], "self_attn", None) for i in layers]
+        attns = [a for a in found if a is not None and hasattr(a, "q_proj")]
+        if len(attns) != len(layers):
             return None
         todo = self._plain_positions()
         captured: dict[int, torch.Tensor] = {}
