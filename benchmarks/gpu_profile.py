@@ -68,8 +68,8 @@ def main() -> None:
         print("prefill (gpu hit) ms", ms(lambda: torch.argmax(engine.prefill(tp).logits).item(), dev))
         print("segment_keys ms", ms(lambda: engine.segment_keys(tp), dev))
         keys = engine.segment_keys(tp)
-        print("store.get x2 ms", ms(lambda: [engine.store.get(k, accept=engine._acceptor(s, 0 if i == 0 else 32))
-                                                for i, (k, s) in enumerate(zip(keys, tp.segments, strict=True))], dev))
+        print("store.get x2 ms", ms(lambda: [engine.store.get(k, accept=engine._acceptor(tp, i, 0 if i == 0 else 32))
+                                                for i, k in enumerate(keys)], dev))
         arts = [engine.store.get(k).artifact for k in keys]
         nl = engine.loaded.num_layers
         print("cache_from_artifacts ms", ms(lambda: _cache_from_artifacts(arts, dev, nl, n + 80), dev))

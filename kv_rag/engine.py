@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from array import array
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from .artifact import Artifact, ArtifactMeta
 from .decode import GenerationSettings, Sampler, TextStream
 from .defaults import BLEND_RECOMPUTE, SYSTEM_PROMPT
 from .errors import ContextLengthError, InputError
-from .fingerprint import chain_key_of_digest, tokens_digest
+from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
 from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
 from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
 from .store import Store
@@ -246,7 +245,7 @@ class Engine:
         pos = 0
         first_uncached = n_seg
         for i, seg in enumerate(tp.segments):
-            hit = self.store.get(keys[i], accept=self._acceptor(seg, pos, tp.digest(i))) if use_cache and seg else None
+            hit = self.store.get(keys[i], accept=self._acceptor(tp, i, pos)) if use_cache and seg else None
             if seg and hit is None:
                 first_uncached = i
                 break
@@ -290,12 +289,10 @@ class Engine:
             segments=reports,
         )
 
-    def _acceptor(self, seg: Sequence[int], start: int, digest: str | None = None) -> Callable[[Artifact], str | None]:
-        """A check that a stored artifact holds ``seg`` at ``start`` for this model and tokenizer.
-
-        ``digest`` (the segment's :func:`tokens_digest`, when the caller has it) makes the token
-        check a hash of the stored ids instead of a comparison with a Python sequence.
-        """
+    def _acceptor(self, tp: TokenizedPrompt, i: int, start: int) -> Callable[[Artifact], str | None]:
+        """A check that a stored artifact holds chain segment ``i`` of ``tp`` at ``start`` for this model
+        and tokenizer (the ids compared exactly, as the int64 bytes ``tp`` converts once)."""
+        seg = tp.segments[i]
         loaded = self.loaded
         fp = loaded.fingerprint
         n_layers = loaded.num_layers
@@ -308,8 +305,7 @@ class Engine:
                 return "made with another tokenizer"
             if m.start != start or m.num_tokens != len(seg) or art.num_layers != n_layers:
                 return "position, length or layer count differ from this request"
-            same = tokens_digest(art.token_ids) == digest if digest is not None else _same_ids(art.token_ids, seg)
-            if not same:
+            if token_bytes(art.token_ids) != tp.token_bytes(i):
                 return "token ids differ from this request"
             return None
 
@@ -555,16 +551,6 @@ def _cache_from_artifacts(
         keys.append(ks)
         values.append(vs)
     return build_cache(keys, values, num_layers, capacity, model=model)
-
-
-def _same_ids(stored: torch.Tensor, ids: Sequence[int]) -> bool:
-    """Whether the stored token ids equal ``ids`` (compared as int32 bytes: fast for long documents)."""
-    if stored.dtype != torch.int32 or stored.numel() != len(ids):
-        return bool(stored.tolist() == list(ids))
-    try:
-        return bool(stored.contiguous().cpu().numpy().tobytes() == array("i", ids).tobytes())
-    except OverflowError:
-        return False
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

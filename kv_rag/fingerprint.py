@@ -118,12 +118,16 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256((data + extra).encode()).hexdigest()[:32]
 
 
-def tokens_digest(ids: Any) -> str:
-    """Digest of a sequence of token ids."""
+def token_bytes(ids: Any) -> bytes:
+    """Token ids as little-endian int64 bytes: the form that digests and id checks compare."""
     if isinstance(ids, torch.Tensor):
-        data = ids.to(torch.int64).contiguous().cpu().numpy().data
-    else:  # the same bytes as an int64 tensor, built without a tensor (fast for long prompts)
-        data = memoryview(array("q", ids))
+        return bytes(ids.to(torch.int64).contiguous().cpu().numpy().data)
+    return array("q", ids).tobytes()  # the same bytes without building a tensor (fast for long prompts)
+
+
+def tokens_digest(ids: Any) -> str:
+    """Digest of a sequence of token ids (or of their :func:`token_bytes`)."""
+    data = ids if isinstance(ids, bytes) else token_bytes(ids)
     return xxhash.xxh3_128(data).hexdigest()
 
 

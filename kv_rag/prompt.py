@@ -74,15 +74,24 @@ class TokenizedPrompt:
     suffix: tuple[int, ...]
     is_document: tuple[bool, ...] = ()
     sources: tuple[str, ...] = ()
-    _digests: dict[int, str] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _memo: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        """Chain segment ``i``'s ids as :func:`~kv_rag.fingerprint.token_bytes`, converted once."""
+        got = self._memo.get(("bytes", i))
+        if got is None:
+            from .fingerprint import token_bytes
+
+            got = self._memo[("bytes", i)] = token_bytes(self.segments[i])
+        return got
 
     def digest(self, i: int) -> str:
         """Digest of chain segment ``i``'s ids (:func:`~kv_rag.fingerprint.tokens_digest`), computed once."""
-        got = self._digests.get(i)
+        got = self._memo.get(("digest", i))
         if got is None:
             from .fingerprint import tokens_digest
 
-            got = self._digests[i] = tokens_digest(self.segments[i])
+            got = self._memo[("digest", i)] = tokens_digest(self.token_bytes(i))
         return got
 
     @property

@@ -39,7 +39,7 @@ import torch
 
 from ._compat import build_cache, cache_layers, forward, forward_at
 from .errors import UnsupportedModelError
-from .fingerprint import chain_key
+from .fingerprint import chain_key_of_digest
 from .prompt import Prompt, TokenizedPrompt, chat_frame
 from .results import CacheStatus, Mode, SegmentReport
 from .rope import RotaryShift, rotary_shift, window_refusal
@@ -285,9 +285,9 @@ class _Assembler:
         seg = tp.segments[i]
         head_ids, head_key = fixed_prefix(engine)
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
-        key = chain_key(head_key, fp, tok, seg)
+        key = chain_key_of_digest(head_key, fp, tok, tp.digest(i))
         src_start = len(head_ids)
-        hit = engine.store.get(key, accept=engine._acceptor(seg, src_start))
+        hit = engine.store.get(key, accept=engine._acceptor(tp, i, src_start))
         stored = 0
         if hit is not None:
             keys = [k.to(self.device, non_blocking=True).unsqueeze(0) for k in hit.artifact.keys]
