@@ -96,7 +96,7 @@ def test_damaged_artifact_is_recomputed_and_replaced(engine: Engine, tmp_path: P
     assert third.generate(prompt, max_new_tokens=8).documents[0].cache == CacheStatus.HIT
 
 
-@pytest.mark.parametrize("foreign", ["model", "tokenizer"])
+@pytest.mark.parametrize("foreign", ["model", "tokenizer", "ids"])
 def test_foreign_artifact_under_our_key_is_a_miss(engine: Engine, tmp_path: Path, foreign: str) -> None:
     doc = document_of_length(engine.tokenizer, 200)
     prompt = engine.prompt("What is this about?", [doc])
@@ -107,11 +107,16 @@ def test_foreign_artifact_under_our_key_is_a_miss(engine: Engine, tmp_path: Path
     hit = engine.store.get(key)
     assert hit is not None
     meta = hit.artifact.meta
-    field = "model_digest" if foreign == "model" else "tokenizer_digest"
-    fake = dataclasses.replace(hit.artifact, meta=dataclasses.replace(meta, **{field: "f" * 32}, checksum=""))
-    disk.put(key, fake.sealed())  # a well-formed artifact of another model / tokenizer
+    if foreign == "ids":  # same length, one token changed
+        ids = hit.artifact.token_ids.clone()
+        ids[len(ids) // 2] += 1
+        fake = dataclasses.replace(hit.artifact, token_ids=ids, meta=dataclasses.replace(meta, checksum=""))
+    else:
+        field = "model_digest" if foreign == "model" else "tokenizer_digest"
+        fake = dataclasses.replace(hit.artifact, meta=dataclasses.replace(meta, **{field: "f" * 32}, checksum=""))
+    disk.put(key, fake.sealed())  # a well-formed artifact of another model / tokenizer / text
     fresh = Engine(None, store=tmp_path / "store", device="cpu", dtype="float32")
-    with pytest.warns(UserWarning, match="another"):
+    with pytest.warns(UserWarning, match="token ids differ" if foreign == "ids" else "another"):
         again = fresh.generate(prompt, max_new_tokens=6)
     assert again.documents[0].cache == CacheStatus.MISS
     assert again.token_ids == first.token_ids
