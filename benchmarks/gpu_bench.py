@@ -40,6 +40,7 @@ from kv_rag._compat import forward  # noqa: E402
 from kv_rag.bench import drop_page_cache  # noqa: E402
 from kv_rag.prompt import TokenizedPrompt  # noqa: E402
 from kv_rag.store import DiskTier, GpuTier, PinnedTier, Store  # noqa: E402
+from kv_rag.store.device import roomy_block  # noqa: E402
 
 QWEN3_4B_SHAPE: dict[str, Any] = dict(
     vocab_size=151936,
@@ -212,16 +213,24 @@ def run_length(
     row["kv_MB_per_token"] = round(kv_bytes / n / 1e6, 4)
     row["transfer_bound_ms"] = round(1000 * kv_bytes / (h2d * 1e9), 3) if h2d == h2d else None
 
+    lent: list[bool] = []
+
     def hit(tier: str) -> float:
         dt, pre = timed(lambda: (lambda p: (first_token(p), p))(engine.prefill(tp)), dev)
         got = {s.tier for s in pre[1].segments if s.tier}
         if got != {tier}:
             raise RuntimeError(f"expected hits from the {tier} tier, got {got}")
+        if tier == "gpu":  # did the request's cache use the tier's block (no KV copy)?
+            doc = tiers["gpu"].get(keys[-1])
+            block = roomy_block(doc.keys[0], doc.num_layers) if doc is not None else None
+            lent.append(block is not None and pre[1].cache.layers[0]._k.data_ptr() == block.data_ptr())
         return dt
 
     # GPU tier (fast path), then plain transformers for the suffix on the same hit
     hit("gpu")
+    lent.clear()
     row["gpu_hit_ttft_ms"] = median_ms([hit("gpu") for _ in range(args.reps)])
+    row["gpu_hit_without_kv_copy"] = f"{sum(lent)}/{len(lent)}"
     with Switch("0"):
         hit("gpu")
         row["gpu_hit_ttft_ms_plain_transformers"] = median_ms([hit("gpu") for _ in range(3)])
@@ -296,6 +305,10 @@ def run_length(
     row["static_slots"] = [
         {"cap": sl.cap, "step_graphs": sorted(k for k, v in sl.steps.items() if v is not None)}
         for sl in (pool.slots if pool is not None else [])
+    ]
+    row["lent_blocks"] = [
+        {"cap": sl.cap, "step_graphs": sorted(k for k, v in sl.steps.items() if v is not None)}
+        for sl in (pool.adopted.values() if pool is not None else [])
     ]
     row["decode_first_step_ms"] = round(1000 * step_s[0], 3)
     row["decode_tok_s"] = round((len(step_s) - 2) / sum(step_s[2:]), 1)

@@ -123,6 +123,7 @@ def build_cache(
     num_layers: int,
     capacity: int,
     model: Any = None,
+    adopt: bool = False,
 ) -> DynamicCache:
     """A ``DynamicCache`` of :class:`PreallocatedLayer` with room for ``capacity`` tokens per layer.
 
@@ -133,8 +134,16 @@ def build_cache(
     With ``model`` given, the buffers may come from the fast path's pool of static buffers (CUDA,
     half precision; see :mod:`kv_rag._fastpath`), so that whole forward steps on this cache can be
     replayed as one CUDA graph. The cache is the same either way.
+
+    ``adopt``: the cache may use the GPU tier's block that holds the last piece as its buffers
+    instead of copying it (see :func:`kv_rag._fastpath.adopt_buffers`); only for callers that never
+    write into the cache below its length.
     """
     cache = DynamicCache()
+    if adopt and model is not None and keys is not None and values is not None:
+        lent = _fastpath.adopt_buffers(model, cache, num_layers, capacity, keys, values)
+        if lent is not None:
+            return _adopted(cache, lent[0], lent[1], keys, values, capacity)
     bufs = _fastpath.static_buffers(model, cache, num_layers, capacity) if model is not None else None
     layers = [PreallocatedLayer(capacity, bufs[i] if bufs is not None else None) for i in range(num_layers)]
     cache.layers.extend(layers)
@@ -145,6 +154,31 @@ def build_cache(
     for layer, ks, vs in zip(layers, keys, values, strict=True):
         for k, v in zip(ks, vs, strict=True):
             layer.update(k, v)
+    return cache
+
+
+def _adopted(
+    cache: DynamicCache,
+    bufs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    start: int,
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
+    capacity: int,
+) -> DynamicCache:
+    """``cache`` over lent buffers whose rows ``start..`` hold the last piece: the earlier pieces are
+    copied in front of it, the last is not copied."""
+    layers = [PreallocatedLayer(capacity, b) for b in bufs]
+    cache.layers.extend(layers)
+    lead_k, lead_v = [list(ks[:-1]) for ks in keys], [list(vs[:-1]) for vs in values]
+    if start and not _fill_static(layers, lead_k, lead_v):
+        for layer, ks, vs in zip(layers, lead_k, lead_v, strict=True):
+            for k, v in zip(ks, vs, strict=True):
+                layer.update(k, v)
+    end = start + int(keys[0][-1].shape[-2])
+    for layer in layers:
+        layer._len = end
+        layer.keys = layer._k[..., :end, :]  # type: ignore[index]
+        layer.values = layer._v[..., :end, :]  # type: ignore[index]
     return cache
 
 

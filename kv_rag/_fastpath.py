@@ -40,6 +40,7 @@ import gc
 import os
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -79,13 +80,8 @@ def runner_for(model: Any) -> FastDecoder | None:
     return cached if isinstance(cached, FastDecoder) else None
 
 
-def static_buffers(model: Any, cache: Any, num_layers: int, capacity: int) -> list[tuple[Any, Any]] | None:
-    """Static per-layer ``(keys, values)`` buffers for a new ``cache`` of ``model``, or ``None``.
-
-    ``None`` (the cache then allocates its own) unless the fast path applies to the model on CUDA
-    in half precision and the pool has room. The buffers hold at least ``capacity`` tokens plus
-    room for a padded step; the slot stays with ``cache`` until the cache is freed.
-    """
+def _static_decoder(model: Any, num_layers: int) -> tuple[FastDecoder, torch.device, torch.dtype] | None:
+    """The model's decoder, device and dtype when whole-step graphs apply to its caches, else ``None``."""
     if not torch.cuda.is_available():
         return None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -95,11 +91,81 @@ def static_buffers(model: Any, cache: Any, num_layers: int, capacity: int) -> li
     dec = runner_for(model)
     if dec is None or not dec._flash or num_layers != len(dec.inner.layers):
         return None
-    slot = dec.pool(weight.device).acquire(cache, capacity, weight.dtype)
+    return dec, weight.device, weight.dtype
+
+
+def static_buffers(model: Any, cache: Any, num_layers: int, capacity: int) -> list[tuple[Any, Any]] | None:
+    """Static per-layer ``(keys, values)`` buffers for a new ``cache`` of ``model``, or ``None``.
+
+    ``None`` (the cache then allocates its own) unless the fast path applies to the model on CUDA
+    in half precision and the pool has room. The buffers hold at least ``capacity`` tokens plus
+    room for a padded step; the slot stays with ``cache`` until the cache is freed.
+    """
+    got = _static_decoder(model, num_layers)
+    if got is None:
+        return None
+    dec, device, dtype = got
+    slot = dec.pool(device).acquire(cache, capacity, dtype)
     if slot is None:
         return None
     object.__setattr__(cache, _SLOT_ATTR, slot)
     return list(zip(slot.k, slot.v, strict=True))
+
+
+def _block_rows(pieces: list[torch.Tensor], start: int) -> torch.Tensor | None:
+    """The block ``[layers, 1, kv_heads, rows, dim]`` whose rows ``start..`` the per-layer ``pieces``
+    (``[1, kv_heads, n, dim]``) are, layer by layer; ``None`` if they are anything else."""
+    from .store.device import roomy_block
+
+    block = roomy_block(pieces[0], len(pieces))
+    if block is None:
+        return None
+    n = pieces[0].shape[-2]
+    for layer, piece in enumerate(pieces):
+        want = block[layer, :, :, start : start + n, :]
+        if piece.data_ptr() != want.data_ptr() or piece.shape != want.shape or piece.stride() != want.stride():
+            return None
+    return block
+
+
+def adopt_buffers(
+    model: Any,
+    cache: Any,
+    num_layers: int,
+    capacity: int,
+    keys: Any,
+    values: Any,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
+    """Buffers for a new ``cache`` that already hold its last piece of KV: no copy for it.
+
+    ``keys[layer]`` / ``values[layer]`` are the pieces the cache is to hold in order. When the last
+    piece of every layer lies in one cache-shaped block of the GPU tier (see
+    :class:`kv_rag.store.GpuTier`) at the row where it belongs, with room for ``capacity`` tokens
+    and a padded step, and no other live cache is using that block, the cache is given the
+    block's layers as its static buffers. Returns them and the rows before the last piece (the
+    caller copies the earlier pieces there: the same values for every request, since the block's
+    artifact is keyed by the whole chain before it), or ``None`` (then copy as usual).
+
+    The cache must never write below its length (the engine's exact path only appends); the tier's
+    artifact stays valid because the cache writes only the rows before and after it.
+    """
+    got = _static_decoder(model, num_layers)
+    if got is None or not keys or not keys[0]:
+        return None
+    dec, device, dtype = got
+    start = sum(int(p.shape[-2]) for p in keys[0][:-1])
+    n = int(keys[0][-1].shape[-2])
+    kb = _block_rows([ks[-1] for ks in keys], start)
+    vb = _block_rows([vs[-1] for vs in values], start)
+    if kb is None or vb is None or kb.shape != vb.shape or kb.dtype != dtype or vb.dtype != dtype:
+        return None
+    if kb.device != device or kb.shape[3] < start + n or kb.shape[3] < capacity + MAX_FAST_TOKENS:
+        return None
+    slot = dec.pool(device).adopt(cache, kb, vb)
+    if slot is None:
+        return None
+    object.__setattr__(cache, _SLOT_ATTR, slot)
+    return list(zip(kb.unbind(0), vb.unbind(0), strict=True)), start
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +428,11 @@ class _BucketGraphs:
         return self.logits.clone()
 
 
+def _buffers(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The per-layer K and V buffers of a cache of :class:`~kv_rag._compat.PreallocatedLayer`."""
+    return [cl._k for cl in cache.layers], [cl._v for cl in cache.layers]
+
+
 def _append(cl: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``cl.update(k, v)`` with fewer host operations when a preallocated layer has room."""
     kb, vb = getattr(cl, "_k", None), getattr(cl, "_v", None)
@@ -405,6 +476,9 @@ class _StaticPool:
         self.device = device
         self.max_bytes = _pool_limit(device)
         self.slots: list[_Slot] = []
+        #: step graphs of blocks lent by the GPU tier, by (K address, V address, layout): replayed only
+        #: for a live cache whose buffers are exactly there, so they stay valid as long as they are kept
+        self.adopted: OrderedDict[tuple[Any, ...], _Slot] = OrderedDict()
         self.mempool = torch.cuda.graph_pool_handle()
 
     @property
@@ -445,20 +519,63 @@ class _StaticPool:
         slot.take(cache)
         return slot
 
+    def adopt(self, cache: Any, kblock: torch.Tensor, vblock: torch.Tensor) -> _Slot | None:
+        """The slot standing for the GPU tier's blocks ``[layers, 1, kv_heads, cap, dim]``, given to
+        ``cache``; ``None`` while another live cache uses them."""
+        key = (kblock.data_ptr(), vblock.data_ptr(), tuple(kblock.shape), kblock.dtype)
+        slot = self.adopted.get(key)
+        if slot is None:
+            slot = _Slot(self, tuple(kblock.shape[1:]), kblock.dtype, lent=(kblock, vblock))  # type: ignore[arg-type]
+            self.adopted[key] = slot
+            while len(self.adopted) > _LENT_GRAPH_SETS:
+                victim = next((k for k, s in self.adopted.items() if s.free()), None)
+                if victim is None:
+                    break
+                del self.adopted[victim]
+        elif not slot.free():
+            gc.collect()  # a finished request's cache may be waiting in a reference cycle
+            if not slot.free():
+                return None
+        self.adopted.move_to_end(key)
+        slot.take(cache)
+        return slot
+
+
+#: Blocks lent by the GPU tier whose step graphs are kept (least recently used dropped first).
+_LENT_GRAPH_SETS = 32
+
 
 class _Slot:
-    """Per-layer K/V buffers ``[1, kv_heads, cap, dim]`` at fixed addresses and their step graphs."""
+    """Per-layer K/V buffers ``[1, kv_heads, cap, dim]`` at fixed addresses and their step graphs.
 
-    def __init__(self, pool: _StaticPool, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    A slot either owns its buffers (made here, kept by the pool) or stands for a block lent by the
+    GPU tier (``lent``: the buffers are the block's, held by the tier and the cache using it; the
+    slot keeps only their addresses and its graphs).
+    """
+
+    def __init__(
+        self,
+        pool: _StaticPool,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        lent: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.pool = pool
         self.dec = pool.dec
         self.cap = shape[2]
         self.dtype = dtype
         n_layers = len(self.dec.inner.layers)
-        # one block per K and V, layers as views: the engine fills all layers with one strided copy
-        self.k = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
-        self.v = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
-        self.nbytes = 2 * n_layers * self.k[0].numel() * self.k[0].element_size()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        if lent is None:
+            # one block per K and V, layers as views: the engine fills all layers with one strided copy
+            self.k = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
+            self.v = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
+            self.k_ptr, self.v_ptr = self.k[0].data_ptr(), self.v[0].data_ptr()
+            self.nbytes = 2 * n_layers * self.k[0].numel() * self.k[0].element_size()
+        else:
+            self.k_ptr, self.v_ptr = lent[0].data_ptr(), lent[1].data_ptr()
+            self.nbytes = 0  # the tier's memory
         self.steps: dict[int, _StepGraph | None] = {}
         self._owner: weakref.ref[Any] | None = None
 
@@ -474,11 +591,14 @@ class _Slot:
         """One step through the whole-step graph, or ``None`` when ``cache`` no longer fits the slot."""
         first = cache.layers[0]
         size = _bucket_size(input_ids.shape[1])
-        if getattr(first, "_k", None) is not self.k[0] or first._len + size > self.cap:
+        kb, vb = getattr(first, "_k", None), getattr(first, "_v", None)
+        if kb is None or vb is None or kb.data_ptr() != self.k_ptr or vb.data_ptr() != self.v_ptr:
             return None  # the cache outgrew its buffers (or never had them)
+        if kb.shape[-2] != self.cap or first._len + size > self.cap:
+            return None
         if size not in self.steps:
             try:
-                self.steps[size] = _StepGraph(self, size, first._len)
+                self.steps[size] = _StepGraph(self, size, cache)
             except RuntimeError as exc:  # capture or the varlen kernel refused: per-layer path from now on
                 warnings.warn(f"kv-rag: whole-step CUDA graph unavailable ({exc})", stacklevel=3)
                 self.steps[size] = None
@@ -493,7 +613,7 @@ class _StepGraph:
     row to write, real tokens). Output: float32 logits of the last real token.
     """
 
-    def __init__(self, slot: _Slot, size: int, free_from: int) -> None:
+    def __init__(self, slot: _Slot, size: int, cache: Any) -> None:
         self.slot = slot
         self.dec = slot.dec
         self.size = size
@@ -513,37 +633,41 @@ class _StepGraph:
         cur = torch.cuda.current_stream(dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(cur)
+        bufs = _buffers(cache)
         with torch.cuda.stream(side):
             try:  # warm-up: compiles, makes handles and workspaces; raises if a kernel refuses
-                self.body()
+                self.body(*bufs)
             except Exception as exc:
                 kern = self.dec.kernels()[0]
                 if not kern.compiled:
                     raise
                 warnings.warn(f"kv-rag: compiled layer functions failed ({exc}); using plain ones", stacklevel=4)
                 kern.plain()
-                self.body()
+                self.body(*bufs)
         cur.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool.mempool):
-            self.logits = self.body()
+            self.logits = self.body(*bufs)
         self.graph = graph
 
-    def body(self) -> torch.Tensor:
-        """The step: embed, every layer (append + attention), head of the last real row."""
-        dec, slot, meta = self.dec, self.slot, self.meta
+    def body(self, kbufs: list[torch.Tensor], vbufs: list[torch.Tensor]) -> torch.Tensor:
+        """The step: embed, every layer (append + attention), head of the last real row.
+
+        ``kbufs``/``vbufs``: the cache's per-layer buffers (the slot's, at the slot's addresses).
+        """
+        dec, meta = self.dec, self.meta
         h, cos, sin = dec.embed(self.ids, (meta[0] + self.rows).unsqueeze(0))
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, n, 1, dim]
         rows = meta[1] + self.rows
         bounds = ((meta[1] * self.splits) // self.n_splits).to(torch.int32)
         used = bounds[1:] - bounds[:-1]
         kern, w_pre, w_post, eps = dec.kernels()
-        for i in range(len(slot.k)):
+        for i in range(len(kbufs)):
             if dec.fusable:
                 q, k, v = kern.pre(h, cos, sin, w_pre[i], eps, dec.head_dim)
             else:
                 q, k, v = dec.pre_rows(i, h, cos, sin)
-            kb, vb = slot.k[i], slot.v[i]
+            kb, vb = kbufs[i], vbufs[i]
             kb.index_copy_(2, rows, k.transpose(1, 2))
             vb.index_copy_(2, rows, v.transpose(1, 2))
             o = self.attend(kern, q, k, v, kb, vb, bounds, used)
@@ -601,7 +725,7 @@ class _StepGraph:
             self.graph.replay()
             out = self.logits
         else:
-            out = self.body()
+            out = self.body(*_buffers(cache))
         end = first + n
         for cl in cache.layers:
             cl._len = end

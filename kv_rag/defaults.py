@@ -17,6 +17,17 @@ MEMORY_TIER_BYTES = 2 * 1024**3
 #: Bytes the GPU tier may hold (artifacts resident in GPU memory) before it evicts.
 GPU_TIER_BYTES = 8 * 1024**3
 
+#: Artifacts of at least this many tokens are kept in the GPU tier inside a block laid out like a
+#: request's cache, with room after them (and before them, for the prefix), so that a hit can use
+#: the tier's block as the request's cache without copying the KV (see ``GpuTier``).
+GPU_TIER_ROOMY_FROM = 8192
+
+#: Rows of room after such an artifact: the question, the answer and one padded step must fit.
+GPU_TIER_ROOM = 2048
+
+#: Most rows kept free before such an artifact (its start: the chain before it, e.g. the prefix).
+GPU_TIER_LEAD = 2048
+
 #: Bytes the pinned host-memory tier may hold before it evicts.
 PINNED_TIER_BYTES = 16 * 1024**3
 

@@ -242,6 +242,7 @@ class Engine:
         # 1. the longest cached chain
         reports: list[SegmentReport] = []
         hits: list[Artifact] = []
+        last_tier: str | None = None
         pos = 0
         first_uncached = n_seg
         for i, seg in enumerate(tp.segments):
@@ -251,6 +252,7 @@ class Engine:
                 break
             if hit is not None:
                 hits.append(hit.artifact)
+                last_tier = hit.tier
             reports.append(report(i, CacheStatus.HIT if hit else CacheStatus.NONE, hit.tier if hit else None))
             pos += len(seg)
         # 2. prefill the rest on top of it
@@ -259,7 +261,15 @@ class Engine:
         # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
         ids = torch.tensor([rest or tp.ids[-1:]], dtype=torch.long, device=loaded.device)
         cache = _cache_from_artifacts(
-            hits, loaded.device, loaded.num_layers, len(tp) + reserve, drop_last=drop_last, model=loaded.model
+            hits,
+            loaded.device,
+            loaded.num_layers,
+            len(tp) + reserve,
+            drop_last=drop_last,
+            model=loaded.model,
+            # the last hit's rows are never rewritten, so the GPU tier may lend its block; not right
+            # after a copy-up: a new block needs new step graphs (~50 ms), while copying is cheaper once
+            adopt=not drop_last and last_tier == "gpu",
         )
         if drop_last:
             rest = tp.ids[-1:]
@@ -536,8 +546,10 @@ def _cache_from_artifacts(
     capacity: int,
     drop_last: bool = False,
     model: Any = None,
+    adopt: bool = False,
 ) -> Any:
-    """A cache holding the artifacts' KV in order (each copied once, to ``device``; ``model``: see ``build_cache``)."""
+    """A cache holding the artifacts' KV in order (each copied once, to ``device``; ``model``, ``adopt``:
+    see ``build_cache``)."""
     if not arts:
         return build_cache(None, None, num_layers, capacity, model=model)
     end = -1 if drop_last else None
@@ -550,7 +562,7 @@ def _cache_from_artifacts(
             ks[-1], vs[-1] = ks[-1][..., :end, :], vs[-1][..., :end, :]
         keys.append(ks)
         values.append(vs)
-    return build_cache(keys, values, num_layers, capacity, model=model)
+    return build_cache(keys, values, num_layers, capacity, model=model, adopt=adopt)
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

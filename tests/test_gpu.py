@@ -353,3 +353,84 @@ def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
     o_new, lse_new = _attn_lse(q[0], kn, vn, causal=True)
     got = _fused.merge(o_old, lse_old, o_new.transpose(0, 1).unsqueeze(0), lse_new.unsqueeze(0), splits, n)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def _art_at(key: str, start: int, tokens: int, layers: int = 2) -> Artifact:
+    a = _art(key, tokens, layers)
+    meta = ArtifactMeta(key, "m", "t", "d", tokens, start, "", "float32", {}, {})
+    return Artifact(a.keys, a.values, a.token_ids, meta).sealed()
+
+
+def test_gpu_tier_keeps_long_artifacts_in_cache_shaped_blocks_with_room() -> None:
+    from kv_rag.store.device import roomy_block
+
+    tier = GpuTier(1 << 20, device="cpu", roomy_from=8, room=5, lead=4)
+    a = _art_at("a", start=3, tokens=8)
+    tier.put("a", a)
+    got = tier.get("a")
+    assert got is not None
+    kb, vb = roomy_block(got.keys[0], 2), roomy_block(got.values[1], 2)
+    assert kb is not None and vb is not None and kb.shape == (2, 1, 2, 3 + 8 + 5, 4)
+    for layer in range(2):  # each layer's artifact rows sit at its start row of the block
+        assert got.keys[layer].data_ptr() == kb[layer, 0, :, 3].data_ptr()
+        assert torch.equal(got.keys[layer], a.keys[layer]) and torch.equal(got.values[layer], a.values[layer])
+    assert got.checksum() == a.meta.checksum
+    assert tier.footprint(got) == 2 * kb.numel() * kb.element_size() + a.token_ids.numel() * 4 > got.nbytes
+    assert tier.nbytes == tier.footprint(got)
+    tier.put("a", got)  # already in place: kept as it is
+    again = tier.get("a")
+    assert again is not None and again.keys[0].data_ptr() == got.keys[0].data_ptr()
+    for key, art in (("short", _art_at("short", 0, 7)), ("late", _art_at("late", 5, 8))):
+        tier.put(key, art)  # too short, or starting past the lead: compact
+        kept = tier.get(key)
+        assert kept is not None and tier.footprint(kept) == kept.nbytes
+        block = roomy_block(kept.keys[0], 2)  # one block, rows = the artifact's tokens: no room
+        assert block is not None and block.shape[3] == art.meta.num_tokens
+    pinned = PinnedTier(1 << 20)
+    pinned.put("a", got)  # copied down from the roomy views: the same values
+    down = pinned.get("a")
+    assert down is not None and down.checksum() == a.meta.checksum
+    tier.delete("a")
+    assert tier.nbytes == sum(tier.footprint(x) for x in (tier.get("short"), tier.get("late")) if x is not None)
+
+
+def _roomy_engine(model: Any, tok: Any, roomy_from: int) -> Engine:
+    return Engine(model, tokenizer=tok, store=Store([GpuTier(1 << 30, roomy_from=roomy_from, room=1024)]))
+
+
+@cuda
+def test_cuda_gpu_tier_hit_uses_the_tier_block_without_copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kv_rag.store.device import roomy_block
+
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model, tok = _tiny("qwen3", head_dim=32)
+    model.to("cuda", torch.bfloat16)
+    doc = "Kettles sing when the water inside them nears its boiling point. " * 12
+    lent, copied = _roomy_engine(model, tok, 64), _roomy_engine(model, tok, 1 << 30)  # the prefix stays compact
+    prompt = lent.prompt("Why do kettles sing?", [doc])
+    tp = lent.tokenize(prompt)
+    for eng in (lent, copied):
+        eng.publish([doc])
+    keys = lent.segment_keys(tp)
+    assert len(tp.segments) == 2 and tp.is_document == (False, True)
+    art = lent.store.tiers[0].get(keys[-1])  # the document: the last cached segment
+    assert art is not None
+    block = roomy_block(art.keys[0], art.num_layers)
+    assert block is not None
+    before = art.checksum()
+    with torch.inference_mode():
+        pre = lent.prefill(tp, reserve=20)
+        assert pre.cached_tokens == len(tp) - len(tp.suffix)
+        assert pre.cache.layers[0]._k.data_ptr() == block.data_ptr()  # the tier's block: no copy
+        other = lent.prefill(tp, reserve=20)  # the block is in use: this one copies
+        assert other.cache.layers[0]._k.data_ptr() != block.data_ptr()
+        assert torch.equal(pre.logits, other.logits) or (pre.logits - other.logits).abs().max().item() <= 5e-2
+        ref = lent.reference_logits(tp.ids)
+        assert (pre.logits - ref).abs().max().item() <= 5e-2
+        del pre, other
+    hit = lent.generate(prompt, max_new_tokens=16)
+    base = copied.generate(prompt, max_new_tokens=16)
+    assert any(s.tier == "gpu" for s in hit.segments)
+    assert hit.token_ids == base.token_ids
+    after = lent.store.tiers[0].get(keys[-1])
+    assert after is not None and after.checksum() == before == art.meta.checksum  # the tier's rows untouched

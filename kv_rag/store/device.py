@@ -4,8 +4,13 @@ Both are :class:`~kv_rag.store.memory.MemoryTier` (LRU by bytes, thread-safe, pe
 move the tensors of every artifact they are given once, at ``put``:
 
 * :class:`GpuTier` holds keys and values on the model's device, so a hit costs one
-  device-to-device copy into the request's cache. Token ids stay on the host (the engine
-  compares them with the request's ids without a device round trip).
+  device-to-device copy into the request's cache. Long artifacts (``roomy_from`` tokens and more)
+  put by the engine are kept inside a block laid out like a request's cache (``[layers, 1,
+  kv_heads, rows, dim]``, the artifact at its own start row, room after it): a later hit of the
+  chain that ends with such an artifact uses the block as the request's cache, without copying
+  the KV at all (see :func:`kv_rag._fastpath.adopt_buffers`). Copies up from pinned memory stay
+  compact: one DMA is the fastest way up, and a strided destination would stage it. Token ids stay on the host (the engine compares them
+  with the request's ids without a device round trip).
 * :class:`PinnedTier` holds them in page-locked host memory, so that the copy up to the GPU runs
   at the bus's full speed and asynchronously (``non_blocking``). Without CUDA, pinning is not
   possible and it keeps plain host tensors: the same tier, a plain memory tier.
@@ -22,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from ..artifact import Artifact
-from ..defaults import GPU_TIER_BYTES, PINNED_TIER_BYTES
+from ..defaults import GPU_TIER_BYTES, GPU_TIER_LEAD, GPU_TIER_ROOM, GPU_TIER_ROOMY_FROM, PINNED_TIER_BYTES
 from .memory import MemoryTier
 
 
@@ -68,6 +73,45 @@ def _stack_to(ts: tuple[torch.Tensor, ...], device: torch.device | None, pin: bo
     return tuple(block.unbind(0))
 
 
+def roomy_block(t: torch.Tensor, layers: int) -> torch.Tensor | None:
+    """The block ``[layers, 1, kv_heads, rows, dim]`` spanning ``t``'s whole storage, when ``t``
+    (``[..., kv_heads, n, dim]``) lies in it as rows of one layer; else ``None``.
+
+    Found from the storage, not from ``Tensor._base``: views made under ``inference_mode`` have none.
+    """
+    if t.dim() < 3 or layers < 1:
+        return None
+    kv_heads, _, dim = t.shape[-3:]
+    per_row = layers * kv_heads * dim * t.element_size()
+    total = t.untyped_storage().nbytes()
+    if not per_row or total % per_row:
+        return None
+    rows = total // per_row
+    if tuple(t.stride()[-3:]) != (rows * dim, dim, 1):
+        return None
+    layer = kv_heads * rows * dim
+    return t.as_strided((layers, 1, kv_heads, rows, dim), (layer, layer, rows * dim, dim, 1), 0)
+
+
+def _roomy_to(ts: tuple[torch.Tensor, ...], device: torch.device, start: int, room: int) -> tuple[torch.Tensor, ...]:
+    """``ts`` (per layer ``[kv_heads, n, dim]``) copied to rows ``start..start+n`` of a new block
+    ``[layers, 1, kv_heads, start + n + room, dim]`` on ``device``; returned as views of it."""
+    kv_heads, n, dim = ts[0].shape
+    block = torch.empty((len(ts), 1, kv_heads, start + n + room, dim), dtype=ts[0].dtype, device=device)
+    rows = block[:, 0, :, start : start + n, :]
+    whole = stacked_view(ts)
+    if whole is not None:
+        rows.copy_(whole, non_blocking=True)
+    else:
+        for dst, src in zip(rows.unbind(0), ts, strict=True):
+            dst.copy_(src, non_blocking=True)
+    return tuple(rows.unbind(0))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def pinning_available() -> bool:
     """Whether page-locked host memory can be allocated here (needs CUDA)."""
     return torch.cuda.is_available()
@@ -83,9 +127,45 @@ class GpuTier(MemoryTier):
 
     name = "gpu"
 
-    def __init__(self, max_bytes: int = GPU_TIER_BYTES, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int = GPU_TIER_BYTES,
+        device: str | torch.device | None = None,
+        *,
+        roomy_from: int = GPU_TIER_ROOMY_FROM,
+        room: int = GPU_TIER_ROOM,
+        lead: int = GPU_TIER_LEAD,
+    ) -> None:
         super().__init__(max_bytes)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: artifacts of at least this many tokens (starting at most ``lead`` rows in) are kept roomy
+        self.roomy_from = roomy_from
+        #: rows of room after a roomy artifact
+        self.room = room
+        self.lead = lead
+
+    def footprint(self, artifact: Artifact) -> int:
+        """Bytes ``artifact`` holds here: its whole blocks when it lies in roomy blocks."""
+        n = artifact.num_layers
+        blocks = [roomy_block(t, n) for t in (artifact.keys[0], artifact.values[0])] if n else []
+        if blocks and all(b is not None for b in blocks):
+            return sum(b.numel() * b.element_size() for b in blocks if b is not None) + (
+                artifact.token_ids.numel() * artifact.token_ids.element_size()
+            )
+        return artifact.nbytes
+
+    def _roomy(self, artifact: Artifact) -> bool:
+        ts = (*artifact.keys, *artifact.values)
+        return (
+            artifact.meta.num_tokens >= self.roomy_from
+            # from pinned memory (a copy-up from the pinned tier) one DMA into a compact block is the
+            # fastest way up: strided rows would cost a staged copy on the host-tier hit's path
+            and not (ts and ts[0].device.type == "cpu" and ts[0].is_pinned())
+            and 0 <= artifact.meta.start <= self.lead
+            and bool(ts)
+            and all(t.dim() == 3 and t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts)
+            and ts[0].shape[1] == artifact.meta.num_tokens
+        )
 
     def put(self, key: str, artifact: Artifact) -> None:
         """Keep a copy of ``artifact`` with its KV on :attr:`device` (no copy if it is there already)."""
@@ -93,6 +173,17 @@ class GpuTier(MemoryTier):
             self.delete(key)
             return
         dev = self.device
+        if self._roomy(artifact):
+            start, n, layers = artifact.meta.start, artifact.meta.num_tokens, artifact.num_layers
+            kb, vb = roomy_block(artifact.keys[0], layers), roomy_block(artifact.values[0], layers)
+            here = kb is not None and vb is not None and _same_device(kb.device, dev)
+            if here and kb is not None and kb.shape[3] >= start + n + self.room:
+                super().put(key, artifact)  # already in roomy blocks here
+                return
+            keys = _roomy_to(artifact.keys, dev, start, self.room)
+            values = _roomy_to(artifact.values, dev, start, self.room)
+            super().put(key, replace(artifact, keys=keys, values=values))
+            return
         keys, values = _stack_to(artifact.keys, dev), _stack_to(artifact.values, dev)
         if keys is artifact.keys or values is artifact.values:  # ragged: per tensor
             super().put(key, _move(artifact, lambda t: t.to(dev, non_blocking=True)))

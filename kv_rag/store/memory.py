@@ -30,6 +30,10 @@ class MemoryTier:
         """Bytes currently held."""
         return self._bytes
 
+    def footprint(self, artifact: Artifact) -> int:
+        """Bytes ``artifact`` takes in this tier (its tensors' bytes here)."""
+        return artifact.nbytes
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -43,16 +47,16 @@ class MemoryTier:
 
     def put(self, key: str, artifact: Artifact) -> None:
         """Keep ``artifact``, evicting least recently used entries to stay within ``max_bytes``."""
-        size = artifact.nbytes
+        size = self.footprint(artifact)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= self.footprint(old)
             if size > self.max_bytes:
                 return
             while self._items and self._bytes + size > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
+                self._bytes -= self.footprint(evicted)
             self._items[key] = artifact
             self._bytes += size
 
@@ -61,7 +65,7 @@ class MemoryTier:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= self.footprint(old)
 
     def clear(self) -> None:
         """Drop everything."""
