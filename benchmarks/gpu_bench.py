@@ -220,10 +220,8 @@ def run_length(
         got = {s.tier for s in pre[1].segments if s.tier}
         if got != {tier}:
             raise RuntimeError(f"expected hits from the {tier} tier, got {got}")
-        if tier == "gpu":  # did the request's cache use the tier's block (no KV copy)?
-            doc = tiers["gpu"].get(keys[-1])
-            block = roomy_block(doc.keys[0], doc.num_layers) if doc is not None else None
-            lent.append(block is not None and pre[1].cache.layers[0]._k.data_ptr() == block.data_ptr())
+        if tier == "gpu":
+            lent.append(uses_tier_block(pre[1], tiers["gpu"].get(keys[-1])))
         return dt
 
     # GPU tier (fast path), then plain transformers for the suffix on the same hit
@@ -231,6 +229,12 @@ def run_length(
     lent.clear()
     row["gpu_hit_ttft_ms"] = median_ms([hit("gpu") for _ in range(args.reps)])
     row["gpu_hit_without_kv_copy"] = f"{sum(lent)}/{len(lent)}"
+    # the same hit kept for the exactness checks below (the tier's block, when it is lent)
+    lent_pre = engine.prefill(tp, reserve=args.decode_tokens + 2)
+    lent_toks, _ = greedy(engine, lent_pre, args.decode_tokens)
+    lent_logits = lent_pre.logits
+    row["exactness_hit_without_kv_copy"] = uses_tier_block(lent_pre, tiers["gpu"].get(keys[-1]))
+    del lent_pre
     with Switch("0"):
         hit("gpu")
         row["gpu_hit_ttft_ms_plain_transformers"] = median_ms([hit("gpu") for _ in range(3)])
@@ -268,6 +272,8 @@ def run_length(
     pre = engine.prefill(tp, reserve=args.decode_tokens + 2)
     ref = engine.reference_logits(tp.ids)
     row["logits_max_abs_diff"] = float((pre.logits - ref).abs().max())
+    row["logits_max_abs_diff_gpu_tier_hit"] = float((lent_logits - ref).abs().max())
+    row["logits_gpu_tier_hit_equal_copied_hit"] = bool(torch.equal(lent_logits, pre.logits))
     row["logits_ref_max_abs"] = float(ref.abs().max())
     hit_toks, step_s = greedy(engine, pre, args.decode_tokens)
     row["static_slot"] = hasattr(pre.cache, "_kv_rag_static_slot")
@@ -295,6 +301,7 @@ def run_length(
         del tfhit
     row["greedy_checked"] = len(ref_toks)
     row["greedy_equal_prefix"] = _prefix(hit_toks, ref_toks)
+    row["greedy_gpu_tier_hit_vs_copied_hit"] = f"{_prefix(lent_toks, hit_toks)}/{len(hit_toks)}"
     row["greedy_equal_prefix_plain_transformers_hit"] = _prefix(tfhit_toks, ref_toks)
     row["greedy_equal_prefix_plain_transformers_rerun"] = _prefix(ref2_toks, ref_toks)
     row["greedy_tokens_hit"] = hit_toks[: len(ref_toks)]
@@ -316,6 +323,12 @@ def run_length(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def uses_tier_block(pre: Any, doc: Any) -> bool:
+    """Whether the request's cache is the GPU tier's block of ``doc`` (a hit without a KV copy)."""
+    block = roomy_block(doc.keys[0], doc.num_layers) if doc is not None else None
+    return block is not None and pre.cache.layers[0]._k.data_ptr() == block.data_ptr()
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
