@@ -394,6 +394,23 @@ def test_gpu_tier_keeps_long_artifacts_in_cache_shaped_blocks_with_room() -> Non
     assert tier.nbytes == sum(tier.footprint(x) for x in (tier.get("short"), tier.get("late")) if x is not None)
 
 
+def test_lent_block_is_found_only_where_the_pieces_belong() -> None:
+    tier = GpuTier(1 << 20, device="cpu", roomy_from=8, room=5, lead=4)
+    tier.put("a", _art_at("a", start=3, tokens=8))
+    tier.put("c", _art_at("c", start=0, tokens=7))  # compact
+    a, c = tier.get("a"), tier.get("c")
+    assert a is not None and c is not None
+    pieces = [k.unsqueeze(0) for k in a.keys]  # as the engine passes them: [1, kv_heads, n, dim]
+    block = _fastpath._block_rows(pieces, 3)
+    assert block is not None and block.shape == (2, 1, 2, 16, 4)
+    assert _fastpath._block_rows(pieces, 2) is None  # not at the row where it belongs
+    assert _fastpath._block_rows(pieces[::-1], 3) is None  # layers out of order
+    assert _fastpath._block_rows([k.unsqueeze(0) for k in a.values], 3) is not None
+    assert _fastpath._block_rows([k.unsqueeze(0).clone() for k in a.keys], 3) is None  # a copy
+    compact = _fastpath._block_rows([k.unsqueeze(0) for k in c.keys], 0)
+    assert compact is not None and compact.shape[3] == 7  # found, but no room: adopt_buffers refuses it
+
+
 def _roomy_engine(model: Any, tok: Any, roomy_from: int) -> Engine:
     return Engine(model, tokenizer=tok, store=Store([GpuTier(1 << 30, roomy_from=roomy_from, room=1024)]))
 
