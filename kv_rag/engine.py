@@ -17,6 +17,7 @@ from ._compat import build_cache, cache_layers, forward
 from .artifact import Artifact, ArtifactMeta
 from .decode import GenerationSettings, Sampler, TextStream
 from .defaults import BLEND_RECOMPUTE, SYSTEM_PROMPT
+from .docindex import document_items
 from .errors import ContextLengthError, InputError
 from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
 from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
@@ -153,23 +154,19 @@ class Engine:
         ``documents`` (text -> source, or texts) adds to the documents this process has published
         for this model (see :meth:`publish` and :meth:`register_documents`).
         """
-        return locate(text, self._known(documents))
+        loaded = self.loaded
+        with loaded.lock:
+            return locate(text, loaded.documents, documents)
 
     def prompt_from_messages(
         self, messages: Sequence[Mapping[str, str]], documents: Mapping[str, str] | Sequence[str] | None = None
     ) -> Prompt:
         """Chat messages rendered with the model's chat template, split at known documents."""
-        return locate(render_messages(self.tokenizer, messages), self._known(documents))
+        return self.prompt_from_text(render_messages(self.tokenizer, messages), documents)
 
     def register_documents(self, documents: Mapping[str, str] | Sequence[str]) -> None:
         """Remember document texts (-> source) so that prompts containing them are split there."""
-        self.loaded.remember_documents(_doc_items(documents))
-
-    def _known(self, extra: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
-        with self.loaded.lock:
-            known = dict(self.loaded.documents)
-        known.update(_doc_items(extra or ()))
-        return known
+        self.loaded.remember_documents(document_items(documents))
 
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt``."""
@@ -520,12 +517,6 @@ class Stream(Iterator[str]):
     def close(self) -> None:
         """Stop generating early (no result is recorded)."""
         self._gen.close()
-
-
-def _doc_items(documents: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
-    if isinstance(documents, Mapping):
-        return [(str(t), str(s)) for t, s in documents.items()]
-    return [(d, f"doc{i}") for i, d in enumerate(documents)]
 
 
 def _recompute_fraction(mode: Mode, recompute: float | None) -> float:

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from ._attention import use_grouped_sdpa
 from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
+from .docindex import DocumentIndex
 from .errors import ModelLoadError
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
 
@@ -41,10 +41,9 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     #: document text -> source, for documents published in this process (see Engine.prompt_from_text),
     #: least recently registered first; bounded by :meth:`remember_documents`
-    documents: OrderedDict[str, str] = field(default_factory=OrderedDict, repr=False)
+    documents: DocumentIndex = field(default_factory=DocumentIndex, repr=False)
     #: per-model facts computed once by other modules (the rotary shift, warnings already shown)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
-    _document_chars: int = field(default=0, repr=False)
     _fingerprint: ModelFingerprint | None = field(default=None, repr=False)
     _tokenizer_digest: str | None = field(default=None, repr=False)
 
@@ -52,18 +51,7 @@ class LoadedModel:
         """Add ``(text, source)`` pairs to :attr:`documents` (a known text keeps its first source and
         becomes the most recent), then forget the least recent until at most ``max_chars`` remain."""
         with self.lock:
-            docs = self.documents
-            for text, src in items:
-                if not text.strip():
-                    continue
-                if text in docs:
-                    docs.move_to_end(text)
-                else:
-                    docs[text] = src
-                    self._document_chars += len(text)
-            while self._document_chars > max_chars and len(docs) > 1:
-                old, _ = docs.popitem(last=False)
-                self._document_chars -= len(old)
+            self.documents.remember(items, max_chars)
 
     @property
     def fingerprint(self) -> ModelFingerprint:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .docindex import DocumentIndex, choose, document_items, find_occurrences
 from .errors import InputError
 
 _SENTINEL = "\x00KVRAG_USER\x00"
@@ -162,31 +163,30 @@ def build_prompt(
     return Prompt.from_parts(head, docs, f"Question: {question}{tail}", sources)
 
 
-def locate(text: str, documents: Mapping[str, str] | Sequence[str]) -> Prompt:
+def locate(
+    text: str,
+    documents: Mapping[str, str] | Sequence[str],
+    extra: Mapping[str, str] | Sequence[str] | None = None,
+) -> Prompt:
     """Split ``text`` at every verbatim occurrence of a known document.
 
-    ``documents`` maps document text to its source (or is a sequence of texts). Occurrences are
-    taken left to right, longer documents first where they overlap; each document text may occur
-    several times. A text with no known document is one plain segment.
+    ``documents`` maps document text to its source (or is a sequence of texts, or a
+    :class:`~kv_rag.docindex.DocumentIndex`); ``extra`` adds more (its sources win). Occurrences
+    are taken longer documents first where they overlap, then left to right; each document text
+    may occur several times. A text with no known document is one plain segment.
     """
     if not isinstance(text, str) or not text:
         raise InputError("the prompt is empty: pass the text to complete")
-    known = dict(documents) if isinstance(documents, Mapping) else {d: f"doc{i}" for i, d in enumerate(documents)}
-    spans: list[tuple[int, int, str]] = []
-    for doc in sorted((d for d in known if d.strip()), key=len, reverse=True):
-        start = text.find(doc)
-        while start != -1:
-            end = start + len(doc)
-            if all(end <= s or start >= e for s, e, _ in spans):
-                spans.append((start, end, doc))
-            start = text.find(doc, end)
-    spans.sort()
+    index = documents if isinstance(documents, DocumentIndex) else DocumentIndex(document_items(documents))
+    more = dict(document_items(extra)) if extra is not None else {}
+    found = index.occurrences(text)
+    found += find_occurrences(text, (d for d in more if d.strip() and d not in index))
     segs: list[Segment] = []
     pos = 0
-    for s, e, doc in spans:
+    for s, e, doc in choose(found):
         if s > pos:
             segs.append(Segment(text[pos:s]))
-        segs.append(Segment(doc, True, known[doc]))
+        segs.append(Segment(doc, True, more[doc] if doc in more else index[doc]))
         pos = e
     if pos < len(text):
         segs.append(Segment(text[pos:]))

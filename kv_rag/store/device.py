@@ -9,8 +9,8 @@ move the tensors of every artifact they are given once, at ``put``:
   kv_heads, rows, dim]``, the artifact at its own start row, room after it): a later hit of the
   chain that ends with such an artifact uses the block as the request's cache, without copying
   the KV at all (see :func:`kv_rag._fastpath.adopt_buffers`). Copies up from pinned memory stay
-  compact: one DMA is the fastest way up, and a strided destination would stage it. Token ids stay on the host (the engine compares them
-  with the request's ids without a device round trip).
+  compact: one DMA is the fastest way up, and a strided destination would stage it. Token ids
+  stay on the host (the engine compares them with the request's ids without a device round trip).
 * :class:`PinnedTier` holds them in page-locked host memory, so that the copy up to the GPU runs
   at the bus's full speed and asynchronously (``non_blocking``). Without CUDA, pinning is not
   possible and it keeps plain host tensors: the same tier, a plain memory tier.
