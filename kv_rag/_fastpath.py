@@ -161,7 +161,10 @@ def adopt_buffers(
         return None
     if kb.device != device or kb.shape[3] < start + n or kb.shape[3] < capacity + MAX_FAST_TOKENS:
         return None
-    slot = dec.pool(device).adopt(cache, kb, vb)
+    pool = dec.pool(device)
+    if pool.max_bytes <= 0:  # KV_RAG_STATIC_BYTES=0: whole-step graphs are off
+        return None
+    slot = pool.adopt(cache, kb, vb)
     if slot is None:
         return None
     object.__setattr__(cache, _SLOT_ATTR, slot)
