@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
+    engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32", priming=args.priming)
     tok = engine.tokenizer
     qs = questions(tok, args.questions + 1, args.k, args.seed)
     warm = qs.pop()  # the warm-up question is not one of the measured ones
@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(),
             "shard": f"{shard}/{n_shards}",
             "selection": repr(stitch.SELECTION),
+            "priming": bool(engine.priming),
             "full": {"text": full.text, "tokens": full.token_ids, "ttft_s": full.ttft_s},
         }
         for label, mode, r in configs:
@@ -270,6 +271,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads_per_process": sorted({r.get("threads", 0) for r in rows}),
         "shards": sorted({r.get("shard", "0/1") for r in rows}),
         "blend_selection": sorted({r.get("selection", "deviation at layer 1 (v1)") for r in rows}),
+        "priming": sorted({r.get("priming", False) for r in rows}),
         "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
         "run_as": _run_as(rows),
         "table": table,
@@ -341,6 +343,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--blend", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.15, 0.3])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--priming", action="store_true", help="Engine(priming=True): moved documents computed after a filler"
+    )
     p.add_argument("--raw", default=str(RESULTS / "fidelity_raw.jsonl"))
     p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     p.add_argument("--summarize", action="store_true", help="only summarize what --raw holds")

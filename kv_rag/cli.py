@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recompute", type=float, default=None, help="blend: fraction of document tokens to recompute (default 0.15)"
     )
+    p.add_argument(
+        "--priming",
+        action="store_true",
+        help="stitch/blend: use (and store) documents computed after a fixed filler passage rather than right "
+        "after the system part (Engine(priming=True); README, Fidelity)",
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -199,6 +205,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     )
     docs = read_documents(args.docs)
     engine = _engine(args)
+    if args.priming:
+        from .stitch import PRIMING_TEXT
+
+        engine.priming = PRIMING_TEXT
     chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
     top = BM25(chunks).search(args.question, args.k)
     prompt = engine.prompt(args.question, [d.text for d in top], sources=[d.source for d in top])

@@ -59,6 +59,10 @@ class Engine:
         device: ``"cpu"``, ``"cuda"``…; default: CUDA when present.
         dtype: default float32 on CPU, bfloat16 on CUDA.
         system_prompt: the system message of prompts built by :meth:`prompt`.
+        priming: stitch and blend modes compute every document that does not directly follow the
+            system part after a fixed filler passage (``True``: :data:`kv_rag.stitch.PRIMING_TEXT`, or
+            your own text) rather than right after the system part, so that its first tokens are
+            computed mid-context; :meth:`publish` then stores both artifacts (README, "Fidelity").
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class Engine:
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         system_prompt: str = SYSTEM_PROMPT,
+        priming: bool | str = False,
     ) -> None:
         self._model_spec = model
         self._tokenizer_arg = tokenizer
@@ -78,6 +83,7 @@ class Engine:
         self._store_spec: str | Path | None = None if isinstance(store, Store) else store
         self._store: Store | None = store if isinstance(store, Store) else None
         self.system_prompt = system_prompt
+        self.priming = _priming_text(priming)
         self._loaded: models.LoadedModel | None = None
         self._init_lock = threading.Lock()
 
@@ -483,6 +489,10 @@ class Engine:
             t0 = time.perf_counter()
             pre = self.prefill(Prompt.from_parts(head, (doc,), "", (src,)), need_logits=False)
             rep = pre.segments[-1]
+            if self.priming:
+                from .stitch import publish_primed
+
+                publish_primed(self, doc, src, system)
             self.register_documents({doc: src})
             reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
         return reports
@@ -517,6 +527,19 @@ class Stream(Iterator[str]):
     def close(self) -> None:
         """Stop generating early (no result is recorded)."""
         self._gen.close()
+
+
+def _priming_text(priming: bool | str) -> str:
+    """The filler of ``Engine(priming=...)``: ``True`` is :data:`kv_rag.stitch.PRIMING_TEXT`, ``False`` none."""
+    if priming is True:
+        from .stitch import PRIMING_TEXT
+
+        return PRIMING_TEXT
+    if priming is False:
+        return ""
+    if not isinstance(priming, str) or not priming.strip():
+        raise InputError(f"priming must be True, False or a non-empty filler text, got {priming!r}")
+    return priming
 
 
 def _recompute_fraction(mode: Mode, recompute: float | None) -> float:

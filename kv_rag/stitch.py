@@ -62,17 +62,30 @@ class Selection:
     ``"leading"`` (the first tokens of every moved document, as EPIC's attention-sink fix). ``layers``:
     the layers scored (empty: every layer for attention, :data:`PROBE_LAYER` for deviation).
     ``sink``: this many leading tokens of every moved document are always recomputed, the rest of
-    the budget by ``method``. Attention falls back to deviation where there is no suffix to score
-    with or the model's attention modules have no ``q_proj``.
+    the budget by ``method``. ``span``: recompute windows of this many tokens on either side of the
+    best-scored tokens (best first, within their document) instead of single tokens, up to the same
+    budget. ``balanced``: the budget is split evenly over the moved documents, each taking its own
+    best-scored tokens (instead of the best-scored overall). Attention falls back to deviation where
+    there is no suffix to score with or the model's attention modules have no ``q_proj``.
     """
 
     method: str = "attention"
     layers: tuple[int, ...] = ()
     sink: int = 0
+    span: int = 0
+    balanced: bool = False
 
 
 #: the selection blend uses (``benchmarks/blend_selection.py`` compares the alternatives)
 SELECTION = Selection()
+
+#: the filler a primed document is computed after (``Engine(priming=True)``): a neutral passage that
+#: ends with the document separator, so that a moved document's first tokens are computed mid-context
+#: (as in a full prompt) rather than as the first text after the system part
+PRIMING_TEXT = (
+    "The following documents were retrieved from a collection of reference material. Each one is a "
+    "self-contained passage that may or may not be relevant to the question asked after them."
+)
 
 
 class _StopProbe(Exception):
@@ -105,6 +118,29 @@ def shifter_for(engine: Engine) -> RotaryShift:
     if isinstance(got, UnsupportedModelError):
         raise got
     return got
+
+
+def primed_prefix(engine: Engine, system: str | None = None) -> tuple[tuple[tuple[int, ...], ...], str]:
+    """Segments (fixed prefix, ``engine.priming`` filler, separator) and chain key a moved document is
+    computed after when priming is on."""
+    head = chat_frame(engine.tokenizer, engine.system_prompt if system is None else system)[0]
+    tp = engine.tokenize(Prompt.from_parts(head, (engine.priming, "x"), ""))
+    segs = tp.segments[:-1]
+    return segs, engine.segment_keys(TokenizedPrompt(segs, ()))[-1]
+
+
+def publish_primed(engine: Engine, document: str, source: str, system: str | None = None) -> int:
+    """Compute and store ``document``'s primed artifact (after :func:`primed_prefix`) unless stored.
+
+    Returns the tokens stored (0 on a hit). Takes the model's lock.
+    """
+    head = chat_frame(engine.tokenizer, engine.system_prompt if system is None else system)[0]
+    doc_ids = engine.tokenize(Prompt.from_parts(head, (document,), "")).segments[1]
+    segs, _ = primed_prefix(engine, system)
+    n = len(segs)
+    sub = TokenizedPrompt((*segs, doc_ids), (), (False,) * n + (True,), ("text",) * n + (source,))
+    with engine.loaded.lock, torch.inference_mode():
+        return engine._prefill_locked(sub, True, False, 0, time.perf_counter()).stored_tokens
 
 
 def fixed_prefix(engine: Engine) -> tuple[tuple[int, ...], str]:
@@ -284,9 +320,13 @@ class _Assembler:
         engine, tp = self.engine, self.tp
         seg = tp.segments[i]
         head_ids, head_key = fixed_prefix(engine)
+        dst = self.starts[i]
+        head_segs: tuple[tuple[int, ...], ...] = (head_ids,)
+        if engine.priming and not (dst == len(head_ids) and tuple(tp.ids[:dst]) == tuple(head_ids)):
+            head_segs, head_key = primed_prefix(engine)
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
         key = chain_key_of_digest(head_key, fp, tok, tp.digest(i))
-        src_start = len(head_ids)
+        src_start = sum(len(h) for h in head_segs)
         hit = engine.store.get(key, accept=engine._acceptor(tp, i, src_start))
         stored = 0
         if hit is not None:
@@ -294,13 +334,13 @@ class _Assembler:
             values = [v.to(self.device, non_blocking=True).unsqueeze(0) for v in hit.artifact.values]
             report = SegmentReport(tp.source(i), len(seg), CacheStatus.HIT, key, hit.tier, True)
         else:
-            sub = TokenizedPrompt((head_ids, seg), (), (False, True), ("text", tp.source(i)))
+            n_h = len(head_segs)
+            sub = TokenizedPrompt((*head_segs, seg), (), (False,) * n_h + (True,), ("text",) * n_h + (tp.source(i),))
             pre = engine._prefill_locked(sub, True, False, 0, self.t0)
             keys = [k[:, :, src_start:, :] for k, _ in cache_layers(pre.cache)]
             values = [v[:, :, src_start:, :] for _, v in cache_layers(pre.cache)]
             stored = pre.stored_tokens
             report = SegmentReport(tp.source(i), len(seg), CacheStatus.MISS, key, None, True)
-        dst = self.starts[i]
         if dst != src_start:
             rot = self.shifter.rotation(src_start, dst, len(seg), self.device)
             keys = [self.shifter.shift(k, src_start, dst, rot) for k in keys]
@@ -373,12 +413,30 @@ class _Assembler:
             if scores is None:  # deviation, or no question to score with
                 layers = sel.layers if sel.method == "deviation" and sel.layers else (PROBE_LAYER,)
                 scores = self._deviation_scores(cache, rest, [min(i, n_layers - 1) for i in layers])
-            picked = rest[torch.topk(scores.cpu(), min(need, int(rest.numel()))).indices]
+            if sel.balanced:
+                picked = self._balanced(rest, scores.cpu(), need)
+            elif sel.span > 0:
+                picked = _spans(rest, scores.cpu(), need, sel.span)
+            else:
+                picked = rest[torch.topk(scores.cpu(), min(need, int(rest.numel()))).indices]
         out = torch.cat([forced, picked])
         if out.numel() < n_sel:  # fewer moved tokens than asked for: fill with the others in order
             others = doc_positions[~torch.isin(doc_positions, out)]
             out = torch.cat([out, others[: n_sel - int(out.numel())]])
         return torch.sort(out).values
+
+    def _balanced(self, positions: torch.Tensor, scores: torch.Tensor, need: int) -> torch.Tensor:
+        """``need`` of ``positions``: an even share per document, each document's best-scored first."""
+        ranges = self._doc_ranges(positions)
+        parts = []
+        left = need
+        for n, (a, b) in enumerate(ranges):
+            inside = (positions >= a) & (positions < b)
+            share = min(int(inside.sum()), left // (len(ranges) - n))
+            idx = torch.nonzero(inside).flatten()
+            parts.append(positions[idx[torch.topk(scores[idx], share).indices]])
+            left -= share
+        return torch.cat(parts) if parts else positions[:0]
 
     def _doc_ranges(self, positions: torch.Tensor) -> list[tuple[int, int]]:
         """(start, end) of every document segment that holds one of ``positions``."""
@@ -536,6 +594,37 @@ class _Assembler:
             dv = (fresh_v - old_v).pow(2).sum(dim=(0, 2)) / fresh_v.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
             total += dk + dv
         return total
+
+
+def _spans(positions: torch.Tensor, scores: torch.Tensor, need: int, span: int) -> torch.Tensor:
+    """Up to ``need`` of ``positions``: windows of ``span`` tokens either side of the best-scored ones.
+
+    Seeds are taken best first; each adds the candidate positions within ``span`` of it (a window
+    stops at a gap in ``positions``, i.e. at a document's edge), nearest first, until ``need``.
+    """
+    pos = positions.tolist()
+    index = {p: j for j, p in enumerate(pos)}
+    taken = torch.zeros(len(pos), dtype=torch.bool)
+    count = 0
+    for j in torch.argsort(scores, descending=True).tolist():
+        if count >= need:
+            break
+        if taken[j]:
+            continue
+        p = pos[j]
+        for d in range(span + 1):
+            for q in (p - d, p + d) if d else (p,):
+                k = index.get(q)
+                if k is not None and not taken[k] and count < need and _same_run(pos, j, k):
+                    taken[k] = True
+                    count += 1
+    return positions[taken]
+
+
+def _same_run(pos: list[int], a: int, b: int) -> bool:
+    """Whether candidates ``a`` and ``b`` are joined by consecutive positions (no gap between them)."""
+    lo, hi = min(a, b), max(a, b)
+    return pos[hi] - pos[lo] == hi - lo
 
 
 def _decoder_layers(model: Any, num_layers: int) -> Any:

@@ -286,3 +286,80 @@ def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str])
     chosen = picked[0]
     assert pre.recomputed_tokens == chosen.numel() > 0
     assert not bool(((chosen >= start) & (chosen < end)).any())
+
+
+def test_priming_moves_primed_kv_and_keeps_the_endpoints(embedded: object, tmp_path: Path, texts: list[str]) -> None:
+    """Primed stitching: the first document stays exact, a moved one is its KV computed after the filler, moved."""
+    from kv_rag import stitch
+    from kv_rag.prompt import TokenizedPrompt
+
+    with pytest.raises(InputError, match="priming"):
+        Engine(None, store="memory", priming=" ")
+    eng = Engine(None, store=tmp_path / "primed", device="cpu", dtype="float32", priming=True)
+    assert eng.priming == stitch.PRIMING_TEXT
+    one = eng.prompt(QUESTION, texts[:1])
+    pre1 = eng.prefill(one, mode="stitch")
+    assert pre1.logits is not None
+    assert float((pre1.logits - eng.reference_logits(eng.tokenize(one).ids)).abs().max()) <= TOL
+
+    eng.publish(texts[:2])  # stores the plain and the primed artifact of each
+    prompt = eng.prompt(QUESTION, texts[:2])
+    tp = eng.tokenize(prompt)
+    st = eng.prefill(prompt, mode="stitch")
+    docs = [s for s in st.segments if s.document]
+    assert [d.cache for d in docs] == [CacheStatus.HIT, CacheStatus.HIT]
+    assert docs[0].key == eng.document_key(texts[0])
+    assert docs[1].key != eng.document_key(texts[1])  # the primed artifact, not the plain one
+
+    # the moved document's KV is a prefill of prefix + filler + separator + document, keys moved
+    i = [j for j in range(len(tp.segments)) if tp.document(j)][1]
+    doc_ids = tp.segments[i]
+    dst, n = sum(len(s) for s in tp.segments[:i]), len(doc_ids)
+    segs, _ = stitch.primed_prefix(eng)
+    lead = [t for s in segs for t in s]
+    direct = eng.prefill(TokenizedPrompt((tuple(lead) + doc_ids,), ()), use_cache=False)
+    src = len(lead)
+    assert src > len(segs[0])  # computed after the filler, not right after the prefix
+    shifter = stitch.shifter_for(eng)
+    rot = shifter.rotation(src, dst, n)
+    for (k, v), (dk, dv) in zip(_layers(st.cache), _layers(direct.cache), strict=True):
+        want_k = shifter.shift(dk[:, :, src : src + n], src, dst, rot)
+        assert float((k[:, :, dst : dst + n] - want_k).abs().max()) <= TOL
+        assert float((v[:, :, dst : dst + n] - dv[:, :, src : src + n]).abs().max()) <= TOL
+
+    # other KV than unprimed stitching; blend r=1 is still the full prefill
+    plain = Engine(None, store="memory", device="cpu", dtype="float32")
+    unprimed = plain.prefill(prompt, mode="stitch")
+    assert st.logits is not None and unprimed.logits is not None
+    assert float((st.logits - unprimed.logits).abs().max()) > 1e-3
+    b1 = eng.prefill(prompt, mode="blend", recompute=1.0)
+    assert b1.logits is not None
+    assert float((b1.logits - eng.reference_logits(tp.ids)).abs().max()) <= TOL
+
+
+def test_cli_ask_priming(
+    capsys: pytest.CaptureFixture[str], embedded: object, tmp_path: Path, corpus_dir: Path
+) -> None:
+    import json
+
+    from kv_rag.cli import main
+
+    base = ["ask", "What does the else clause of a for loop do?", "--docs", str(corpus_dir), "--json"]
+    base += ["--store", str(tmp_path / "store"), "--max-new-tokens", "2", "--chunk-tokens", "200", "--k", "2"]
+    assert main([*base, "--mode", "stitch"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--mode", "stitch", "--priming"]) == 0
+    primed = json.loads(capsys.readouterr().out)
+    assert primed["mode"] == "stitch"
+    assert [d["cache"] for d in primed["docs"]] == ["hit", "miss"]  # the moved document's primed artifact is new
+    assert primed["docs"][0]["key"] == plain["docs"][0]["key"] and primed["docs"][1]["key"] != plain["docs"][1]["key"]
+
+
+def test_span_selection_takes_windows_within_documents() -> None:
+    from kv_rag.stitch import _spans
+
+    positions = torch.tensor([1, 2, 3, 4, 5, 10, 11, 12, 13])
+    scores = torch.tensor([0.0, 0, 5, 0, 0, 0, 0, 0, 9])
+    # best seed 13: window 11..13 (no 14, 15); then seed 3: 3 and its nearest neighbours until the budget
+    assert _spans(positions, scores, 5, 2).tolist() == [2, 3, 11, 12, 13]
+    assert _spans(positions, scores, 9, 1).tolist() == positions.tolist()
