@@ -363,3 +363,31 @@ def test_span_selection_takes_windows_within_documents() -> None:
     # best seed 13: window 11..13 (no 14, 15); then seed 3: 3 and its nearest neighbours until the budget
     assert _spans(positions, scores, 5, 2).tolist() == [2, 3, 11, 12, 13]
     assert _spans(positions, scores, 9, 1).tolist() == positions.tolist()
+
+
+def test_balanced_selection_splits_the_budget_over_moved_documents(engine: Engine, texts: list[str]) -> None:
+    from kv_rag import stitch
+
+    prompt = engine.prompt(QUESTION, texts)
+    tp = engine.tokenize(prompt)
+    engine.publish(texts)
+    picked: list[torch.Tensor] = []
+    orig = stitch._Assembler._choose
+
+    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
+        picked.append(orig(self, cache, positions, n))
+        return picked[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stitch._Assembler, "_choose", spy)
+        mp.setattr(stitch, "SELECTION", stitch.Selection(balanced=True))
+        pre = engine.prefill(prompt, mode="blend", recompute=0.2)
+    chosen = picked[0]
+    assert pre.recomputed_tokens == chosen.numel() > 0
+    docs = [i for i in range(len(tp.segments)) if tp.document(i)]
+    starts = [sum(len(s) for s in tp.segments[:i]) for i in docs]
+    counts = [
+        int(((chosen >= a) & (chosen < a + len(tp.segments[i]))).sum()) for a, i in zip(starts, docs, strict=True)
+    ]
+    assert counts[0] == 0  # the first document is not moved
+    assert abs(counts[1] - counts[2]) <= 1 and counts[1] + counts[2] == chosen.numel()
