@@ -10,7 +10,9 @@ import torch
 from tiny import LLAMA3_ROPE, tiny_model
 
 from kv_rag import CacheStatus, Engine, InputError, Mode
+from kv_rag.engine import Prefill
 from kv_rag.prompt import Prompt, Segment
+from kv_rag.stitch import Selection
 
 QUESTION = "Which statement is described first? Answer briefly."
 TOL = 1e-4
@@ -263,16 +265,11 @@ def test_blend_attention_scores_match_the_models_attention(
     assert torch.allclose(got["scores"], want, atol=1e-4, rtol=0)
 
 
-def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str]) -> None:
-    """The first document sits right after the prefix it was computed after: its KV is exact, never recomputed."""
+def _blend_choice(engine: Engine, prompt: Prompt, selection: Selection | None = None) -> tuple[Prefill, torch.Tensor]:
+    """Blend at r=0.2 (with ``selection`` instead of the default, if given): the prefill and the
+    positions its first selection chose."""
     from kv_rag import stitch
 
-    prompt = engine.prompt(QUESTION, texts)
-    tp = engine.tokenize(prompt)
-    engine.publish(texts)
-    first = next(i for i in range(len(tp.segments)) if tp.document(i))
-    start = sum(len(s) for s in tp.segments[:first])
-    end = start + len(tp.segments[first])
     picked: list[torch.Tensor] = []
     orig = stitch._Assembler._choose
 
@@ -282,8 +279,21 @@ def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str])
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stitch._Assembler, "_choose", spy)
+        if selection is not None:
+            mp.setattr(stitch, "SELECTION", selection)
         pre = engine.prefill(prompt, mode="blend", recompute=0.2)
-    chosen = picked[0]
+    return pre, picked[0]
+
+
+def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str]) -> None:
+    """The first document sits right after the prefix it was computed after: its KV is exact, never recomputed."""
+    prompt = engine.prompt(QUESTION, texts)
+    tp = engine.tokenize(prompt)
+    engine.publish(texts)
+    first = next(i for i in range(len(tp.segments)) if tp.document(i))
+    start = sum(len(s) for s in tp.segments[:first])
+    end = start + len(tp.segments[first])
+    pre, chosen = _blend_choice(engine, prompt)
     assert pre.recomputed_tokens == chosen.numel() > 0
     assert not bool(((chosen >= start) & (chosen < end)).any())
 
@@ -366,23 +376,11 @@ def test_span_selection_takes_windows_within_documents() -> None:
 
 
 def test_balanced_selection_splits_the_budget_over_moved_documents(engine: Engine, texts: list[str]) -> None:
-    from kv_rag import stitch
 
     prompt = engine.prompt(QUESTION, texts)
     tp = engine.tokenize(prompt)
     engine.publish(texts)
-    picked: list[torch.Tensor] = []
-    orig = stitch._Assembler._choose
-
-    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
-        picked.append(orig(self, cache, positions, n))
-        return picked[-1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stitch._Assembler, "_choose", spy)
-        mp.setattr(stitch, "SELECTION", stitch.Selection(balanced=True))
-        pre = engine.prefill(prompt, mode="blend", recompute=0.2)
-    chosen = picked[0]
+    pre, chosen = _blend_choice(engine, prompt, Selection(balanced=True))
     assert pre.recomputed_tokens == chosen.numel() > 0
     docs = [i for i in range(len(tp.segments)) if tp.document(i)]
     starts = [sum(len(s) for s in tp.segments[:i]) for i in docs]

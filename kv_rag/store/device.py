@@ -64,13 +64,19 @@ def _stack_to(ts: tuple[torch.Tensor, ...], device: torch.device | None, pin: bo
         return ts
     dev = device if device is not None else torch.device("cpu")
     block = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=dev, pin_memory=pin)
+    return _copy_layers(block, ts)
+
+
+def _copy_layers(dst: torch.Tensor, ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copy per-layer ``ts`` into ``dst`` (``[layers, ...]``): one copy when ``ts`` are equally spaced
+    views of one storage, else one per layer. Returns ``dst``'s layers as views."""
     whole = stacked_view(ts)
     if whole is not None:
-        block.copy_(whole, non_blocking=True)
+        dst.copy_(whole, non_blocking=True)
     else:
-        for dst, src in zip(block.unbind(0), ts, strict=True):
-            dst.copy_(src, non_blocking=True)
-    return tuple(block.unbind(0))
+        for d, src in zip(dst.unbind(0), ts, strict=True):
+            d.copy_(src, non_blocking=True)
+    return tuple(dst.unbind(0))
 
 
 def roomy_block(t: torch.Tensor, layers: int) -> torch.Tensor | None:
@@ -98,14 +104,7 @@ def _roomy_to(ts: tuple[torch.Tensor, ...], device: torch.device, start: int, ro
     ``[layers, 1, kv_heads, start + n + room, dim]`` on ``device``; returned as views of it."""
     kv_heads, n, dim = ts[0].shape
     block = torch.empty((len(ts), 1, kv_heads, start + n + room, dim), dtype=ts[0].dtype, device=device)
-    rows = block[:, 0, :, start : start + n, :]
-    whole = stacked_view(ts)
-    if whole is not None:
-        rows.copy_(whole, non_blocking=True)
-    else:
-        for dst, src in zip(rows.unbind(0), ts, strict=True):
-            dst.copy_(src, non_blocking=True)
-    return tuple(rows.unbind(0))
+    return _copy_layers(block[:, 0, :, start : start + n, :], ts)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
