@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -76,10 +76,8 @@ class PreallocatedLayer(DynamicLayer):
             self._v[..., : self._len, :] = v[..., : self._len, :]
         _copy_into(self._k[..., self._len : self._len + n, :], key_states)
         _copy_into(self._v[..., self._len : self._len + n, :], value_states)
-        self._len += n
-        self.keys = self._k[..., : self._len, :]
-        self.values = self._v[..., : self._len, :]
-        return self.keys, self.values
+        self.filled_to(self._len + n)
+        return cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # set just now
 
     def get_seq_length(self) -> int:
         """Number of cached tokens."""
@@ -87,10 +85,14 @@ class PreallocatedLayer(DynamicLayer):
 
     def truncate(self, length: int) -> None:
         """Forget every token from index ``length`` on (the buffer is kept)."""
-        self._len = max(0, min(self._len, length))
+        self.filled_to(max(0, min(self._len, length)))
+
+    def filled_to(self, length: int) -> None:
+        """Take the buffer's first ``length`` rows as the cached tokens (rows written into it directly)."""
+        self._len = length
         if self._k is not None and self._v is not None:
-            self.keys = self._k[..., : self._len, :]
-            self.values = self._v[..., : self._len, :]
+            self.keys = self._k[..., :length, :]
+            self.values = self._v[..., :length, :]
 
     def settle(self, length: int, index: torch.Tensor) -> None:
         """Move the tokens after ``length`` into the slots ``index`` (all ``< length``), then truncate to ``length``.
@@ -176,9 +178,7 @@ def _adopted(
                 layer.update(k, v)
     end = start + int(keys[0][-1].shape[-2])
     for layer in layers:
-        layer._len = end
-        layer.keys = layer._k[..., :end, :]  # type: ignore[index]
-        layer.values = layer._v[..., :end, :]  # type: ignore[index]
+        layer.filled_to(end)
     return cache
 
 
@@ -232,9 +232,7 @@ def _fill_static(
     else:
         torch._foreach_copy_(dst_w, src_w)
     for layer in layers:
-        layer._len = total
-        layer.keys = layer._k[..., :total, :]  # type: ignore[index]
-        layer.values = layer._v[..., :total, :]  # type: ignore[index]
+        layer.filled_to(total)
     return True
 
 

@@ -447,9 +447,7 @@ def _append(cl: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
         return cl.update(k, v)
     kb[:, :, a:b].copy_(k)
     vb[:, :, a:b].copy_(v)
-    cl._len = b
-    cl.keys = kb[:, :, :b]
-    cl.values = vb[:, :, :b]
+    cl.filled_to(b)
     return cl.keys, cl.values
 
 
@@ -729,9 +727,6 @@ class _StepGraph:
             out = self.logits
         else:
             out = self.body(*_buffers(cache))
-        end = first + n
         for cl in cache.layers:
-            cl._len = end
-            cl.keys = cl._k[..., :end, :]
-            cl.values = cl._v[..., :end, :]
+            cl.filled_to(first + n)
         return out.clone()
