@@ -35,6 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kv-rag demo
 
 lint: $(DSTAMP)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check kv_rag tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/ruff check $(LC)

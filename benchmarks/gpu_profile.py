@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures timed immediately, inside the loop that binds them)
 """Where the time of a GPU-tier hit and of a decode step goes (torch profiler + component timings).
 
-    python benchmarks/gpu_profile.py --tokenizer DIR     # on the GPU machine
+python benchmarks/gpu_profile.py --tokenizer DIR     # on the GPU machine
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def main() -> None:
     for n in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator().manual_seed(n)
         ids = [int(x) for x in torch.randint(10, 40000, (n,), generator=g)]
-        tp = TokenizedPrompt(segments=(tuple(ids[:32]), tuple(ids[32 : n - 16])), suffix=tuple(ids[n - 16 :]),
-                             is_document=(False, True))
+        tp = TokenizedPrompt(
+            segments=(tuple(ids[:32]), tuple(ids[32 : n - 16])), suffix=tuple(ids[n - 16 :]), is_document=(False, True)
+        )
         engine.prefill(tp)  # publish (miss)
         for _ in range(3):
             engine.prefill(tp)
@@ -68,8 +69,15 @@ def main() -> None:
         print("prefill (gpu hit) ms", ms(lambda: torch.argmax(engine.prefill(tp).logits).item(), dev))
         print("segment_keys ms", ms(lambda: engine.segment_keys(tp), dev))
         keys = engine.segment_keys(tp)
-        print("store.get x2 ms", ms(lambda: [engine.store.get(k, accept=engine._acceptor(tp, i, 0 if i == 0 else 32))
-                                                for i, k in enumerate(keys)], dev))
+        print(
+            "store.get x2 ms",
+            ms(
+                lambda: [
+                    engine.store.get(k, accept=engine._acceptor(tp, i, 0 if i == 0 else 32)) for i, k in enumerate(keys)
+                ],
+                dev,
+            ),
+        )
         arts = [engine.store.get(k).artifact for k in keys]
         nl = engine.loaded.num_layers
         print("cache_from_artifacts ms", ms(lambda: _cache_from_artifacts(arts, dev, nl, n + 80), dev))

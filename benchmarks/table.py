@@ -1,6 +1,6 @@
 """Print the markdown tables of a ``kv-rag bench`` JSON (as quoted in the README).
 
-    python benchmarks/table.py benchmarks/results/bench.json
+python benchmarks/table.py benchmarks/results/bench.json
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
     rows = data["rows"]
     dtype = str(data.get("dtype", "float32")).removeprefix("torch.")
-    print("| doc tokens | ours full | ours memory hit | speed-up | ours disk hit | suffix alone | llama.cpp full "
-          "| llama.cpp restore | llama.cpp file restore | py load_state | ours / llama restore | N* ours | N* llama "
-          "| equal (ours, llama) | max logit diff (ours, llama) |")
+    print(
+        "| doc tokens | ours full | ours memory hit | speed-up | ours disk hit | suffix alone | llama.cpp full "
+        "| llama.cpp restore | llama.cpp file restore | py load_state | ours / llama restore | N* ours | N* llama "
+        "| equal (ours, llama) | max logit diff (ours, llama) |"
+    )
     print("|" + "---:|" * 15)
     for r in rows:
         lr = r.get("llama_cpp", {})
@@ -31,8 +33,10 @@ def main(path: str) -> None:
             f"| {r['max_logit_diff']:.1e}, {lr.get('max_logit_diff', 0):.1e} |"
         )
     print()
-    print(f"| doc tokens | KV MB/token (ours {dtype}, llama.cpp f16 state) | artifact MB | disk load GB/s "
-          "| plain read GB/s | dd GB/s | load / dd | resident after evict | load avg |")
+    print(
+        f"| doc tokens | KV MB/token (ours {dtype}, llama.cpp f16 state) | artifact MB | disk load GB/s "
+        "| plain read GB/s | dd GB/s | load / dd | resident after evict | load avg |"
+    )
     print("|" + "---:|" * 9)
     for r in rows:
         lr = r.get("llama_cpp", {})

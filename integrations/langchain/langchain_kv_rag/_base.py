@@ -116,8 +116,9 @@ class KVRagParams(BaseModel):
             main = self._engines.get(self.model)
             if main is None:
                 store = self.store if isinstance(self.store, Store) else _store_spec(self.store)
-                main = Engine(None if is_embedded(self.model) else self.model, store=store, device=self.device,
-                              dtype=self.dtype)
+                main = Engine(
+                    None if is_embedded(self.model) else self.model, store=store, device=self.device, dtype=self.dtype
+                )
                 self._engines[self.model] = main
             if name == self.model:
                 return main

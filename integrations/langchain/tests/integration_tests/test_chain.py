@@ -35,12 +35,7 @@ PROMPT = ChatPromptTemplate.from_messages(
 
 def rag_chain(retriever: Any, chat: Any) -> Runnable[str, str]:
     """retriever | format_docs | prompt | chat | StrOutputParser, the usual LangChain RAG shape."""
-    return (
-        {"context": retriever | format_docs, "question": RunnablePassthrough()}
-        | PROMPT
-        | chat
-        | StrOutputParser()
-    )
+    return {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | chat | StrOutputParser()
 
 
 def ask(chain: Runnable[str, str], question: str) -> tuple[str, dict[str, Any]]:

@@ -38,8 +38,14 @@ def _tiny_model_dir(path: Path) -> str:
     """A 2-layer random llama with the embedded tokenizer, saved as a model folder (for model override)."""
     tok = kv_models.load(None, "cpu", "float32").tokenizer
     config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, vocab_size=len(tok),
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        vocab_size=len(tok),
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
@@ -84,8 +90,10 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
 
     @property
     def supported_usage_metadata_details(self) -> dict[Any, list[Any]]:
-        return {"invoke": ["cache_read_input", "cache_creation_input"], "stream": ["cache_read_input",
-                                                                                  "cache_creation_input"]}
+        return {
+            "invoke": ["cache_read_input", "cache_creation_input"],
+            "stream": ["cache_read_input", "cache_creation_input"],
+        }
 
     # ------------------------------------------------------------------ usage details
     def _ask_twice(self, *, stream: bool) -> tuple[AIMessage, AIMessage]:

@@ -46,9 +46,7 @@ def test_mode_is_validated_by_the_core(cls: type) -> None:
         cls(mode="bogus")
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("temperature", -1.0), ("max_tokens", 0), ("top_p", 0.0), ("top_p", 1.5)]
-)
+@pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("max_tokens", 0), ("top_p", 0.0), ("top_p", 1.5)])
 def test_bad_numbers_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         ChatKVRag(**{field: value})
