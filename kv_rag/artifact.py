@@ -96,9 +96,9 @@ class Artifact:
         or a key other than ``expect_key``.
         """
         try:
-            tensors = _load_tensors(data)
-            header_meta = _read_header_meta(data)
-            raw = json.loads(header_meta[_META_KEY])
+            header = _read_header(data)
+            raw = json.loads(_kv_rag_meta(header))
+            tensors = _load_tensors(data, header)
         except ArtifactError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged input
@@ -139,10 +139,23 @@ _ST_DTYPES = {
 }
 
 
-def _load_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors ``data``: views of it when it is a writable buffer
-    (``bytearray`` or a writable ``memoryview``: a disk read lands once in memory), copies
-    when it is immutable ``bytes``.
+def _read_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The JSON header of safetensors ``data`` (``ArtifactError``/``ValueError`` when it is cut short)."""
+    if len(data) < 8:
+        raise ArtifactError("artifact shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("safetensors header runs past the end of the data")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    return header
+
+
+def _load_tensors(data: bytes | bytearray | memoryview, header: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data`` (whose parsed ``header`` is given): views of it when it
+    is a writable buffer (``bytearray`` or a writable ``memoryview``: a disk read lands once in
+    memory), copies when it is immutable ``bytes``.
 
     Raises ``ValueError`` (or ``KeyError``/``json`` errors) on a malformed or truncated file.
     """
@@ -150,11 +163,7 @@ def _load_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tenso
         data = data.tobytes()
     if not isinstance(data, bytearray | memoryview):
         return st_load(bytes(data))
-    n = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or n > len(data) - 8:
-        raise ValueError("safetensors header runs past the end of the data")
-    header = json.loads(bytes(data[8 : 8 + n]))
-    base = 8 + n
+    base = 8 + int.from_bytes(data[:8], "little")
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -173,15 +182,12 @@ def _load_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tenso
     return out
 
 
-def _read_header_meta(data: bytes | bytearray | memoryview) -> dict[str, str]:
-    if len(data) < 8:
-        raise ArtifactError("artifact shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(bytes(data[8 : 8 + n]))
+def _kv_rag_meta(header: dict[str, Any]) -> str:
+    """The kv-rag metadata string of a parsed safetensors header (``ArtifactError`` when absent)."""
     meta = header.get("__metadata__") or {}
-    if _META_KEY not in meta:
+    if not isinstance(meta, dict) or _META_KEY not in meta:
         raise ArtifactError("not a kv-rag artifact (no kv_rag metadata)")
-    return dict(meta)
+    return str(meta[_META_KEY])
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
