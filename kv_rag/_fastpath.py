@@ -253,17 +253,8 @@ class FastDecoder:
         self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i``'s query, key and value ``[1, heads, n, dim]`` of hidden states ``h``."""
-        layer = self.inner.layers[i]
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        n = x.shape[1]
-        q = a.q_proj(x).view(1, n, -1, self.head_dim)
-        k = a.k_proj(x).view(1, n, -1, self.head_dim)
-        v = a.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q = a.q_norm(q)
-            k = a.k_norm(k)
-        return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
+        q, k, v = self.pre_rows(i, h, cos.transpose(1, 2), sin.transpose(1, 2))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def pre_rows(
         self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
