@@ -44,9 +44,10 @@ from fidelity import (  # noqa: E402
     MAX_NEW,
     RESULTS,
     _parse_shard,
-    _prefix_fraction,
     _shard_path,
+    agreement,
     correct,
+    pyplot,
     questions,
     read_rows,
 )
@@ -245,14 +246,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         xs = [r[lab] for r in rows]
         entry: dict[str, Any] = {
             "mode": lab,
-            "accuracy": sum(correct(r["answer"], x["text"]) for r, x in zip(rows, xs, strict=True)) / len(rows),
-            "identical_32_tokens": sum(
-                x["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r, x in zip(rows, xs, strict=True)
-            )
-            / len(rows),
-            "mean_common_prefix": statistics.mean(
-                _prefix_fraction(r["full"]["tokens"], x["tokens"]) for r, x in zip(rows, xs, strict=True)
-            ),
+            **agreement(rows, lab),
             "answer_top1": sum(x["top1"] for x in xs) / len(rows),
             "answer_logprob_mean": statistics.mean(x["lp"] for x in xs),
         }
@@ -305,13 +299,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     full = next(t for t in result["table"] if t["mode"] == "full")

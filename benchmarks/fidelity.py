@@ -204,6 +204,29 @@ def _prefix_fraction(ref: list[int], out: list[int]) -> float:
     return n / max(len(ref), len(out), 1)
 
 
+def agreement(rows: list[dict[str, Any]], lab: str) -> dict[str, float]:
+    """Answer accuracy of ``lab``'s answers in ``rows``, and their agreement with the full prefill's tokens."""
+    return {
+        "accuracy": sum(correct(r["answer"], r[lab]["text"]) for r in rows) / len(rows),
+        "identical_32_tokens": sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in rows)
+        / len(rows),
+        "mean_common_prefix": statistics.mean(_prefix_fraction(r["full"]["tokens"], r[lab]["tokens"]) for r in rows),
+    }
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG written", file=sys.stderr)
+        return None
+    return plt
+
+
 def _shard_path(raw: Path, shard: tuple[int, int]) -> Path:
     """The raw file of shard ``i/n``: ``raw`` itself for ``0/1``, else ``<stem>.<i>of<n>.jsonl`` beside it."""
     i, n = shard
@@ -239,17 +262,12 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     full_ttft = statistics.median(r["full"]["ttft_s"] for r in rows)
     table = []
     for lab in labels:
-        acc = sum(correct(r["answer"], r[lab]["text"]) for r in rows) / len(rows)
-        same = sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in rows) / len(rows)
-        prefix = statistics.mean(_prefix_fraction(r["full"]["tokens"], r[lab]["tokens"]) for r in rows)
         ttft = statistics.median(r[lab]["ttft_s"] for r in rows)
         speedups = [r["full"]["ttft_s"] / r[lab]["ttft_s"] for r in rows]
         table.append(
             {
                 "mode": lab,
-                "accuracy": acc,
-                "identical_32_tokens": same,
-                "mean_common_prefix": prefix,
+                **agreement(rows, lab),
                 "ttft_median_s": ttft,
                 "speedup_median_ttft": full_ttft / ttft,
                 "speedup_median_per_question": statistics.median(speedups),
@@ -308,13 +326,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [t["speedup_median_ttft"] for t in result["table"]]
