@@ -46,6 +46,9 @@ class PreallocatedLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._len = 0
+        #: rows below this belong to someone else (a GPU-tier block lent to this cache): they are
+        #: copied into buffers of the layer's own before anything could write below it
+        self._lent_rows = 0
         if buffers is not None:  # given buffers (static ones for whole-step CUDA graphs): used until full
             self._k, self._v = buffers
             self.is_initialized = True
@@ -84,8 +87,67 @@ class PreallocatedLayer(DynamicLayer):
         return self._len
 
     def truncate(self, length: int) -> None:
-        """Forget every token from index ``length`` on (the buffer is kept)."""
-        self.filled_to(max(0, min(self._len, length)))
+        """Forget every token from index ``length`` on (the buffer is kept, unless it is lent)."""
+        length = max(0, min(self._len, length))
+        if length < self._lent_rows:
+            self._own(self._k[..., :length, :], self._v[..., :length, :])  # type: ignore[index]
+        self.filled_to(length)
+
+    def lend(self, rows: int) -> None:
+        """Mark the buffers' first ``rows`` as lent: writing below them first copies the cache."""
+        self._lent_rows = rows
+
+    def _own(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Make ``keys``/``values`` ``[batch, heads, n, dim]`` the whole cache, in new buffers of the layer's own."""
+        n = keys.shape[-2]
+        cap = max(n, self._k.shape[-2] if self._k is not None else self.capacity)
+        new_k = keys.new_empty((*keys.shape[:2], cap, keys.shape[-1]))
+        new_v = values.new_empty((*values.shape[:2], cap, values.shape[-1]))
+        new_k[..., :n, :] = keys
+        new_v[..., :n, :] = values
+        self._k, self._v, self._lent_rows = new_k, new_v, 0
+        self.is_initialized = True
+        self.device, self.dtype = new_k.device, new_k.dtype
+        self.filled_to(n)
+
+    # transformers' cache operations replace ``keys``/``values``; here they go through the buffers
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' ``DynamicLayer.crop`` convention)."""
+        if tokens_to_remove > 0:
+            super().crop(tokens_to_remove)  # raises: a positive value is refused there too
+        self.truncate(self._len - abs(tokens_to_remove))
+
+    def reset(self) -> None:
+        """Forget every token."""
+        self.truncate(0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search."""
+        if self._len:
+            idx = beam_idx.to(self.device)
+            self._own(self.keys.index_select(0, idx), self.values.index_select(0, idx))  # type: ignore[union-attr]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch entry ``repeats`` times."""
+        if self._len:
+            self._own(self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0))  # type: ignore[union-attr]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch entries ``indices``."""
+        if self._len:
+            self._own(self.keys[indices, ...], self.values[indices, ...])  # type: ignore[index]
+
+    def offload(self) -> None:
+        """Move the cache to the CPU (transformers' offloading)."""
+        if self._len:
+            device = self.device
+            self._own(self.keys.to("cpu"), self.values.to("cpu"))  # type: ignore[union-attr]
+            self.device = device  # where prefetch brings it back
+
+    def prefetch(self) -> None:
+        """Move an offloaded cache back to its device."""
+        if self._len and self._k is not None and self._k.device != self.device:
+            self._own(self.keys.to(self.device), self.values.to(self.device))  # type: ignore[union-attr]
 
     def filled_to(self, length: int) -> None:
         """Take the buffer's first ``length`` rows as the cached tokens (rows written into it directly)."""
@@ -100,6 +162,8 @@ class PreallocatedLayer(DynamicLayer):
         Used when tokens were computed out of order on top of a cache that already has their slots.
         """
         n = int(index.numel())
+        if n and int(index.min()) < self._lent_rows:
+            self._own(self._k[..., : self._len, :], self._v[..., : self._len, :])  # type: ignore[index]
         if n and self._k is not None and self._v is not None:
             k = self._k[..., length : length + n, :].clone()
             v = self._v[..., length : length + n, :].clone()
@@ -179,6 +243,7 @@ def _adopted(
     end = start + int(keys[0][-1].shape[-2])
     for layer in layers:
         layer.filled_to(end)
+        layer.lend(end)
     return cache
 
 
