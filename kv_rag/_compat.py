@@ -63,20 +63,11 @@ class PreallocatedLayer(DynamicLayer):
         """Append ``[batch, heads, n, dim]`` states; return the views of everything cached."""
         n = key_states.shape[-2]
         if self._k is None or self._v is None:
-            b, h, _, d = key_states.shape
-            cap = max(self.capacity, n)
-            self._k = key_states.new_empty((b, h, cap, d))
-            self._v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
-            self.is_initialized = True
-            self.device = key_states.device
-            self.dtype = key_states.dtype
+            self._own(key_states[..., :0, :], value_states[..., :0, :], max(self.capacity, n))
         elif self._len + n > self._k.shape[-2]:
             cap = max(2 * self._k.shape[-2], self._len + n)
-            k, v = self._k, self._v
-            self._k = k.new_empty((*k.shape[:2], cap, k.shape[-1]))
-            self._v = v.new_empty((*v.shape[:2], cap, v.shape[-1]))
-            self._k[..., : self._len, :] = k[..., : self._len, :]
-            self._v[..., : self._len, :] = v[..., : self._len, :]
+            self._own(self._k[..., : self._len, :], self._v[..., : self._len, :], cap)
+        assert self._k is not None and self._v is not None
         _copy_into(self._k[..., self._len : self._len + n, :], key_states)
         _copy_into(self._v[..., self._len : self._len + n, :], value_states)
         self.filled_to(self._len + n)
@@ -97,10 +88,13 @@ class PreallocatedLayer(DynamicLayer):
         """Mark the buffers' first ``rows`` as lent: writing below them first copies the cache."""
         self._lent_rows = rows
 
-    def _own(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Make ``keys``/``values`` ``[batch, heads, n, dim]`` the whole cache, in new buffers of the layer's own."""
+    def _own(self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None) -> None:
+        """Make ``keys``/``values`` ``[batch, heads, n, dim]`` the whole cache, in new buffers of the layer's own
+        (``capacity`` rows; default: as many as the current buffer)."""
         n = keys.shape[-2]
-        cap = max(n, self._k.shape[-2] if self._k is not None else self.capacity)
+        if capacity is None:
+            capacity = self._k.shape[-2] if self._k is not None else self.capacity
+        cap = max(n, capacity)
         new_k = keys.new_empty((*keys.shape[:2], cap, keys.shape[-1]))
         new_v = values.new_empty((*values.shape[:2], cap, values.shape[-1]))
         new_k[..., :n, :] = keys
