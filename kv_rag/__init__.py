@@ -10,8 +10,9 @@ The public API::
 """
 
 from .artifact import Artifact, ArtifactMeta
+from .assemble import Prefill
 from .decode import GenerationSettings
-from .engine import Engine, Prefill, Stream
+from .engine import Engine
 from .errors import (
     ArtifactError,
     ContextLengthError,
@@ -21,24 +22,33 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fingerprint import ModelFingerprint
+from .generation import Stream
+from .options import PRIMING_TEXT, Mode, RequestOptions
+from .plan import RequestPlan
 from .prompt import Prompt, TokenizedPrompt
-from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
+from .results import CacheStatus, Generation, PublishReport, SegmentReport
+from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
 from .store import DiskTier, MemoryTier, Store, Tier
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRIMING_TEXT",
     "Artifact",
     "ArtifactError",
     "ArtifactMeta",
+    "AttentionSelection",
+    "BlendView",
     "CacheStatus",
     "ContextLengthError",
+    "DeviationSelection",
     "DiskTier",
     "Engine",
     "Generation",
     "GenerationSettings",
     "InputError",
     "KVRagError",
+    "LeadingSelection",
     "MemoryTier",
     "Mode",
     "ModelFingerprint",
@@ -46,7 +56,10 @@ __all__ = [
     "Prefill",
     "Prompt",
     "PublishReport",
+    "RequestOptions",
+    "RequestPlan",
     "SegmentReport",
+    "Selector",
     "Store",
     "Stream",
     "Tier",

@@ -59,19 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
     p.add_argument(
         "--mode",
-        default=None,
+        default="exact",
         help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
-        "position) or blend (stitch + recompute a fraction of document tokens); default: exact (see README, "
-        "Fidelity: stitch and blend trade answer accuracy for speed on the embedded model)",
+        "position) or blend (stitch + recompute a fraction of document tokens); stitch and blend trade answer "
+        "accuracy for speed (docs/fidelity.md) (default: %(default)s)",
     )
     p.add_argument(
-        "--recompute", type=float, default=None, help="blend: fraction of document tokens to recompute (default 0.15)"
+        "--recompute",
+        type=float,
+        default=None,
+        help="blend: fraction of document tokens to recompute (default: 0.15 in blend mode)",
     )
     p.add_argument(
         "--priming",
         action="store_true",
         help="stitch/blend: use (and store) documents computed after a fixed filler passage rather than right "
-        "after the system part (Engine(priming=True); README, Fidelity)",
+        "after the system part (docs/fidelity.md)",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        help="blend: which document tokens to recompute: attention (the tokens the question attends to), "
+        "deviation (CacheBlend's KV deviation) or leading (each document's first tokens) (default: attention)",
     )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
@@ -145,10 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _engine(args: argparse.Namespace) -> Any:
+def _engine(args: argparse.Namespace, **options: Any) -> Any:
     from .engine import Engine
 
-    return Engine(args.model, store=args.store, device=args.device, dtype=args.dtype)
+    return Engine(args.model, store=args.store, device=args.device, dtype=args.dtype, **options)
 
 
 def _print(obj: Any) -> None:
@@ -182,42 +191,32 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    """``kv-rag ask``."""
-    from .decode import GenerationSettings
-    from .defaults import MULTI_DOC_MODE
-    from .results import Mode
+    """``kv-rag ask``: the options go to the engine unchanged; it checks them (exit 2 on a bad one)."""
     from .retrieve import BM25, chunk_documents, read_documents
 
-    try:
-        mode = Mode.parse(args.mode or (Mode.EXACT if args.k <= 1 else MULTI_DOC_MODE))
-    except ValueError as exc:
-        print(f"kv-rag ask: error: --mode: {exc}", file=sys.stderr)
-        return 2
-    if args.recompute is not None and mode is not Mode.BLEND:
-        print(f"kv-rag ask: error: --recompute applies to --mode blend, not {mode.value}", file=sys.stderr)
-        return 2
-    settings = GenerationSettings(
+    docs = read_documents(args.docs)
+    engine = _engine(args, priming=args.priming)
+    options = engine.request_options(
+        mode=args.mode,
+        recompute=args.recompute,
+        selection=args.selection,
+        use_cache=not args.no_cache,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    docs = read_documents(args.docs)
-    engine = _engine(args)
-    if args.priming:
-        from .stitch import PRIMING_TEXT
-
-        engine.priming = PRIMING_TEXT
     chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
     top = BM25(chunks).search(args.question, args.k)
     prompt = engine.prompt(args.question, [d.text for d in top], sources=[d.source for d in top])
-    stream = engine.stream(prompt, settings=settings, use_cache=not args.no_cache, mode=mode, recompute=args.recompute)
+    stream = engine.stream(prompt, options=options)
     for piece in stream:
         if args.stream and not args.json:
             print(piece, end="", flush=True)
     gen = stream.result
-    assert gen is not None
+    if gen is None:
+        raise KVRagError("the answer ended without a result")
     if args.json:
         _print(gen.to_dict())
     else:

@@ -40,11 +40,6 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the docu
 #: Fraction of document tokens that blend mode recomputes when a request names none.
 BLEND_RECOMPUTE = 0.15
 
-#: Mode ``kv-rag ask`` uses when it retrieves more than one document (see README, "Fidelity"): exact,
-#: because on the embedded model stitch (-22 points) and blend at r = 0.15 (-12 points) lost answer
-#: accuracy against a full prefill in the 100-question fidelity run; exact matched it token for token.
-MULTI_DOC_MODE = "exact"
-
 #: Tokens generated when a request names no limit.
 MAX_NEW_TOKENS = 128
 

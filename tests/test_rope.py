@@ -10,8 +10,8 @@ from tiny import tiny_model
 
 from kv_rag import UnsupportedModelError
 from kv_rag import models as kv_models
-from kv_rag._compat import build_cache, cache_layers, forward
 from kv_rag.rope import RotaryShift, rotary_shift, sliding_window, window_refusal
+from kv_rag.runtime import ModelRuntime, build_cache, cache_layers
 
 TOL = 1e-4
 
@@ -41,7 +41,7 @@ def _kv(model: Any, ids: torch.Tensor, start: int) -> list[tuple[torch.Tensor, t
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = build_cache(None, None, n_layers, ids.shape[1])
     with torch.inference_mode():
-        forward(model, ids, cache, start)
+        ModelRuntime(model).forward(ids, cache, start)
     return cache_layers(cache)
 
 

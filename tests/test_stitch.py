@@ -9,10 +9,8 @@ import pytest
 import torch
 from tiny import LLAMA3_ROPE, tiny_model
 
-from kv_rag import CacheStatus, Engine, InputError, Mode
-from kv_rag.engine import Prefill
+from kv_rag import PRIMING_TEXT, AttentionSelection, BlendView, CacheStatus, Engine, InputError, Mode, Prefill, Selector
 from kv_rag.prompt import Prompt, Segment
-from kv_rag.stitch import Selection
 
 QUESTION = "Which statement is described first? Answer briefly."
 TOL = 1e-4
@@ -171,7 +169,6 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     import json
 
     from kv_rag.cli import main
-    from kv_rag.defaults import MULTI_DOC_MODE
 
     store = str(tmp_path / "store")
     q = "What does the else clause of a for loop do?"
@@ -190,7 +187,7 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     ]
     assert main([*base, "--k", "2"]) == 0
     default_multi = json.loads(capsys.readouterr().out)
-    assert default_multi["mode"] == MULTI_DOC_MODE and len(default_multi["docs"]) == 2
+    assert default_multi["mode"] == "exact" and len(default_multi["docs"]) == 2
     assert main([*base, "--k", "2", "--mode", "stitch"]) == 0
     st = json.loads(capsys.readouterr().out)
     # exact mode stored the chain: the first document is its own per-document artifact, the second is not
@@ -200,14 +197,35 @@ def test_cli_ask_modes(capsys: pytest.CaptureFixture[str], embedded: object, tmp
     assert main([*base, "--k", "2", "--mode", "blend", "--recompute", "1"]) == 0
     b1 = json.loads(capsys.readouterr().out)
     assert b1["recomputed_tokens"] == sum(d["tokens"] for d in b1["docs"])
+    assert main([*base, "--k", "2", "--mode", "blend", "--recompute", "0.2", "--selection", "leading"]) == 0
+    lead = json.loads(capsys.readouterr().out)
+    assert lead["options"] == {
+        "mode": "blend",
+        "recompute": 0.2,
+        "priming": False,
+        "selection": "leading",
+        "use_cache": True,
+    }
+    assert 0 < lead["recomputed_tokens"] <= lead["docs"][1]["tokens"]  # only the moved (second) document
+    assert main([*base, "--k", "2", "--mode", "blend", "--selection", "best"]) == 2
+    assert "selection must be one of attention, deviation, leading" in capsys.readouterr().err
     assert main([*base, "--mode", "stitch", "--recompute", "0.2"]) == 2
-    assert "--recompute applies to --mode blend" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "recompute=0.2 applies to mode 'blend' only" in err and "kv-rag ask: error" in err
 
 
-def test_partial_blend_merges_exactly(engine: Engine, texts: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+class _Fixed:
+    """A selector of the test's own: these positions, in order."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        return self.positions[:n]
+
+
+def test_partial_blend_merges_exactly(engine: Engine, texts: list[str]) -> None:
     """Recomputing exactly the documents that lost context (all but the first) gives the full prefill."""
-    from kv_rag import stitch
-
     prompt = engine.prompt(QUESTION, texts)
     tp = engine.tokenize(prompt)
     engine.publish(texts)
@@ -217,9 +235,9 @@ def test_partial_blend_merges_exactly(engine: Engine, texts: list[str], monkeypa
     docs = [i for i in range(len(tp.segments)) if tp.document(i)]
     later = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in docs[1:]])
     n_doc = sum(len(tp.segments[i]) for i in docs)
-    monkeypatch.setattr(stitch._Assembler, "_choose", lambda self, cache, positions, n: later[:n])
-    pre = engine.prefill(prompt, mode="blend", recompute=len(later) / n_doc)
-    assert pre.recomputed_tokens == len(later)
+    assert isinstance(_Fixed(later), Selector)
+    pre = engine.prefill(prompt, mode="blend", recompute=len(later) / n_doc, selection=_Fixed(later))
+    assert pre.recomputed_tokens == len(later) and list(pre.recomputed_positions) == later.tolist()
     assert pre.logits is not None
     assert float((pre.logits - engine.reference_logits(tp.ids)).abs().max()) <= TOL
 
@@ -228,11 +246,9 @@ def test_partial_blend_merges_exactly(engine: Engine, texts: list[str], monkeypa
     ("arch", "overrides"), [("llama", {"rope_parameters": LLAMA3_ROPE}), ("qwen3", {"num_hidden_layers": 3})]
 )
 def test_blend_attention_scores_match_the_models_attention(
-    tmp_path: Path, texts: list[str], monkeypatch: pytest.MonkeyPatch, arch: str, overrides: dict[str, object]
+    tmp_path: Path, texts: list[str], arch: str, overrides: dict[str, object]
 ) -> None:
     """The question's attention that blend ranks tokens by is the model's own (one document: stitched == full)."""
-    from kv_rag import stitch
-
     model, tok = tiny_model(arch, **overrides)
     engine = Engine(model, tokenizer=tok, store=tmp_path / "store")
     prompt = engine.prompt(QUESTION, texts[:1])
@@ -240,15 +256,16 @@ def test_blend_attention_scores_match_the_models_attention(
     n_layers = model.config.num_hidden_layers
     got: dict[str, torch.Tensor] = {}
 
-    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
-        got["positions"] = positions
-        scores = self._attention_scores(cache, positions, list(range(n_layers)))
-        assert scores is not None
-        got["scores"] = scores
-        return positions[:n]
+    class Spy:
+        def select(self, view: BlendView, n: int) -> torch.Tensor:
+            positions = view.document_positions
+            got["positions"] = positions
+            scores = view.attention_scores(positions, list(range(n_layers)))
+            assert scores is not None
+            got["scores"] = scores
+            return positions[:n]
 
-    monkeypatch.setattr(stitch._Assembler, "_choose", spy)
-    pre = engine.prefill(prompt, mode="blend", recompute=0.5)
+    pre = engine.prefill(prompt, mode="blend", recompute=0.5, selection=Spy())
     ref = engine.reference_logits(tp.ids)
     assert pre.logits is not None and float((pre.logits - ref).abs().max()) <= TOL  # the probe left the cache intact
 
@@ -265,24 +282,11 @@ def test_blend_attention_scores_match_the_models_attention(
     assert torch.allclose(got["scores"], want, atol=1e-4, rtol=0)
 
 
-def _blend_choice(engine: Engine, prompt: Prompt, selection: Selection | None = None) -> tuple[Prefill, torch.Tensor]:
+def _blend_choice(engine: Engine, prompt: Prompt, selection: Selector | None = None) -> tuple[Prefill, torch.Tensor]:
     """Blend at r=0.2 (with ``selection`` instead of the default, if given): the prefill and the
-    positions its first selection chose."""
-    from kv_rag import stitch
-
-    picked: list[torch.Tensor] = []
-    orig = stitch._Assembler._choose
-
-    def spy(self: stitch._Assembler, cache: object, positions: torch.Tensor, n: int) -> torch.Tensor:
-        picked.append(orig(self, cache, positions, n))
-        return picked[-1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stitch._Assembler, "_choose", spy)
-        if selection is not None:
-            mp.setattr(stitch, "SELECTION", selection)
-        pre = engine.prefill(prompt, mode="blend", recompute=0.2)
-    return pre, picked[0]
+    positions it recomputed."""
+    pre = engine.prefill(prompt, mode="blend", recompute=0.2, selection=selection)
+    return pre, torch.tensor(pre.recomputed_positions, dtype=torch.long)
 
 
 def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str]) -> None:
@@ -300,13 +304,12 @@ def test_blend_recomputes_only_moved_documents(engine: Engine, texts: list[str])
 
 def test_priming_moves_primed_kv_and_keeps_the_endpoints(embedded: object, tmp_path: Path, texts: list[str]) -> None:
     """Primed stitching: the first document stays exact, a moved one is its KV computed after the filler, moved."""
-    from kv_rag import stitch
     from kv_rag.prompt import TokenizedPrompt
 
     with pytest.raises(InputError, match="priming"):
         Engine(None, store="memory", priming=" ")
     eng = Engine(None, store=tmp_path / "primed", device="cpu", dtype="float32", priming=True)
-    assert eng.priming == stitch.PRIMING_TEXT
+    assert eng.priming == PRIMING_TEXT
     one = eng.prompt(QUESTION, texts[:1])
     pre1 = eng.prefill(one, mode="stitch")
     assert pre1.logits is not None
@@ -325,12 +328,12 @@ def test_priming_moves_primed_kv_and_keeps_the_endpoints(embedded: object, tmp_p
     i = [j for j in range(len(tp.segments)) if tp.document(j)][1]
     doc_ids = tp.segments[i]
     dst, n = sum(len(s) for s in tp.segments[:i]), len(doc_ids)
-    segs, _ = stitch.primed_prefix(eng)
+    segs = [p.ids for p in eng.planner.context(eng.system_prompt, eng.priming).pieces]
     lead = [t for s in segs for t in s]
     direct = eng.prefill(TokenizedPrompt((tuple(lead) + doc_ids,), ()), use_cache=False)
     src = len(lead)
     assert src > len(segs[0])  # computed after the filler, not right after the prefix
-    shifter = stitch.shifter_for(eng)
+    shifter = eng.loaded.rotary
     rot = shifter.rotation(src, dst, n)
     for (k, v), (dk, dv) in zip(_layers(st.cache), _layers(direct.cache), strict=True):
         want_k = shifter.shift(dk[:, :, src : src + n], src, dst, rot)
@@ -366,7 +369,7 @@ def test_cli_ask_priming(
 
 
 def test_span_selection_takes_windows_within_documents() -> None:
-    from kv_rag.stitch import _spans
+    from kv_rag.selection import spans as _spans
 
     positions = torch.tensor([1, 2, 3, 4, 5, 10, 11, 12, 13])
     scores = torch.tensor([0.0, 0, 5, 0, 0, 0, 0, 0, 9])
@@ -380,7 +383,7 @@ def test_balanced_selection_splits_the_budget_over_moved_documents(engine: Engin
     prompt = engine.prompt(QUESTION, texts)
     tp = engine.tokenize(prompt)
     engine.publish(texts)
-    pre, chosen = _blend_choice(engine, prompt, Selection(balanced=True))
+    pre, chosen = _blend_choice(engine, prompt, AttentionSelection(balanced=True))
     assert pre.recomputed_tokens == chosen.numel() > 0
     docs = [i for i in range(len(tp.segments)) if tp.document(i)]
     starts = [sum(len(s) for s in tp.segments[:i]) for i in docs]

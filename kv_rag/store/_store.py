@@ -18,10 +18,18 @@ from .memory import MemoryTier
 
 @dataclass(frozen=True)
 class Hit:
-    """A found artifact and the name of the tier it came from."""
+    """A found artifact, the name of the tier it came from, and whether its KV may be lent.
+
+    ``lendable``: the artifact was found in a tier that keeps long artifacts in cache-shaped blocks
+    (the GPU tier, ``lends_blocks``), not copied up into it just now, so a request may use the block
+    as its cache instead of copying the KV (see :meth:`kv_rag.runtime.ModelRuntime.new_cache`).
+    Right after a copy-up the block is new and would need new step graphs, which costs more than
+    one copy.
+    """
 
     artifact: Artifact
     tier: str
+    lendable: bool = False
 
 
 class Store:
@@ -36,6 +44,21 @@ class Store:
         if not tiers:
             raise InputError("a Store needs at least one tier")
         self.tiers: list[Tier] = list(tiers)
+
+    @classmethod
+    def coerce(cls, store: Store | str | Path | None, device: str | None = None) -> Store:
+        """``store`` itself, or :meth:`open` of a spec; any other value is an :class:`InputError` naming ``store``."""
+        cls.check_spec(store)
+        return store if isinstance(store, Store) else cls.open(store, device=device)
+
+    @staticmethod
+    def check_spec(store: object) -> None:
+        """Raise :class:`InputError` naming ``store`` unless it is a Store, a folder, 'memory', a URL or ``None``."""
+        if not (store is None or isinstance(store, (Store, str, Path))):
+            raise InputError(
+                "store must be a kv_rag.Store, a folder, 'memory', a redis:// URL or None (the default store); "
+                f"got {type(store).__name__}"
+            )
 
     @classmethod
     def open(
@@ -94,7 +117,19 @@ class Store:
                 self._put_into(upper, key, art)
                 if isinstance(upper, MemoryTier):
                     art = upper.get(key) or art
-            return Hit(art, tier.name)
+            return Hit(art, tier.name, lendable=bool(getattr(tier, "lends_blocks", False)))
+        return None
+
+    def locate(self, key: str) -> str | None:
+        """Name of the first tier holding an entry under ``key``, without reading or verifying it
+        (``None``: no tier has it). Side-effect free: nothing is copied up. A tier that cannot be
+        asked (``OSError``) counts as not holding it."""
+        for tier in self.tiers:
+            try:
+                if key in tier:
+                    return tier.name
+            except OSError:
+                continue
         return None
 
     def put(self, key: str, artifact: Artifact) -> None:

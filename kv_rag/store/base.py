@@ -12,7 +12,9 @@ class Tier(Protocol):
     """One storage tier. Implementations document their thread and process safety.
 
     ``get`` returns ``None`` on a miss and never raises for a damaged entry: it drops the entry,
-    warns, and returns ``None``. ``put`` may silently skip an artifact it cannot hold.
+    warns, and returns ``None``. ``put`` may silently skip an artifact it cannot hold. A tier may set
+    ``lends_blocks = True`` when it keeps long artifacts in cache-shaped blocks that a request may
+    use as its cache (:class:`~kv_rag.store.GpuTier`).
     """
 
     name: str

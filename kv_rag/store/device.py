@@ -8,7 +8,7 @@ move the tensors of every artifact they are given once, at ``put``:
   put by the engine are kept inside a block laid out like a request's cache (``[layers, 1,
   kv_heads, rows, dim]``, the artifact at its own start row, room after it): a later hit of the
   chain that ends with such an artifact uses the block as the request's cache, without copying
-  the KV at all (see :func:`kv_rag._fastpath.adopt_buffers`). Copies up from pinned memory stay
+  the KV at all (see :meth:`kv_rag.runtime.ModelRuntime.new_cache`). Copies up from pinned memory stay
   compact: one DMA is the fastest way up, and a strided destination would stage it. Token ids
   stay on the host (the engine compares them with the request's ids without a device round trip).
 * :class:`PinnedTier` holds them in page-locked host memory, so that the copy up to the GPU runs
@@ -28,6 +28,7 @@ import torch
 
 from ..artifact import Artifact
 from ..defaults import GPU_TIER_BYTES, GPU_TIER_LEAD, GPU_TIER_ROOM, GPU_TIER_ROOMY_FROM, PINNED_TIER_BYTES
+from ..layout import roomy_block, stacked_view
 from .memory import MemoryTier
 
 
@@ -36,22 +37,6 @@ def _move(art: Artifact, convert: object) -> Artifact:
     keys = tuple(fn(k) for k in art.keys)  # type: ignore[operator]
     values = tuple(fn(v) for v in art.values)  # type: ignore[operator]
     return replace(art, keys=keys, values=values)
-
-
-def stacked_view(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``torch.stack(ts)`` as a view, when ``ts`` are equally spaced views of one storage (else ``None``)."""
-    first = ts[0]
-    if len(ts) < 2:
-        return first.unsqueeze(0)
-    size = first.element_size()
-    step, rem = divmod(ts[1].data_ptr() - first.data_ptr(), size)
-    if rem or step <= 0 or first.untyped_storage().data_ptr() != ts[-1].untyped_storage().data_ptr():
-        return None
-    base = first.data_ptr()
-    for i, t in enumerate(ts):
-        if t.shape != first.shape or t.stride() != first.stride() or t.data_ptr() != base + i * step * size:
-            return None
-    return first.as_strided((len(ts), *first.shape), (step, *first.stride()))
 
 
 def _stack_to(ts: tuple[torch.Tensor, ...], device: torch.device | None, pin: bool = False) -> tuple[torch.Tensor, ...]:
@@ -77,26 +62,6 @@ def _copy_layers(dst: torch.Tensor, ts: Sequence[torch.Tensor]) -> tuple[torch.T
         for d, src in zip(dst.unbind(0), ts, strict=True):
             d.copy_(src, non_blocking=True)
     return tuple(dst.unbind(0))
-
-
-def roomy_block(t: torch.Tensor, layers: int) -> torch.Tensor | None:
-    """The block ``[layers, 1, kv_heads, rows, dim]`` spanning ``t``'s whole storage, when ``t``
-    (``[..., kv_heads, n, dim]``) lies in it as rows of one layer; else ``None``.
-
-    Found from the storage, not from ``Tensor._base``: views made under ``inference_mode`` have none.
-    """
-    if t.dim() < 3 or layers < 1:
-        return None
-    kv_heads, _, dim = t.shape[-3:]
-    per_row = layers * kv_heads * dim * t.element_size()
-    total = t.untyped_storage().nbytes()
-    if not per_row or total % per_row:
-        return None
-    rows = total // per_row
-    if tuple(t.stride()[-3:]) != (rows * dim, dim, 1):
-        return None
-    layer = kv_heads * rows * dim
-    return t.as_strided((layers, 1, kv_heads, rows, dim), (layer, layer, rows * dim, dim, 1), 0)
 
 
 def _roomy_to(ts: tuple[torch.Tensor, ...], device: torch.device, start: int, room: int) -> tuple[torch.Tensor, ...]:
@@ -125,6 +90,8 @@ class GpuTier(MemoryTier):
     """
 
     name = "gpu"
+    #: hits from this tier may lend their cache-shaped blocks to a request (see :class:`~kv_rag.store.Hit`)
+    lends_blocks = True
 
     def __init__(
         self,

@@ -119,7 +119,11 @@ class DiskTier:
         return [k for k in self._cache.iterkeys() if isinstance(k, str)]
 
     def __contains__(self, key: object) -> bool:
-        return key in self._cache
+        try:
+            return key in self._cache
+        except sqlite3.Error as exc:  # an unreadable index holds nothing usable
+            log.warning("kv-rag: disk tier could not look up %s (%s)", str(key)[:12], exc)
+            return False
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cost import DEFAULT_CPU_HOUR_USD, DEFAULT_EGRESS_USD_PER_GB, DEFAULT_GPU_HOUR_USD, H200_QWEN3_4B, Profile, costs
+from ..cost import DEFAULT_CPU_HOUR_USD, DEFAULT_EGRESS_USD_PER_GB, DEFAULT_GPU_HOUR_USD, H200_QWEN3_4B, Profile, costs
 
 
 def plot_all(result: dict[str, Any], out_dir: Path, cpu_profile: Profile | None = None) -> list[Path]:

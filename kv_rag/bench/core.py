@@ -12,7 +12,7 @@ document length it measures, alternating the two systems in one run:
 - ``dd`` on the same artifact file (evicted first), for the disk-throughput target;
 - break-even reuse counts from the measured times.
 
-:mod:`kv_rag._bench_codec` adds the artifact-codec measurements, :mod:`kv_rag._bench_plot` the plots.
+:mod:`kv_rag.bench.codec` adds the artifact-codec measurements, :mod:`kv_rag.bench.plot` the plots.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from . import _bench_io
-from ._compat import forward
-from .cost import break_even
-from .engine import Engine, _cache_from_artifacts
-from .store import DiskTier, MemoryTier, Store
+from ..cost import break_even
+from ..engine import Engine
+from ..runtime import build_cache, pieces_of
+from ..store import DiskTier, MemoryTier, Store
+from . import io as bench_io
 
 QUESTION = "Summarize the document in one sentence."
 
@@ -57,7 +57,7 @@ def document_of_length(tokenizer: Any, n_tokens: int) -> str:
 
 def drop_page_cache(path: Path | None) -> bool:
     """Ask the kernel to evict ``path`` from the page cache. True if the call succeeded."""
-    return _bench_io.fadvise_dontneed(path)
+    return bench_io.fadvise_dontneed(path)
 
 
 def _load() -> list[float]:
@@ -101,9 +101,10 @@ def _suffix_and_build(engine: Engine, arts: list[Any], tp: Any, n_new: int) -> t
     pre_ids = tp.ids[: len(tp) - len(rest)]
     with loaded.lock, torch.inference_mode():
         t0 = time.perf_counter()
-        cache = _cache_from_artifacts(arts, loaded.device, loaded.num_layers, len(tp) + n_new)
+        keys, values = pieces_of(arts, loaded.device, loaded.num_layers)
+        cache = build_cache(keys, values, loaded.num_layers, len(tp) + n_new)
         t1 = time.perf_counter()
-        forward(loaded.model, torch.tensor([rest], dtype=torch.long), cache, len(pre_ids))
+        loaded.runtime.forward(torch.tensor([rest], dtype=torch.long), cache, len(pre_ids))
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
@@ -127,20 +128,20 @@ def run_core_bench(
     ``peer``: ``"auto"`` (llama.cpp when ``llama_cpp`` imports), ``"llama.cpp"`` (required) or
     ``"none"``. ``evict``: how artifact files leave the page cache before disk reads: ``"fadvise"``
     (``posix_fadvise DONTNEED`` on the file) or ``"drop_caches"`` (the whole page cache; root).
-    ``codec_docs`` > 0 adds the codec measurements (:mod:`kv_rag._bench_codec`) on that many documents.
+    ``codec_docs`` > 0 adds the codec measurements (:mod:`kv_rag.bench.codec`) on that many documents.
     ``tmp_dir``: where artifacts are written (default: the system temp folder; it should be the
     disk you care about). Returns the result dict.
     """
-    from . import _bench_llama
-    from .models import gguf_path
+    from ..models import gguf_path
+    from . import llama as bench_llama
 
     loaded = engine.loaded
     tok = loaded.tokenizer
     threads = torch.get_num_threads()
-    use_peer = peer == "llama.cpp" or (peer == "auto" and _bench_llama.available())
-    if peer == "llama.cpp" and not _bench_llama.available():
+    use_peer = peer == "llama.cpp" or (peer == "auto" and bench_llama.available())
+    if peer == "llama.cpp" and not bench_llama.available():
         raise RuntimeError("llama-cpp-python is not installed: pip install 'kv-rag[bench]' (or make bench)")
-    llama = _bench_llama.LlamaPeer(gguf_path(), loaded.context_window, threads) if use_peer else None
+    llama = bench_llama.LlamaPeer(gguf_path(), loaded.context_window, threads) if use_peer else None
     load_before = _load()
     rows = []
     t_start = time.perf_counter()
@@ -212,28 +213,28 @@ def run_core_bench(
                 if llama is not None:
                     lmem_runs.append(llama.restore(state, prefix_ids, suffix_ids)[0])
                     lpy_runs.append(llama.restore_py(suffix_ids))
-                ok, res = _bench_io.evict(path, evict)
+                ok, res = bench_io.evict(path, evict)
                 evicted.append(ok)
                 resident.append(res)
                 disk_runs.append(_hit(disk_engine, prompt)[0])
                 if llama is not None:
-                    _bench_io.evict(state_file, evict)
+                    bench_io.evict(state_file, evict)
                     ldisk_runs.append(llama.restore_file(state_file, prefix_ids, suffix_ids)[0])
             # components: disk load alone, plain read, dd, suffix prefill, cache build
             load_runs: list[float] = []
             read_runs: list[float] = []
             for _ in range(repeats):
-                _bench_io.evict(path, evict)
+                bench_io.evict(path, evict)
                 t0 = time.perf_counter()
                 got = disk.get(pub.key)
                 load_runs.append(time.perf_counter() - t0)
                 assert got is not None
-                _bench_io.evict(path, evict)
+                bench_io.evict(path, evict)
                 t0 = time.perf_counter()
                 with open(path, "rb") as f:
                     f.read()
                 read_runs.append(time.perf_counter() - t0)
-            dd = _bench_io.dd_read(path, evict)
+            dd = bench_io.dd_read(path, evict)
             builds, suffixes = zip(*[_suffix_and_build(engine, arts, tp, n_new) for _ in range(repeats)], strict=True)
             # exactness
             hit = mem_engine.prefill(prompt)
@@ -295,7 +296,7 @@ def run_core_bench(
                 "load_avg": _load(),
             }
             if codec_docs > 0:
-                from ._bench_codec import measure_codecs
+                from .codec import measure_codecs
 
                 row["codecs"] = measure_codecs(art, pub.key, Path(tmp), evict, repeats, plain_load_s=_med(load_runs))
             if llama is not None:
@@ -335,7 +336,7 @@ def run_core_bench(
         "rows": rows,
     }
     if codec_docs > 0:
-        from ._bench_codec import int8_agreement
+        from .codec import int8_agreement
 
         result["int8_agreement"] = int8_agreement(engine, codec_docs, n_new, tmp_dir=tmp_dir)
     if out is not None:
@@ -343,8 +344,8 @@ def run_core_bench(
         out.write_text(json.dumps(result, indent=2))
         print(f"saved {out}")
     if plots_dir is not None:
-        from ._bench_plot import plot_all
-        from .cost import profile_from_result
+        from ..cost import profile_from_result
+        from .plot import plot_all
 
         for p in plot_all(result, plots_dir, profile_from_result(result)):
             print(f"saved {p}")

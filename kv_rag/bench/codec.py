@@ -9,10 +9,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import _bench_io, codec
-from .artifact import Artifact
-from .engine import Engine
-from .store import DiskTier, MemoryTier, Store
+from .. import codec
+from ..artifact import Artifact
+from ..engine import Engine
+from ..store import DiskTier, MemoryTier, Store
+from . import io as bench_io
 
 QUESTIONS = (
     "Summarize the document in one sentence.",
@@ -48,7 +49,7 @@ def measure_codecs(
         path = tier.path_of(key)
         loads = []
         for _ in range(repeats):
-            _bench_io.evict(path, evict)
+            bench_io.evict(path, evict)
             t0 = time.perf_counter()
             got = tier.get(key)
             loads.append(time.perf_counter() - t0)

@@ -1,12 +1,12 @@
-"""The few places where kv-rag meets transformers' cache API, kept to its public surface.
+"""kv-rag's KV cache: transformers' ``DynamicCache`` of layers that write into preallocated buffers.
 
-transformers 5.x renamed the forward argument ``past_key_values`` to ``cache`` (5.2x); the GPU
-machine runs 5.17. Everything else uses ``DynamicCache``, ``update`` and ``layers[i].keys/.values``.
+Kept to transformers' public cache API (``DynamicCache``, ``update``, ``layers[i].keys/.values``) so
+that it runs on transformers 5.17 (the GPU machine) and on the newest 5.x. :class:`PreallocatedLayer`
+is named, as transformers names its layers, by how it allocates: once, with room to grow in place.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -14,21 +14,16 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import _fastpath
-from .store.device import stacked_view as _stacked
-
-_CACHE_KWARG: dict[type, str] = {}
+from ..layout import stacked_view
 
 
-def cache_kwarg(model: Any) -> str:
-    """Name of the forward argument that takes the KV cache for ``model`` (``cache`` or ``past_key_values``)."""
-    cls = type(model)
-    name = _CACHE_KWARG.get(cls)
-    if name is None:
-        params = inspect.signature(model.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"
-        _CACHE_KWARG[cls] = name
-    return name
+class KVCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`PreallocatedLayer`; ``slot`` is the static-pool slot whose buffers
+    it uses while it lives (see :mod:`kv_rag.runtime.pool`), or ``None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slot: Any = None
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -43,45 +38,45 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.capacity = max(1, capacity)
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._len = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        self.length = 0
         #: rows below this belong to someone else (a GPU-tier block lent to this cache): they are
         #: copied into buffers of the layer's own before anything could write below it
         self._lent_rows = 0
         if buffers is not None:  # given buffers (static ones for whole-step CUDA graphs): used until full
-            self._k, self._v = buffers
+            self.key_buffer, self.value_buffer = buffers
             self.is_initialized = True
-            self.device = self._k.device
-            self.dtype = self._k.dtype
-            self.keys = self._k[..., :0, :]
-            self.values = self._v[..., :0, :]
+            self.device = self.key_buffer.device
+            self.dtype = self.key_buffer.dtype
+            self.keys = self.key_buffer[..., :0, :]
+            self.values = self.value_buffer[..., :0, :]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[batch, heads, n, dim]`` states; return the views of everything cached."""
         n = key_states.shape[-2]
-        if self._k is None or self._v is None:
+        if self.key_buffer is None or self.value_buffer is None:
             self._own(key_states[..., :0, :], value_states[..., :0, :], max(self.capacity, n))
-        elif self._len + n > self._k.shape[-2]:
-            cap = max(2 * self._k.shape[-2], self._len + n)
-            self._own(self._k[..., : self._len, :], self._v[..., : self._len, :], cap)
-        assert self._k is not None and self._v is not None
-        _copy_into(self._k[..., self._len : self._len + n, :], key_states)
-        _copy_into(self._v[..., self._len : self._len + n, :], value_states)
-        self.filled_to(self._len + n)
+        elif self.length + n > self.key_buffer.shape[-2]:
+            cap = max(2 * self.key_buffer.shape[-2], self.length + n)
+            self._own(self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :], cap)
+        assert self.key_buffer is not None and self.value_buffer is not None
+        _copy_into(self.key_buffer[..., self.length : self.length + n, :], key_states)
+        _copy_into(self.value_buffer[..., self.length : self.length + n, :], value_states)
+        self.filled_to(self.length + n)
         return cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # set just now
 
     def get_seq_length(self) -> int:
         """Number of cached tokens."""
-        return self._len
+        return self.length
 
     def truncate(self, length: int) -> None:
         """Forget every token from index ``length`` on (the buffer is kept, unless it is lent)."""
-        length = max(0, min(self._len, length))
+        length = max(0, min(self.length, length))
         if length < self._lent_rows:
-            self._own(self._k[..., :length, :], self._v[..., :length, :])  # type: ignore[index]
+            self._own(self.key_buffer[..., :length, :], self.value_buffer[..., :length, :])  # type: ignore[index]
         self.filled_to(length)
 
     def lend(self, rows: int) -> None:
@@ -93,13 +88,13 @@ class PreallocatedLayer(DynamicLayer):
         (``capacity`` rows; default: as many as the current buffer)."""
         n = keys.shape[-2]
         if capacity is None:
-            capacity = self._k.shape[-2] if self._k is not None else self.capacity
+            capacity = self.key_buffer.shape[-2] if self.key_buffer is not None else self.capacity
         cap = max(n, capacity)
         new_k = keys.new_empty((*keys.shape[:2], cap, keys.shape[-1]))
         new_v = values.new_empty((*values.shape[:2], cap, values.shape[-1]))
         new_k[..., :n, :] = keys
         new_v[..., :n, :] = values
-        self._k, self._v, self._lent_rows = new_k, new_v, 0
+        self.key_buffer, self.value_buffer, self._lent_rows = new_k, new_v, 0
         self.is_initialized = True
         self.device, self.dtype = new_k.device, new_k.dtype
         self.filled_to(n)
@@ -109,7 +104,7 @@ class PreallocatedLayer(DynamicLayer):
         """Drop the last ``-tokens_to_remove`` tokens (transformers' ``DynamicLayer.crop`` convention)."""
         if tokens_to_remove > 0:
             super().crop(tokens_to_remove)  # raises: a positive value is refused there too
-        self.truncate(self._len - abs(tokens_to_remove))
+        self.truncate(self.length - abs(tokens_to_remove))
 
     def reset(self) -> None:
         """Forget every token."""
@@ -117,38 +112,38 @@ class PreallocatedLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search."""
-        if self._len:
+        if self.length:
             idx = beam_idx.to(self.device)
             self._own(self.keys.index_select(0, idx), self.values.index_select(0, idx))  # type: ignore[union-attr]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch entry ``repeats`` times."""
-        if self._len:
+        if self.length:
             self._own(self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0))  # type: ignore[union-attr]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the batch entries ``indices``."""
-        if self._len:
+        if self.length:
             self._own(self.keys[indices, ...], self.values[indices, ...])  # type: ignore[index]
 
     def offload(self) -> None:
         """Move the cache to the CPU (transformers' offloading)."""
-        if self._len:
+        if self.length:
             device = self.device
             self._own(self.keys.to("cpu"), self.values.to("cpu"))  # type: ignore[union-attr]
             self.device = device  # where prefetch brings it back
 
     def prefetch(self) -> None:
         """Move an offloaded cache back to its device."""
-        if self._len and self._k is not None and self._k.device != self.device:
+        if self.length and self.key_buffer is not None and self.key_buffer.device != self.device:
             self._own(self.keys.to(self.device), self.values.to(self.device))  # type: ignore[union-attr]
 
     def filled_to(self, length: int) -> None:
         """Take the buffer's first ``length`` rows as the cached tokens (rows written into it directly)."""
-        self._len = length
-        if self._k is not None and self._v is not None:
-            self.keys = self._k[..., :length, :]
-            self.values = self._v[..., :length, :]
+        self.length = length
+        if self.key_buffer is not None and self.value_buffer is not None:
+            self.keys = self.key_buffer[..., :length, :]
+            self.values = self.value_buffer[..., :length, :]
 
     def settle(self, length: int, index: torch.Tensor) -> None:
         """Move the tokens after ``length`` into the slots ``index`` (all ``< length``), then truncate to ``length``.
@@ -157,12 +152,12 @@ class PreallocatedLayer(DynamicLayer):
         """
         n = int(index.numel())
         if n and int(index.min()) < self._lent_rows:
-            self._own(self._k[..., : self._len, :], self._v[..., : self._len, :])  # type: ignore[index]
-        if n and self._k is not None and self._v is not None:
-            k = self._k[..., length : length + n, :].clone()
-            v = self._v[..., length : length + n, :].clone()
-            self._k.index_copy_(2, index.to(self._k.device), k)
-            self._v.index_copy_(2, index.to(self._v.device), v)
+            self._own(self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :])  # type: ignore[index]
+        if n and self.key_buffer is not None and self.value_buffer is not None:
+            k = self.key_buffer[..., length : length + n, :].clone()
+            v = self.value_buffer[..., length : length + n, :].clone()
+            self.key_buffer.index_copy_(2, index.to(self.key_buffer.device), k)
+            self.value_buffer.index_copy_(2, index.to(self.value_buffer.device), v)
         self.truncate(length)
 
 
@@ -177,39 +172,34 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+#: Per-layer lists of KV pieces: ``pieces[layer][j]`` is piece ``j`` as ``[1, kv_heads, tokens, dim]``.
+Pieces = Sequence[Sequence[torch.Tensor]]
+
+
 def build_cache(
-    keys: Sequence[Sequence[torch.Tensor]] | None,
-    values: Sequence[Sequence[torch.Tensor]] | None,
+    keys: Pieces | None,
+    values: Pieces | None,
     num_layers: int,
     capacity: int,
-    model: Any = None,
-    adopt: bool = False,
-) -> DynamicCache:
-    """A ``DynamicCache`` of :class:`PreallocatedLayer` with room for ``capacity`` tokens per layer.
+    buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    cache: KVCache | None = None,
+) -> KVCache:
+    """A :class:`KVCache` of :class:`PreallocatedLayer` with room for ``capacity`` tokens per layer.
 
     ``keys[layer]`` / ``values[layer]`` are lists of ``[batch, kv_heads, tokens, head_dim]`` tensors
     copied in order (once) into each layer's buffer; ``None`` gives an empty cache. Every layer keeps
     every token (sliding-window models mask by position instead), which keeps slicing exact.
 
-    With ``model`` given, the buffers may come from the fast path's pool of static buffers (CUDA,
-    half precision; see :mod:`kv_rag._fastpath`), so that whole forward steps on this cache can be
-    replayed as one CUDA graph. The cache is the same either way.
-
-    ``adopt``: the cache may use the GPU tier's block that holds the last piece as its buffers
-    instead of copying it (see :func:`kv_rag._fastpath.adopt_buffers`); only for callers that never
-    write into the cache below its length.
+    ``buffers``: per-layer ``(keys, values)`` buffers to write into (the static pool's, see
+    :meth:`kv_rag.runtime.ModelRuntime.new_cache`) instead of allocating; the cache is the same
+    either way. ``cache``: fill this (empty) cache instead of a new one.
     """
-    cache = DynamicCache()
-    if adopt and model is not None and keys is not None and values is not None:
-        lent = _fastpath.adopt_buffers(model, cache, num_layers, capacity, keys, values)
-        if lent is not None:
-            return _adopted(cache, lent[0], lent[1], keys, values, capacity)
-    bufs = _fastpath.static_buffers(model, cache, num_layers, capacity) if model is not None else None
-    layers = [PreallocatedLayer(capacity, bufs[i] if bufs is not None else None) for i in range(num_layers)]
+    cache = cache if cache is not None else KVCache()
+    layers = [PreallocatedLayer(capacity, buffers[i] if buffers is not None else None) for i in range(num_layers)]
     cache.layers.extend(layers)
     if keys is None or values is None:
         return cache
-    if bufs is not None and _fill_static(layers, keys, values):
+    if buffers is not None and fill_static(layers, keys, values):
         return cache
     for layer, ks, vs in zip(layers, keys, values, strict=True):
         for k, v in zip(ks, vs, strict=True):
@@ -217,20 +207,21 @@ def build_cache(
     return cache
 
 
-def _adopted(
-    cache: DynamicCache,
-    bufs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def lend_cache(
+    cache: KVCache,
+    buffers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     start: int,
-    keys: Sequence[Sequence[torch.Tensor]],
-    values: Sequence[Sequence[torch.Tensor]],
+    keys: Pieces,
+    values: Pieces,
     capacity: int,
-) -> DynamicCache:
-    """``cache`` over lent buffers whose rows ``start..`` hold the last piece: the earlier pieces are
-    copied in front of it, the last is not copied."""
-    layers = [PreallocatedLayer(capacity, b) for b in bufs]
+) -> KVCache:
+    """``cache`` over lent ``buffers`` whose rows ``start..`` already hold the last piece: the earlier
+    pieces are copied in front of it, the last is not copied. Writing below the last piece's end
+    first copies the cache into buffers of its own (see :meth:`PreallocatedLayer.lend`)."""
+    layers = [PreallocatedLayer(capacity, b) for b in buffers]
     cache.layers.extend(layers)
     lead_k, lead_v = [list(ks[:-1]) for ks in keys], [list(vs[:-1]) for vs in values]
-    if start and not _fill_static(layers, lead_k, lead_v):
+    if start and not fill_static(layers, lead_k, lead_v):
         for layer, ks, vs in zip(layers, lead_k, lead_v, strict=True):
             for k, v in zip(ks, vs, strict=True):
                 layer.update(k, v)
@@ -241,7 +232,7 @@ def _adopted(
     return cache
 
 
-def _fill_static(
+def fill_static(
     layers: Sequence[PreallocatedLayer],
     keys: Sequence[Sequence[torch.Tensor]],
     values: Sequence[Sequence[torch.Tensor]],
@@ -255,25 +246,25 @@ def _fill_static(
     """
     total = sum(int(k.shape[-2]) for k in keys[0])
     for layer in layers:
-        kb = layer._k
-        if kb is None or layer._v is None or total > kb.shape[-2]:
+        kb = layer.key_buffer
+        if kb is None or layer.value_buffer is None or total > kb.shape[-2]:
             return False
     for ks in (*keys, *values):
         for piece, ref in zip(ks, keys[0], strict=True):
-            kb = layers[0]._k
+            kb = layers[0].key_buffer
             assert kb is not None
             same = piece.shape == ref.shape and piece.shape[:2] == kb.shape[:2] and piece.shape[-1] == kb.shape[-1]
             if not same or piece.dtype != kb.dtype or piece.device != kb.device:
                 return False
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
-    for bufs, pieces in (([la._k for la in layers], keys), ([la._v for la in layers], values)):
-        whole = _stacked(bufs)  # type: ignore[arg-type]
+    for bufs, pieces in (([la.key_buffer for la in layers], keys), ([la.value_buffer for la in layers], values)):
+        whole = stacked_view(bufs)  # type: ignore[arg-type]
         at = 0
         for j in range(len(pieces[0])):
             col = [p[j] for p in pieces]
             n = int(col[0].shape[-2])
-            block = _stacked(col)
+            block = stacked_view(col)
             if whole is not None and block is not None:
                 dst.append(whole[..., at : at + n, :])
                 src.append(block)
@@ -300,53 +291,18 @@ def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def forward_at(
-    model: Any,
-    input_ids: torch.Tensor,
-    cache: DynamicCache,
-    positions: torch.Tensor,
-    attention_mask: torch.Tensor,
-    logits_to_keep: int = 1,
-) -> torch.Tensor:
-    """Run ``model`` on ``input_ids`` (``[1, n]``) at arbitrary ``positions`` (``[n]``) with a custom mask.
-
-    ``attention_mask`` is an additive float mask ``[1, 1, n, cached + n]`` (0 where a query may attend,
-    the dtype's minimum where not), passed to the model as a prepared 4D mask. The new tokens are
-    appended to ``cache`` after what it holds. Returns float32 logits of the last ``logits_to_keep``.
-    """
-    kwargs = {cache_kwarg(model): cache}
-    out = model(
-        input_ids=input_ids,
-        position_ids=positions.to(input_ids.device).unsqueeze(0),
-        attention_mask=attention_mask,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **kwargs,
-    )
-    return out.logits[0].float()
-
-
-def forward(
-    model: Any, input_ids: torch.Tensor, cache: DynamicCache, start: int, logits_to_keep: int = 1
-) -> torch.Tensor:
-    """Run ``model`` on ``input_ids`` (``[1, n]``) at positions ``start..start+n-1`` on top of ``cache``.
-
-    Returns the logits of the last ``logits_to_keep`` positions as float32 ``[n_keep, vocab]``;
-    ``cache`` is extended in place. Short steps of supported models on CUDA go through
-    :mod:`kv_rag._fastpath` (same weights, same cache, fewer launches; see ``KV_RAG_FAST``).
-    """
-    n = input_ids.shape[1]
-    if n <= _fastpath.MAX_FAST_TOKENS and _fastpath.enabled(input_ids.device):
-        fast = _fastpath.runner_for(model)
-        if fast is not None:
-            return fast.forward(input_ids, cache, start, logits_to_keep)
-    position_ids = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)
-    kwargs = {cache_kwarg(model): cache}
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **kwargs,
-    )
-    return out.logits[0].float()
+def pieces_of(
+    artifacts: Sequence[Any], device: torch.device, num_layers: int, drop_last: bool = False
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """The artifacts' per-layer KV as :data:`Pieces` on ``device`` (queued with ``non_blocking``), in order;
+    ``drop_last`` leaves out the last artifact's last token."""
+    keys: list[list[torch.Tensor]] = []
+    values: list[list[torch.Tensor]] = []
+    for layer in range(num_layers):
+        ks = [a.keys[layer].to(device, non_blocking=True).unsqueeze(0) for a in artifacts]
+        vs = [a.values[layer].to(device, non_blocking=True).unsqueeze(0) for a in artifacts]
+        if drop_last:
+            ks[-1], vs[-1] = ks[-1][..., :-1, :], vs[-1][..., :-1, :]
+        keys.append(ks)
+        values.append(vs)
+    return keys, values

@@ -1,6 +1,6 @@
 """Layer pieces of Llama-family decoders as plain functions of tensors, for ``torch.compile``.
 
-The whole-step CUDA graph (:mod:`kv_rag._fastpath`) replays every kernel of a step; with plain
+The whole-step CUDA graph (:class:`kv_rag.runtime.pool.StepGraph`) replays every kernel of a step; with plain
 modules a step of a 36-layer model is about 2400 kernels, most of them tiny element-wise ones
 (norms, rotary, residuals) that cost ~2 us each even inside a graph. Written as functions of
 tensors (weights passed in, so one compiled function serves every layer), ``torch.compile``

@@ -1,0 +1,92 @@
+"""Exact assembly: load the longest cached part of a chain, prefill the rest, store what was new.
+
+Token-exact: each artifact was computed given exactly the text before it (its key covers the
+whole chain before it), so the cache equals a from-scratch prefill's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..artifact import Artifact
+from ..models import LoadedModel
+from ..plan import Chain
+from ..results import CacheStatus, SegmentReport
+from ..runtime import pieces_of
+from ..store import Store
+from .base import Prefill, acceptor, artifact_of, report
+
+
+def assemble_chain(
+    loaded: LoadedModel,
+    store: Store,
+    chain: Chain,
+    *,
+    need_logits: bool = True,
+    reserve: int = 0,
+    t0: float | None = None,
+) -> Prefill:
+    """KV of ``chain`` (call with the model's lock held, in inference mode).
+
+    Loads the pieces in order up to the first one the store does not have (or whose artifact does
+    not fit), prefills the rest on top and stores each newly computed piece that has a key.
+    ``reserve`` makes room for that many more tokens without reallocating; ``need_logits``: the
+    logits of the last token are wanted (when everything is cached, the last token is recomputed).
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    reports: list[SegmentReport] = []
+    hits: list[Artifact] = []
+    lendable = False
+    first_uncached = len(chain.pieces)
+    for i, piece in enumerate(chain.pieces):
+        if not piece.key:
+            if piece.length:
+                first_uncached = i
+                break
+            reports.append(report(piece, CacheStatus.NONE))
+            continue
+        look = piece.tier is not None or not chain.located
+        hit = store.get(piece.key, accept=acceptor(loaded, piece, piece.start)) if look else None
+        if hit is None:
+            first_uncached = i
+            break
+        hits.append(hit.artifact)
+        lendable = hit.lendable
+        reports.append(report(piece, CacheStatus.HIT, hit.tier))
+    pos = chain.pieces[first_uncached].start if first_uncached < len(chain.pieces) else chain.length
+    rest: list[int] = [t for p in chain.pieces[first_uncached:] for t in p.ids] + list(chain.suffix)
+    drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
+    # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
+    ids = torch.tensor([rest or chain.ids[-1:]], dtype=torch.long, device=loaded.device)
+    runtime = loaded.runtime
+    capacity = chain.total + reserve
+    if hits:
+        keys, values = pieces_of(hits, loaded.device, loaded.num_layers, drop_last=drop_last)
+        # the last hit's rows are never rewritten, so a lendable block may be used in place; not right
+        # after a copy-up: a new block needs new step graphs (~50 ms), while copying is cheaper once
+        cache = runtime.new_cache(capacity, keys, values, lend=lendable and not drop_last)
+    else:
+        cache = runtime.new_cache(capacity)
+    if drop_last:
+        rest = chain.ids[-1:]
+    logits: torch.Tensor | None = None
+    if rest:
+        logits = runtime.forward(ids, cache, pos - 1 if drop_last else pos)[-1]
+    stored = 0
+    for piece in chain.pieces[first_uncached:]:
+        if piece.key:
+            store.put(piece.key, artifact_of(loaded, cache, piece))
+            stored += piece.length
+        reports.append(report(piece, CacheStatus.MISS if piece.key else CacheStatus.NONE))
+    return Prefill(
+        cache=cache,
+        logits=logits,
+        prompt_tokens=chain.total,
+        cached_tokens=pos,
+        prefilled_tokens=chain.total - pos,
+        stored_tokens=stored,
+        seconds=time.perf_counter() - t0,
+        segments=reports,
+    )

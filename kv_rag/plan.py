@@ -1,0 +1,282 @@
+"""Planning a request, without tensors: which pieces it has, their keys, and where the store holds them.
+
+The split follows vLLM's KV connector: the scheduler side matches a request against the store
+without moving data, the worker side loads. Here :class:`Planner` turns a tokenized prompt and
+its :class:`~kv_rag.options.RequestOptions` into a :class:`RequestPlan` (segments, chain keys,
+the fixed and primed contexts computed once, which documents moved, which tier holds each
+piece); :mod:`kv_rag.assemble` executes it. A plan is what the store held when it was made: a
+piece that is gone or rejected by the time it is loaded is computed instead (a miss is never an
+error).
+
+Words: a *chain* is a run of segments from position 0, each cached given everything before it
+(its key covers the whole chain before it); a *context* is the chain a document's own artifact is
+computed after (the system part, plus a filler when priming); a document *moved* when it does
+not sit right after exactly that context, so its stitched KV can differ from a full prefill's.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import ContextLengthError, InputError, UnsupportedModelError
+from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
+from .models import LoadedModel
+from .options import Mode, RequestOptions
+from .prompt import Prompt, TokenizedPrompt, chat_frame, tokenize
+from .rope import window_refusal
+from .store import Store
+
+#: Contexts remembered per planner (one per system prompt and priming text in use).
+_CONTEXTS = 16
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One segment of a request: its tokens, where it sits, and the key of its artifact.
+
+    ``key`` is empty when the piece is not cached (an empty segment, caching off, or text between
+    documents in stitch mode); ``tier`` is the tier that held ``key`` when the plan was made
+    (``None``: none did, or it was not looked up).
+    """
+
+    ids: tuple[int, ...]
+    ids_bytes: bytes
+    start: int
+    key: str
+    parent: str
+    source: str
+    document: bool
+    tier: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of tokens."""
+        return len(self.ids)
+
+    @property
+    def end(self) -> int:
+        """Position after the last token."""
+        return self.start + len(self.ids)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An exact chain: ``pieces`` from position 0 in order, then ``suffix`` (always prefilled, never stored).
+
+    ``located``: the pieces' ``tier`` says what the store held when the plan was made (a piece with
+    none is not looked up again); otherwise every keyed piece is looked up when the chain is loaded.
+    """
+
+    pieces: tuple[Piece, ...]
+    suffix: tuple[int, ...] = ()
+    located: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens in the pieces."""
+        return self.pieces[-1].end if self.pieces else 0
+
+    @property
+    def total(self) -> int:
+        """Tokens in the pieces and the suffix."""
+        return self.length + len(self.suffix)
+
+    @property
+    def ids(self) -> list[int]:
+        """Every token id in order."""
+        out = [t for p in self.pieces for t in p.ids]
+        out.extend(self.suffix)
+        return out
+
+    @property
+    def key(self) -> str:
+        """Chain key of the last cached piece ("" if none)."""
+        return next((p.key for p in reversed(self.pieces) if p.key), "")
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    """A document in stitch or blend mode: its own artifact, computed after ``context``, moved to ``piece``.
+
+    ``piece.key`` is the document artifact's key (``context`` + the document's ids) and
+    ``piece.tier`` where the store held it; ``origin`` is the position its KV was computed at (the
+    context's length); ``moved`` whether its KV can differ from a full prefill's here.
+    ``miss`` is the chain that computes and stores the artifact when it is not found.
+    """
+
+    piece: Piece
+    origin: int
+    moved: bool
+    miss: Chain
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What to do for one request (no tensors).
+
+    ``mode`` is the mode in effect: exact when stitching was refused (``fallback`` says why) or
+    there is no document. In exact mode ``lead`` is the whole chain (and the suffix) and ``parts`` is
+    empty; in stitch and blend ``lead`` is the chain before the first document and ``parts`` every
+    segment from the first document on (a :class:`DocumentPlan` or a plain :class:`Piece`), the
+    question and generation prompt being ``suffix``.
+    """
+
+    options: RequestOptions
+    mode: Mode
+    ids: tuple[int, ...]
+    lead: Chain
+    parts: tuple[DocumentPlan | Piece, ...] = ()
+    suffix: tuple[int, ...] = ()
+    fallback: str | None = None
+
+    @property
+    def total(self) -> int:
+        """Prompt tokens."""
+        return len(self.ids)
+
+    @property
+    def documents(self) -> tuple[DocumentPlan, ...]:
+        """The stitched documents, in order."""
+        return tuple(p for p in self.parts if isinstance(p, DocumentPlan))
+
+
+class Planner:
+    """Plans requests for one loaded model and store. Thread-safe (contexts are memoized under the model's lock)."""
+
+    def __init__(self, loaded: LoadedModel, store: Store) -> None:
+        self.loaded = loaded
+        self.store = store
+        self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
+
+    # ------------------------------------------------------------------ tokens and keys
+    def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
+        """Token ids of each segment of ``prompt``."""
+        return tokenize(self.loaded.tokenizer, prompt)
+
+    def chain(
+        self,
+        segments: Sequence[tuple[int, ...]],
+        sources: Sequence[str],
+        documents: Sequence[bool],
+        suffix: Sequence[int] = (),
+        *,
+        cached: bool = True,
+        locate: bool = True,
+    ) -> Chain:
+        """The chain of ``segments`` from position 0, with keys.
+
+        ``cached=False`` gives no keys (a plain prefill). ``locate``: ask the store which tier holds
+        each piece, up to the first it does not hold (a chain is loaded up to its first gap).
+        """
+        fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
+        pieces: list[Piece] = []
+        pos, parent = 0, ""
+        looking = locate and cached
+        for seg, src, doc in zip(segments, sources, documents, strict=True):
+            raw = token_bytes(seg)
+            key = chain_key_of_digest(parent, fp, tok, tokens_digest(raw)) if cached and seg else ""
+            tier = None
+            if looking and key:
+                tier = self.store.locate(key)
+                looking = tier is not None
+            pieces.append(Piece(tuple(seg), raw, pos, key, parent if key else "", src, doc, tier))
+            parent = key or parent
+            pos += len(seg)
+        return Chain(tuple(pieces), tuple(suffix), located=locate and cached)
+
+    def context(self, system: str, priming: str = "") -> Chain:
+        """The chain a document's own artifact is computed after: the chat template's system part for
+        ``system``, then (when ``priming``) the filler and the document separator. Computed once."""
+        memo = (system, priming)
+        with self.loaded.lock:
+            got = self._contexts.get(memo)
+            if got is not None:
+                self._contexts.move_to_end(memo)
+                return got
+        head = chat_frame(self.loaded.tokenizer, system)[0]
+        texts = (priming, "x") if priming else ("x",)
+        tp = self.tokenize(Prompt.from_parts(head, texts, ""))
+        segs = tp.segments[:-1]  # without the stand-in document
+        n = len(segs)
+        got = self.chain(segs, ("text",) * n, (False,) * n, locate=False)
+        with self.loaded.lock:
+            self._contexts[memo] = got
+            while len(self._contexts) > _CONTEXTS:
+                self._contexts.popitem(last=False)
+        return got
+
+    def document_key(self, ids: Sequence[int], context: Chain) -> str:
+        """Key of the artifact of a document with ``ids`` computed after ``context``."""
+        fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
+        return chain_key_of_digest(context.key, fp, tok, tokens_digest(token_bytes(ids)))
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, tp: TokenizedPrompt, options: RequestOptions, system: str) -> RequestPlan:
+        """The plan of ``tp`` under ``options``; ``system`` is the system prompt documents are cached after.
+
+        Raises :class:`~kv_rag.errors.InputError` for an empty prompt and
+        :class:`~kv_rag.errors.ContextLengthError` for one longer than the model reads.
+        """
+        total = len(tp)
+        if total == 0:
+            raise InputError("the prompt is empty: nothing to prefill")
+        if total >= self.loaded.context_window:
+            raise ContextLengthError(
+                f"the prompt has {total} tokens but {self.loaded.name} reads at most {self.loaded.context_window}: "
+                "retrieve fewer or shorter documents (--k, --chunk-tokens) or shorten the question"
+            )
+        ids = tuple(tp.ids)
+        n = len(tp.segments)
+        sources = [tp.source(i) for i in range(n)]
+        docs = [tp.document(i) for i in range(n)]
+        mode, fallback = options.mode, None
+        first = next((i for i in range(n) if docs[i]), None)
+        if mode is not Mode.EXACT and (first is None or not options.use_cache):
+            mode = Mode.EXACT
+        elif mode is not Mode.EXACT:
+            fallback = self._stitch_refusal(total)
+            if fallback:
+                mode = Mode.EXACT
+        if mode is Mode.EXACT or first is None:
+            lead = self.chain(tp.segments, sources, docs, tp.suffix, cached=options.use_cache)
+            return RequestPlan(options, mode, ids, lead, (), tp.suffix, fallback)
+        lead = self.chain(tp.segments[:first], sources[:first], docs[:first])
+        fixed = self.context(system)
+        primed = self.context(system, options.priming) if options.priming else fixed
+        parts: list[DocumentPlan | Piece] = []
+        pos = lead.length
+        for i in range(first, n):
+            seg = tp.segments[i]
+            if docs[i] and seg:
+                parts.append(self._document(seg, sources[i], pos, ids, fixed, primed))
+            else:
+                parts.append(Piece(seg, token_bytes(seg), pos, "", "", sources[i], docs[i]))
+            pos += len(seg)
+        return RequestPlan(options, mode, ids, lead, tuple(parts), tp.suffix, None)
+
+    def _document(
+        self, seg: tuple[int, ...], source: str, start: int, ids: tuple[int, ...], fixed: Chain, primed: Chain
+    ) -> DocumentPlan:
+        """A document at ``start``: its own artifact after the fixed context (where it sits right after it)
+        or after the primed one."""
+        moved = not (start == fixed.length and ids[:start] == tuple(fixed.ids))
+        context = primed if moved else fixed
+        miss = self.chain(
+            (*(p.ids for p in context.pieces), seg),
+            (*(p.source for p in context.pieces), source),
+            (*(False for _ in context.pieces), True),
+            locate=False,
+        )
+        doc = miss.pieces[-1]
+        piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, self.store.locate(doc.key))
+        return DocumentPlan(piece, context.length, moved, miss)
+
+    def _stitch_refusal(self, total: int) -> str | None:
+        """Why keys cannot be moved exactly for this model and prompt length, or ``None``."""
+        try:
+            _ = self.loaded.rotary
+        except UnsupportedModelError as exc:
+            return str(exc)
+        return window_refusal(self.loaded.model, total)

@@ -1,0 +1,182 @@
+"""The hot path of one model: its forward step over kv-rag's cache, the fast decoder and the static pool.
+
+:class:`ModelRuntime` is made once per loaded model (:attr:`kv_rag.models.LoadedModel.runtime`) and
+holds what used to be found by string keys and attributes set on the model: the name of the
+forward argument that takes the cache, the :class:`~kv_rag.runtime.decoder.FastDecoder` (or that
+there is none) and the :class:`~kv_rag.runtime.pool.StaticPool`. Not thread-safe by itself: the
+engine calls it under the model's lock.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..layout import block_rows
+from .cache import KVCache, Pieces, build_cache, lend_cache
+from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, fast_path_enabled
+from .pool import StaticPool
+
+
+def cache_kwarg(model: Any) -> str:
+    """Name of the forward argument that takes the KV cache for ``model`` (``cache`` or ``past_key_values``).
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (5.2x); the GPU machine runs 5.17.
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class ModelRuntime:
+    """Forward steps of ``model`` on a :class:`~kv_rag.runtime.cache.KVCache`, and the caches to run them on."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        #: the forward argument that takes the cache
+        self.cache_kwarg = cache_kwarg(model)
+        self._decoder: FastDecoder | None = None
+        self._decoder_built = False
+        self._pool: StaticPool | None = None
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def decoder(self) -> FastDecoder | None:
+        """The model's :class:`FastDecoder` (made on first use), or ``None`` for an architecture it does not handle."""
+        if not self._decoder_built:
+            self._decoder = FastDecoder.build(self.model)
+            self._decoder_built = True
+        return self._decoder
+
+    def pool(self, device: torch.device) -> StaticPool | None:
+        """The static KV pool on ``device`` when whole-step graphs apply to this model, else ``None``.
+
+        They apply on CUDA, to half-precision models the fast decoder handles with flash attention,
+        under the ``KV_RAG_FAST`` switch.
+        """
+        if device.type != "cuda" or not torch.cuda.is_available() or not fast_path_enabled(device):
+            return None
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        if weight is None or weight.device.type != "cuda" or weight.dtype not in HALF_DTYPES:
+            return None
+        dec = self.decoder
+        if dec is None or not dec.flash:
+            return None
+        if self._pool is None:
+            self._pool = StaticPool(dec, weight.device, weight.dtype)
+        return self._pool
+
+    # ------------------------------------------------------------------ caches
+    def new_cache(
+        self,
+        capacity: int,
+        keys: Pieces | None = None,
+        values: Pieces | None = None,
+        *,
+        lend: bool = False,
+    ) -> KVCache:
+        """A cache holding ``keys``/``values`` (per layer, pieces in order; ``None``: empty) with room for
+        ``capacity`` tokens.
+
+        On CUDA with a half-precision model the buffers come from the static pool, so that whole
+        steps on the cache replay as one CUDA graph. ``lend``: when the last piece of every layer
+        lies in one cache-shaped block of the GPU tier at the row where it belongs (see
+        :mod:`kv_rag.layout`), with room for ``capacity`` tokens and a padded step, and no other live
+        cache uses that block, the cache takes the block's layers as its buffers and the last piece
+        is not copied at all; only for callers that never write below the cache's length (the
+        block's artifact stays valid because the cache writes only the rows before and after it).
+        The cache holds the same tokens either way.
+        """
+        num_layers = self.num_layers
+        cache = KVCache()
+        pool = self.pool(self._device())
+        if pool is None or num_layers != len(pool.dec.inner.layers):
+            return build_cache(keys, values, num_layers, capacity, cache=cache)
+        if lend and keys is not None and values is not None and keys and keys[0]:
+            lent = self._lend(pool, cache, capacity, keys, values)
+            if lent is not None:
+                return lent
+        slot = pool.acquire(cache, capacity, pool.dtype)
+        if slot is None:
+            return build_cache(keys, values, num_layers, capacity, cache=cache)
+        cache.slot = slot
+        return build_cache(keys, values, num_layers, capacity, list(zip(slot.k, slot.v, strict=True)), cache)
+
+    def _lend(self, pool: StaticPool, cache: KVCache, capacity: int, keys: Pieces, values: Pieces) -> KVCache | None:
+        """``cache`` over the GPU tier's block that holds the last piece, or ``None`` (then copy as usual)."""
+        start = sum(int(p.shape[-2]) for p in keys[0][:-1])
+        n = int(keys[0][-1].shape[-2])
+        kb = block_rows([ks[-1] for ks in keys], start)
+        vb = block_rows([vs[-1] for vs in values], start)
+        dtype = pool.dtype
+        if kb is None or vb is None or kb.shape != vb.shape or kb.dtype != dtype or vb.dtype != dtype:
+            return None
+        if kb.device != pool.device or kb.shape[3] < start + n or kb.shape[3] < capacity + MAX_FAST_TOKENS:
+            return None
+        if pool.max_bytes <= 0:  # KV_RAG_STATIC_BYTES=0: whole-step graphs are off
+            return None
+        slot = pool.adopt(cache, kb, vb)
+        if slot is None:
+            return None
+        cache.slot = slot
+        buffers = list(zip(kb.unbind(0), vb.unbind(0), strict=True))
+        return lend_cache(cache, buffers, start, keys, values, capacity)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor, cache: Any, start: int, logits_to_keep: int = 1) -> torch.Tensor:
+        """Run the model on ``input_ids`` (``[1, n]``) at positions ``start..start+n-1`` on top of ``cache``.
+
+        Returns the logits of the last ``logits_to_keep`` positions as float32 ``[n_keep, vocab]``;
+        ``cache`` is extended in place. Short steps of supported models on CUDA go through the
+        :class:`FastDecoder` (same weights, same cache, fewer launches; see ``KV_RAG_FAST``).
+        """
+        n = input_ids.shape[1]
+        if n <= MAX_FAST_TOKENS and fast_path_enabled(input_ids.device):
+            fast = self.decoder
+            if fast is not None:
+                return fast.forward(input_ids, cache, start, logits_to_keep)
+        position_ids = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: cache},
+        )
+        return out.logits[0].float()
+
+    def forward_at(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """Run the model on ``input_ids`` (``[1, n]``) at arbitrary ``positions`` (``[n]``) with a custom mask.
+
+        ``attention_mask`` is an additive float mask ``[1, 1, n, cached + n]`` (0 where a query may
+        attend, the dtype's minimum where not), passed to the model as a prepared 4D mask. The new
+        tokens are appended to ``cache`` after what it holds. Returns float32 logits of the last
+        ``logits_to_keep``.
+        """
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions.to(input_ids.device).unsqueeze(0),
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: cache},
+        )
+        return out.logits[0].float()
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers (cache layers)."""
+        return int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
