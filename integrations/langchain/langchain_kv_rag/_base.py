@@ -19,13 +19,17 @@ from typing import Any
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
-from kv_rag import Engine, Generation, Mode, Prompt, Store
-from kv_rag.defaults import EMBEDDED_MODEL, MAX_NEW_TOKENS
+from kv_rag import Engine, Generation, Mode, Prompt, RequestOptions, Store
+from kv_rag.defaults import EMBEDDED_MODEL
 from kv_rag.errors import InputError
 from kv_rag.models import is_embedded
 
-#: Arguments a call (``invoke``, ``stream``, ``bind``...) may pass besides ``stop``.
-CALL_ARGUMENTS = frozenset({"max_tokens", "temperature", "top_p", "seed", "mode", "use_cache", "documents", "model"})
+#: Request options a call (``invoke``, ``stream``, ``bind``...) may pass besides ``stop``; the core checks them.
+OPTION_ARGUMENTS = frozenset(
+    {"max_tokens", "temperature", "top_p", "seed", "mode", "recompute", "priming", "selection", "use_cache"}
+)
+#: Every argument a call may pass besides ``stop``.
+CALL_ARGUMENTS = OPTION_ARGUMENTS | {"documents", "model"}
 
 #: Constructor arguments that other providers need and a local model ignores without a warning
 #: (LangChain's standard tests pass them to every chat model).
@@ -49,7 +53,14 @@ class KVRagParams(BaseModel):
     dtype: str | None = None
     """``"float32"``, ``"bfloat16"``...; default: float32 on CPU, bfloat16 on CUDA."""
     mode: str = Mode.EXACT.value
-    """How a request's KV is assembled from the store (see :class:`kv_rag.Mode`)."""
+    """How a request's KV is assembled from the store: ``exact``, ``stitch`` or ``blend`` (see :class:`kv_rag.Mode`)."""
+    recompute: float | None = None
+    """Blend: the fraction of document tokens recomputed (default 0.15 in blend mode)."""
+    priming: bool | str = False
+    """Stitch/blend: compute moved documents after a filler passage (``True`` or your own text)."""
+    selection: Any = None
+    """Blend: which document tokens to recompute: ``"attention"`` (default), ``"deviation"``, ``"leading"``,
+    or a :class:`kv_rag.Selector` object."""
     temperature: float = Field(default=0.0, ge=0.0)
     """0 is greedy decoding."""
     max_tokens: int | None = Field(default=None, ge=1)
@@ -79,17 +90,39 @@ class KVRagParams(BaseModel):
             if unknown:
                 warnings.warn(
                     f"{cls.__name__} ignores unknown argument(s) {', '.join(unknown)}; "
-                    "it takes model, store, device, dtype, mode, temperature, max_tokens, top_p, seed, stop, "
-                    "use_cache, streaming",
+                    "it takes model, store, device, dtype, mode, recompute, priming, selection, temperature, "
+                    "max_tokens, top_p, seed, stop, use_cache, streaming",
                     UserWarning,
                     stacklevel=4,
                 )
         return values
 
-    @field_validator("mode")
+    @field_validator("mode", mode="before")
     @classmethod
     def _check_mode(cls, value: Any) -> str:
         return Mode.parse(value).value
+
+    @model_validator(mode="after")
+    def _check_options(self) -> KVRagParams:
+        """The store spec and the request options, checked by the core (the same checks and messages as
+        every caller's)."""
+        Store.check_spec(self.store)
+        self.default_options()
+        return self
+
+    def default_options(self) -> RequestOptions:
+        """This instance's settings as :class:`kv_rag.RequestOptions` (the defaults of every call)."""
+        return RequestOptions.make(
+            mode=self.mode,
+            recompute=self.recompute,
+            priming=self.priming,
+            selection=self.selection,
+            use_cache=self.use_cache,
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -115,16 +148,27 @@ class KVRagParams(BaseModel):
                 return eng
             main = self._engines.get(self.model)
             if main is None:
-                store = self.store if isinstance(self.store, Store) else _store_spec(self.store)
-                main = Engine(
-                    None if is_embedded(self.model) else self.model, store=store, device=self.device, dtype=self.dtype
-                )
+                main = self._new_engine(self.model, self.store)
                 self._engines[self.model] = main
             if name == self.model:
                 return main
-            eng = Engine(None if is_embedded(name) else name, store=main.store, device=self.device, dtype=self.dtype)
+            eng = self._new_engine(name, main.store)
             self._engines[name] = eng
             return eng
+
+    def _new_engine(self, model: str, store: Any) -> Engine:
+        """An engine of ``model`` on ``store`` whose request defaults are this instance's settings."""
+        opts = self.default_options()
+        return Engine(
+            None if is_embedded(model) else model,
+            store=store,
+            device=self.device,
+            dtype=self.dtype,
+            mode=opts.mode,
+            recompute=opts.recompute,
+            priming=opts.priming,
+            selection=opts.selection,
+        )
 
     # ------------------------------------------------------------------ requests
     @property
@@ -142,25 +186,20 @@ class KVRagParams(BaseModel):
             )
         model = kwargs.get("model")
         stops = [*(self.stop or ()), *(stop or ())]
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
         documents = kwargs.get("documents")
         if documents is not None and not isinstance(documents, (Mapping, list, tuple)):
             raise InputError(
                 f"documents must be a list of texts or a mapping text -> source; got {type(documents).__name__}"
             )
+        overrides = {k: v for k, v in kwargs.items() if k in OPTION_ARGUMENTS and k != "max_tokens"}
+        if "max_tokens" in kwargs:
+            overrides["max_new_tokens"] = kwargs["max_tokens"]
+        options = self.default_options().merge(**overrides, stop=tuple(dict.fromkeys(s for s in stops if s)))
         return Request(
             activity=self._activity,
             engine=self.engine_for(model),
             model_name=self._check_model(model) if model is not None else self.model,
-            generation={
-                "max_new_tokens": MAX_NEW_TOKENS if max_tokens is None else int(max_tokens),
-                "temperature": float(kwargs.get("temperature", self.temperature)),
-                "top_p": float(kwargs.get("top_p", self.top_p)),
-                "seed": kwargs.get("seed", self.seed),
-                "stop": tuple(dict.fromkeys(s for s in stops if s)),
-            },
-            use_cache=bool(kwargs.get("use_cache", self.use_cache)),
-            mode=Mode.parse(kwargs.get("mode", self.mode)).value,
+            options=options,
             documents=_doc_texts(documents),
         )
 
@@ -210,25 +249,23 @@ class Activity:
 
 @dataclass(frozen=True)
 class Request:
-    """One call's engine and settings."""
+    """One call's engine and its request options (checked by the core)."""
 
     activity: Activity
     engine: Engine
     model_name: str
-    generation: dict[str, Any]
-    use_cache: bool
-    mode: str
+    options: RequestOptions
     documents: dict[str, str] | list[str] | None
 
     def generate(self, prompt: Prompt) -> Generation:
         """The whole answer."""
         with self.activity.running():
-            return self.engine.generate(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+            return self.engine.generate(prompt, options=self.options)
 
     def stream(self, prompt: Prompt) -> Generator[str | Generation, None, None]:
         """Text pieces as they are generated, then the :class:`kv_rag.Generation`."""
         with self.activity.running():
-            st = self.engine.stream(prompt, use_cache=self.use_cache, mode=self.mode, **self.generation)
+            st = self.engine.stream(prompt, options=self.options)
             try:
                 yield from st
             finally:
@@ -270,12 +307,6 @@ def response_metadata(gen: Generation, model_name: str) -> dict[str, Any]:
     report = gen.to_dict()
     report.pop("answer", None)
     return {"model_name": model_name, "finish_reason": gen.finish_reason, "kv_rag": report}
-
-
-def _store_spec(store: Any) -> str | Path | None:
-    if store is None or isinstance(store, (str, Path)):
-        return store
-    raise InputError(f"store must be None, 'memory', a folder or a kv_rag.Store; got {type(store).__name__}")
 
 
 def _doc_texts(documents: Any) -> dict[str, str] | list[str] | None:

@@ -36,16 +36,18 @@ class KVCacheRetriever(BaseRetriever):
 
     * registers its text with ``llm``'s model, so that :class:`~langchain_kv_rag.ChatKVRag` and
       :class:`~langchain_kv_rag.KVRagLLM` find it inside whatever prompt the chain builds;
-    * publishes its KV (computes and stores it unless already stored), by default in a background
-      thread that waits until ``llm`` has no request running, so that publishing never delays the
-      answer the chain is about to ask for (a pause of ``grace_s`` lets that request start first);
-    * records the artifact key in ``metadata["kv_rag_key"]`` (and the source name it was published
-      under in ``metadata["kv_rag_source"]``). ``page_content`` is not changed, and the wrapped
+    * when publishing (see ``publish``), publishes its KV (computes and stores it unless already
+      stored), by default in a background thread that waits until ``llm`` has no request running,
+      so that publishing never delays the answer the chain is about to ask for (a pause of
+      ``grace_s`` lets that request start first);
+    * records the key of the document's own artifact in ``metadata["kv_rag_key"]`` (and the source
+      name in ``metadata["kv_rag_source"]``). ``page_content`` is not changed, and the wrapped
       retriever's documents are not modified (the returned documents are copies).
 
     In ``exact`` mode a chain reuses the KV of its whole prompt prefix (template text and documents
-    in order) from the second question on the same documents; the published per-document
-    artifacts are what the position-independent modes load.
+    in order) from the second question on the same documents: a document's own artifact would not
+    be read, so it is not published unless asked. The position-independent modes (``stitch``,
+    ``blend``) load the published artifacts from the first question on.
 
     Args:
         retriever: the retriever to wrap.
@@ -53,6 +55,9 @@ class KVCacheRetriever(BaseRetriever):
             will read the documents (its model and store are used).
         k: return at most this many documents; the wrapped retriever's ``k`` (or
             ``search_kwargs["k"]``) is set to it when it has one. A call may pass ``k=`` too.
+        publish: compute and store each document's KV. ``None`` (default): when ``llm``'s mode reads
+            it (the core's decision, :attr:`kv_rag.RequestOptions.publishes_documents`: stitch and
+            blend, not exact).
         background: publish in a worker thread (``True``) or before returning (``False``).
         grace_s: how long the worker lets the chain's next request start before it checks for a pause.
     """
@@ -60,6 +65,7 @@ class KVCacheRetriever(BaseRetriever):
     retriever: BaseRetriever
     llm: KVRagParams
     k: int | None = Field(default=None, ge=1)
+    publish: bool | None = None
     background: bool = True
     grace_s: float = Field(default=0.25, ge=0.0)
     source_key: str = "source"
@@ -73,6 +79,11 @@ class KVCacheRetriever(BaseRetriever):
     def engine(self) -> Engine:
         """The engine of ``llm`` (its model, store and known documents)."""
         return self.llm.engine
+
+    @property
+    def publishes(self) -> bool:
+        """Whether returned documents are published (``publish``, or the core's decision for ``llm``'s mode)."""
+        return self.publish if self.publish is not None else self.llm.default_options().publishes_documents
 
     # ------------------------------------------------------------------ retrieval
     def _get_relevant_documents(
@@ -108,6 +119,8 @@ class KVCacheRetriever(BaseRetriever):
             )
             todo.append((text, src, key))
         engine.register_documents({text: src for text, src, _ in todo})
+        if not self.publishes:
+            return out
         for text, src, key in todo:
             if self.background:
                 self._submit(text, src, key)

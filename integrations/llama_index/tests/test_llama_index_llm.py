@@ -43,6 +43,33 @@ def test_mode_is_validated_by_the_core() -> None:
     assert KVRagLLM(mode="exact").mode == "exact"
 
 
+def test_request_options_reach_the_engine_checked_by_the_core() -> None:
+    """mode, recompute, priming and selection: the same defaults and checks as LangChain's ChatKVRag."""
+    from kv_rag import PRIMING_TEXT, AttentionSelection, LeadingSelection, Mode, RequestOptions
+    from kv_rag.defaults import MAX_NEW_TOKENS
+    from kv_rag.errors import InputError
+
+    assert KVRagLLM(store="memory").max_new_tokens == MAX_NEW_TOKENS == 128
+    llm = KVRagLLM(store="memory", mode="blend", recompute=0.3, priming=True, selection="leading")
+    assert llm.engine.options == RequestOptions.make(
+        mode="blend", recompute=0.3, priming=True, selection=LeadingSelection()
+    )
+    assert llm.engine.priming == PRIMING_TEXT
+    opts = llm._call_kwargs({"recompute": 0.5, "selection": "attention", "formatted": True})["options"]
+    assert (opts.mode, opts.fraction, opts.priming, opts.selection) == (
+        Mode.BLEND,
+        0.5,
+        PRIMING_TEXT,
+        AttentionSelection(),
+    )
+    with pytest.raises(InputError, match="selection must be one of attention, deviation, leading"):
+        llm._call_kwargs({"selection": "best"})
+    with pytest.raises(ValueError, match="applies to mode 'blend' only"):
+        KVRagLLM(mode="stitch", recompute=0.2)
+    with pytest.raises(ValueError, match=r"store must be a kv_rag\.Store"):
+        KVRagLLM(store=3)
+
+
 def test_every_call_form_agrees_and_reports_usage() -> None:
     llm = KVRagLLM(store="memory", max_new_tokens=NUM_OUTPUT)
     done = llm.complete(PROMPT)

@@ -108,3 +108,34 @@ def test_streaming_async_and_settings_llm(index: VectorStoreIndex, reference: st
     assert streamed == str(answer) == reference
     assert ev.reports[-1]["cached_tokens"] > 0
     assert {d["cache"] for d in ev.reports[-1]["docs"]} == {"hit"}
+
+
+def test_blend_options_reach_the_engine(nodes: list[TextNode]) -> None:
+    """mode, recompute, priming and selection set on the LLM (or per call) are what the engine used."""
+    llm = KVRagLLM(
+        store="memory",
+        max_new_tokens=2,
+        mode="blend",
+        recompute=0.2,
+        priming=True,
+        selection="leading",
+        watch_retrievals=False,
+    )
+    texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes[:2]]
+    llm.engine.publish(texts)  # plain and primed artifacts (priming is on)
+    prompt = "Context:\n" + "\n\n".join(texts) + f"\n\nQuestion: {QUESTION}"
+    report = llm.complete(prompt).raw["kv_rag"]
+    assert report["mode"] == "blend" and report["options"] == {
+        "mode": "blend",
+        "recompute": 0.2,
+        "priming": True,
+        "selection": "leading",
+        "use_cache": True,
+    }
+    assert [d["cache"] for d in report["docs"]] == ["hit", "hit"]
+    # the documents moved (the chat template's system part precedes them): their primed artifacts were loaded
+    assert all(d["key"] != llm.engine.document_key(t) for d, t in zip(report["docs"], texts, strict=True))
+    assert 0 < report["recomputed_tokens"] <= round(0.2 * sum(d["tokens"] for d in report["docs"]))
+    again = llm.complete(prompt, recompute=0.5, selection="attention")
+    assert again.raw["kv_rag"]["options"]["recompute"] == 0.5
+    assert again.raw["kv_rag"]["options"]["selection"] == "attention"

@@ -75,7 +75,9 @@ def test_second_question_reads_the_cache_and_matches_caching_off(bm25: BM25Retri
 
 def test_retriever_publishes_and_keeps_page_content(bm25: BM25Retriever) -> None:
     chat = ChatKVRag(store="memory")
-    retriever = KVCacheRetriever(retriever=bm25, llm=chat, background=True)
+    assert not KVCacheRetriever(retriever=bm25, llm=chat).publishes  # exact mode: a document's own KV is not read
+    assert KVCacheRetriever(retriever=bm25, llm=ChatKVRag(store="memory", mode="stitch")).publishes
+    retriever = KVCacheRetriever(retriever=bm25, llm=chat, background=True, publish=True)
     original = bm25.invoke(Q1)
     docs = retriever.invoke(Q1)
     assert [d.page_content for d in docs] == [d.page_content for d in original]
@@ -161,7 +163,7 @@ def test_stitch_mode_loads_published_documents_on_the_first_question(bm25: BM25R
 
 def test_background_publishing_waits_until_the_chat_model_is_idle(bm25: BM25Retriever) -> None:
     chat = ChatKVRag(max_tokens=4, store="memory")
-    retriever = KVCacheRetriever(retriever=bm25, llm=chat, grace_s=0.0)
+    retriever = KVCacheRetriever(retriever=bm25, llm=chat, grace_s=0.0, publish=True)
     stream = chat.stream("Say hello.")
     next(stream)  # a request is now running (its generator is open)
     docs = retriever.invoke(Q1)
@@ -172,3 +174,25 @@ def test_background_publishing_waits_until_the_chat_model_is_idle(bm25: BM25Retr
     assert retriever.wait(timeout=600)
     assert all(d.metadata["kv_rag_key"] in chat.engine.store for d in docs)
     retriever.close()
+
+
+def test_blend_options_reach_the_engine(bm25: BM25Retriever) -> None:
+    """mode, recompute, priming and selection set on ChatKVRag (or bound per call) are what the engine used."""
+    chat = ChatKVRag(max_tokens=2, store="memory", mode="blend", recompute=0.2, priming=True, selection="leading")
+    retriever = KVCacheRetriever(retriever=bm25, llm=chat, background=False)  # blend reads them: published
+    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | chat
+    report = chain.invoke(Q1).response_metadata["kv_rag"]
+    assert report["mode"] == "blend" and report["options"] == {
+        "mode": "blend",
+        "recompute": 0.2,
+        "priming": True,
+        "selection": "leading",
+        "use_cache": True,
+    }
+    assert [d["cache"] for d in report["docs"]] == ["hit", "hit"]
+    # the documents moved (the template's system text precedes them): their primed artifacts were loaded
+    texts = [d.page_content for d in bm25.invoke(Q1)]
+    assert all(d["key"] != chat.engine.document_key(t) for d, t in zip(report["docs"], texts, strict=True))
+    assert 0 < report["recomputed_tokens"] <= round(0.2 * sum(d["tokens"] for d in report["docs"]))
+    bound = {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | chat.bind(recompute=0.5)
+    assert bound.invoke(Q1).response_metadata["kv_rag"]["options"]["recompute"] == 0.5

@@ -11,7 +11,7 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ValidationError
 
 import langchain_kv_rag
-from kv_rag import Generation, Mode
+from kv_rag import AttentionSelection, Generation, GenerationSettings, LeadingSelection, Mode, RequestOptions
 from kv_rag.errors import InputError
 from langchain_kv_rag import ChatKVRag, KVCacheRetriever, KVRagLLM
 from langchain_kv_rag._base import response_metadata, usage_metadata
@@ -63,16 +63,44 @@ def test_unknown_constructor_argument_warns_but_provider_generic_ones_do_not() -
 def test_call_arguments_override_fields_and_unknown_ones_fail() -> None:
     chat = ChatKVRag(max_tokens=5, temperature=0.0, stop=["A"], store="memory")
     req = chat.request(["B"], {"max_tokens": 7, "temperature": 0.5, "seed": 3, "documents": ["some text"]})
-    assert req.generation == {"max_new_tokens": 7, "temperature": 0.5, "top_p": 1.0, "seed": 3, "stop": ("A", "B")}
-    assert req.use_cache and req.mode == "exact" and req.documents == ["some text"]
-    assert chat.request(None, {}).generation["max_new_tokens"] == 5
-    assert ChatKVRag().request(None, {}).generation["max_new_tokens"] == 128
+    assert req.options.generation == GenerationSettings(
+        max_new_tokens=7, temperature=0.5, top_p=1.0, seed=3, stop=("A", "B")
+    )
+    assert req.options.use_cache and req.options.mode is Mode.EXACT and req.documents == ["some text"]
+    assert chat.request(None, {}).options.generation.max_new_tokens == 5
+    assert ChatKVRag().request(None, {}).options.generation.max_new_tokens == 128
     with pytest.raises(InputError, match="unexpected argument"):
         chat.request(None, {"max_new_tokens": 3})
     with pytest.raises(ValueError, match="mode must be one of"):
         chat.request(None, {"mode": "nope"})
     docs = chat.request(None, {"documents": [Document(page_content="x y")]}).documents
     assert docs == ["x y"]
+
+
+@pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
+def test_request_options_reach_the_engine_checked_by_the_core(cls: type) -> None:
+    """mode, recompute, priming and selection: instance defaults, per-call overrides, the core's checks."""
+    from kv_rag import PRIMING_TEXT
+
+    model = cls(store="memory", mode="blend", recompute=0.3, priming=True, selection="leading")
+    assert model.engine.options == RequestOptions.make(
+        mode="blend", recompute=0.3, priming=True, selection=LeadingSelection()
+    )
+    assert model.engine.priming == PRIMING_TEXT  # publishing stores the primed artifacts too
+    opts = model.request(None, {"recompute": 0.5, "selection": "attention"}).options
+    assert (opts.mode, opts.fraction, opts.priming) == (Mode.BLEND, 0.5, PRIMING_TEXT)
+    assert opts.selection == AttentionSelection()
+    assert model.request(None, {"mode": "stitch"}).options.fraction == 0.0  # blend's fraction is not inherited
+    with pytest.raises(InputError, match="recompute must be a fraction"):
+        model.request(None, {"recompute": 2})
+    with pytest.raises(InputError, match="selection must be one of attention, deviation, leading"):
+        model.request(None, {"selection": "best"})
+    with pytest.raises(ValidationError, match="applies to mode 'blend' only"):
+        cls(mode="stitch", recompute=0.2)
+    with pytest.raises(ValidationError, match="priming must be"):
+        cls(priming="  ")
+    with pytest.raises(ValidationError, match=r"store must be a kv_rag\.Store"):
+        cls(store=3)
 
 
 def test_model_override_uses_another_engine_on_the_same_store() -> None:

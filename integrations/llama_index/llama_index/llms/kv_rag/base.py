@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -18,20 +17,32 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM, default_completion_to_prompt
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
-from kv_rag import Engine, Generation, Mode, Prompt
-from kv_rag.store import Store
+from kv_rag import Engine, Generation, Mode, Prompt, RequestOptions, Store
+from kv_rag.defaults import MAX_NEW_TOKENS
 
 from ._watch import watch_retrievals
 
 #: Node metadata key that holds a node's artifact key (excluded from LLM and embedding text).
 METADATA_KEY = "kv_rag_key"
 
-_SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+#: Request options a call (``complete``, ``chat``...) may pass; the core checks them.
+CALL_OPTIONS = (
+    "mode",
+    "recompute",
+    "priming",
+    "selection",
+    "use_cache",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+)
 
 
 class KVRagLLM(LLM):
@@ -55,15 +66,25 @@ class KVRagLLM(LLM):
         engine: an existing :class:`kv_rag.Engine` to use (then ``model``, ``store``, ``device``
             and ``dtype`` are ignored).
         store: a :class:`kv_rag.store.Store`, a folder, ``"memory"``, or ``None`` for the default store.
-        mode: how a request's KV is assembled (:class:`kv_rag.Mode`: ``"exact"``, ...).
+        mode: how a request's KV is assembled (:class:`kv_rag.Mode`: ``"exact"``, ``"stitch"``, ``"blend"``).
+        recompute, priming, selection: blend's fraction, stitch/blend priming and blend's token
+            selection (see :class:`kv_rag.RequestOptions`); a call may override each, and the
+            retriever publishes documents when the mode reads them.
     """
 
     model: str | None = Field(default=None, description="Local model folder; None: the embedded model.")
     store: Any = Field(default=None, exclude=True, description="Store, folder, 'memory' or None (default store).")
     device: str | None = Field(default=None, description="Torch device; default CUDA when present.")
     dtype: str | None = Field(default=None, description="Torch dtype name; default float32 on CPU.")
-    mode: str = Field(default=Mode.EXACT.value, description="How the KV is assembled (kv_rag.Mode).")
-    max_new_tokens: int = Field(default=256, gt=0, description="Tokens generated at most (metadata.num_output).")
+    mode: str = Field(default=Mode.EXACT.value, description="How the KV is assembled: exact, stitch or blend.")
+    recompute: float | None = Field(default=None, description="Blend: fraction of document tokens recomputed.")
+    priming: bool | str = Field(default=False, description="Stitch/blend: compute moved documents after a filler.")
+    selection: Any = Field(
+        default=None, description="Blend: attention (default), deviation, leading, or a kv_rag.Selector."
+    )
+    max_new_tokens: int = Field(
+        default=MAX_NEW_TOKENS, gt=0, description="Tokens generated at most (metadata.num_output)."
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, description="Seed for sampling.")
@@ -75,7 +96,7 @@ class KVRagLLM(LLM):
         default=True, description="Register the LLM text of nodes any LlamaIndex retriever returns in this process."
     )
     generate_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for kv_rag.Engine.generate."
+        default_factory=dict, description="More request options for every call (kv_rag.RequestOptions names)."
     )
 
     _engine: Engine = PrivateAttr()
@@ -83,21 +104,39 @@ class KVRagLLM(LLM):
     def __init__(self, *, engine: Engine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if engine is None:
-            engine = Engine(self.model, store=self._store_spec(), device=self.device, dtype=self.dtype)
+            opts = self.default_options()
+            engine = Engine(
+                self.model,
+                store=self.store,
+                device=self.device,
+                dtype=self.dtype,
+                mode=opts.mode,
+                recompute=opts.recompute,
+                priming=opts.priming,
+                selection=opts.selection,
+            )
         self._engine = engine
         if self.watch_retrievals:
             watch_retrievals(self)
 
-    def _store_spec(self) -> Store | str | Path | None:
-        store = self.store
-        if store is None or isinstance(store, (Store, str, Path)):
-            return store
-        raise TypeError(f"store must be a kv_rag Store, a folder, 'memory' or None; got {type(store).__name__}")
-
-    @field_validator("mode")
+    @field_validator("mode", mode="before")
     @classmethod
-    def _check_mode(cls, value: str) -> str:
+    def _check_mode(cls, value: Any) -> str:
         return Mode.parse(value).value
+
+    @model_validator(mode="after")
+    def _check_options(self) -> KVRagLLM:
+        """The store spec and the request options, checked by the core (the same checks and messages as
+        every caller's)."""
+        Store.check_spec(self.store)
+        self.default_options()
+        return self
+
+    def default_options(self) -> RequestOptions:
+        """This LLM's settings as :class:`kv_rag.RequestOptions` (the defaults of every call)."""
+        values = {name: getattr(self, name) for name in CALL_OPTIONS}
+        values["stop"] = tuple(self.stop)
+        return RequestOptions.make(**values).merge(**self.generate_kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -149,17 +188,14 @@ class KVRagLLM(LLM):
         return self._engine.prompt_from_messages([{"role": _role(m), "content": m.content or ""} for m in messages])
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {name: getattr(self, name) for name in _SETTINGS}
-        out["stop"] = tuple(self.stop)
-        out.update(use_cache=self.use_cache, mode=self.mode)
-        out.update(self.generate_kwargs)
+        """``options=`` for the engine: this LLM's settings with the call's request options on top.
+
+        LlamaIndex passes its own keyword arguments through ``**kwargs`` too (``formatted``, callback
+        plumbing); only request option names are taken, ``max_tokens`` as ``max_new_tokens``.
+        """
         if "max_tokens" in kwargs:  # the OpenAI spelling, which some callers pass
             kwargs = {**kwargs, "max_new_tokens": kwargs.pop("max_tokens")}
-        out.update({k: v for k, v in kwargs.items() if k in (*_SETTINGS, "use_cache", "mode")})
-        if isinstance(out["stop"], str):
-            out["stop"] = (out["stop"],)
-        out["mode"] = Mode.parse(out["mode"]).value
-        return out
+        return {"options": self.default_options().merge(**{k: v for k, v in kwargs.items() if k in CALL_OPTIONS})}
 
     # ----------------------------------------------------------------- completion
     @llm_completion_callback()

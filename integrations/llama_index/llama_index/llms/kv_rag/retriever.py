@@ -9,8 +9,6 @@ from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 
-from kv_rag import Mode
-
 from .base import METADATA_KEY, KVRagLLM, _source
 
 
@@ -27,11 +25,11 @@ class KVCacheRetriever(BaseRetriever):
     Args:
         retriever: any LlamaIndex retriever.
         llm: the :class:`KVRagLLM` that will answer.
-        publish: compute and store each node's KV now. ``None`` (default): publish when ``llm``
-            reuses documents in any position (``mode`` other than ``"exact"``). In exact mode a
-            document's KV is only valid after the exact text that precedes it in the prompt, so
-            the first request over a set of nodes stores the chain and later ones load it; a
-            node published on its own would not be read.
+        publish: compute and store each node's KV now. ``None`` (default): when ``llm``'s mode reads
+            it (the core's decision, :attr:`kv_rag.RequestOptions.publishes_documents`: stitch and
+            blend, not exact). In exact mode a document's KV is only valid after the exact text that
+            precedes it in the prompt, so the first request over a set of nodes stores the chain and
+            later ones load it; a node published on its own would not be read.
     """
 
     def __init__(
@@ -49,7 +47,7 @@ class KVCacheRetriever(BaseRetriever):
             raise TypeError(f"llm must be a KVRagLLM; got {type(llm).__name__}")
         self.retriever = retriever
         self.llm = llm
-        self.publish = (Mode.parse(llm.mode) is not Mode.EXACT) if publish is None else publish
+        self.publish = llm.default_options().publishes_documents if publish is None else publish
         super().__init__(callback_manager=callback_manager or retriever.callback_manager, **kwargs)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
