@@ -24,7 +24,7 @@ from .errors import ContextLengthError, InputError, UnsupportedModelError
 from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
 from .models import LoadedModel
 from .options import Mode, RequestOptions
-from .prompt import Prompt, TokenizedPrompt, chat_frame, tokenize
+from .prompt import Prompt, TokenizedPrompt, chat_frame
 from .rope import window_refusal
 from .store import Store
 
@@ -152,8 +152,9 @@ class Planner:
 
     # ------------------------------------------------------------------ tokens and keys
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
-        """Token ids of each segment of ``prompt``."""
-        return tokenize(self.loaded.tokenizer, prompt)
+        """Token ids of each segment of ``prompt`` (together: a plain tokenization of its text; documents'
+        ids remembered, see :mod:`kv_rag.tokens`)."""
+        return self.loaded.prompt_tokenizer.tokenize(prompt)
 
     def chain(
         self,
@@ -164,19 +165,24 @@ class Planner:
         *,
         cached: bool = True,
         locate: bool = True,
+        digests: Sequence[tuple[bytes, str] | None] = (),
     ) -> Chain:
         """The chain of ``segments`` from position 0, with keys.
 
         ``cached=False`` gives no keys (a plain prefill). ``locate``: ask the store which tier holds
         each piece, up to the first it does not hold (a chain is loaded up to its first gap).
+        ``digests``: segments' int64 bytes and digest where known already (else computed here).
         """
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
         pieces: list[Piece] = []
         pos, parent = 0, ""
         looking = locate and cached
-        for seg, src, doc in zip(segments, sources, documents, strict=True):
-            raw = token_bytes(seg)
-            key = chain_key_of_digest(parent, fp, tok, tokens_digest(raw)) if cached and seg else ""
+        for i, (seg, src, doc) in enumerate(zip(segments, sources, documents, strict=True)):
+            got = digests[i] if i < len(digests) else None
+            raw, digest = got if got is not None else (token_bytes(seg), "")
+            if cached and seg and not digest:
+                digest = tokens_digest(raw)
+            key = chain_key_of_digest(parent, fp, tok, digest) if cached and seg else ""
             tier = None
             if looking and key:
                 tier = self.store.locate(key)
@@ -231,6 +237,7 @@ class Planner:
         n = len(tp.segments)
         sources = [tp.source(i) for i in range(n)]
         docs = [tp.document(i) for i in range(n)]
+        digests = [(tp.token_bytes(i), tp.digest(i)) for i in range(n)]
         mode, fallback = options.mode, None
         first = next((i for i in range(n) if docs[i]), None)
         if mode is not Mode.EXACT and (first is None or not options.use_cache):
@@ -240,9 +247,9 @@ class Planner:
             if fallback:
                 mode = Mode.EXACT
         if mode is Mode.EXACT or first is None:
-            lead = self.chain(tp.segments, sources, docs, tp.suffix, cached=options.use_cache)
+            lead = self.chain(tp.segments, sources, docs, tp.suffix, cached=options.use_cache, digests=digests)
             return RequestPlan(options, mode, ids, lead, (), tp.suffix, fallback)
-        lead = self.chain(tp.segments[:first], sources[:first], docs[:first])
+        lead = self.chain(tp.segments[:first], sources[:first], docs[:first], digests=digests[:first])
         fixed = self.context(system)
         primed = self.context(system, options.priming) if options.priming else fixed
         parts: list[DocumentPlan | Piece] = []
@@ -250,14 +257,21 @@ class Planner:
         for i in range(first, n):
             seg = tp.segments[i]
             if docs[i] and seg:
-                parts.append(self._document(seg, sources[i], pos, ids, fixed, primed))
+                parts.append(self._document(seg, digests[i], sources[i], pos, ids, fixed, primed))
             else:
-                parts.append(Piece(seg, token_bytes(seg), pos, "", "", sources[i], docs[i]))
+                parts.append(Piece(seg, digests[i][0], pos, "", "", sources[i], docs[i]))
             pos += len(seg)
         return RequestPlan(options, mode, ids, lead, tuple(parts), tp.suffix, None)
 
     def _document(
-        self, seg: tuple[int, ...], source: str, start: int, ids: tuple[int, ...], fixed: Chain, primed: Chain
+        self,
+        seg: tuple[int, ...],
+        digest: tuple[bytes, str],
+        source: str,
+        start: int,
+        ids: tuple[int, ...],
+        fixed: Chain,
+        primed: Chain,
     ) -> DocumentPlan:
         """A document at ``start``: its own artifact after the fixed context (where it sits right after it)
         or after the primed one."""
@@ -268,6 +282,7 @@ class Planner:
             (*(p.source for p in context.pieces), source),
             (*(False for _ in context.pieces), True),
             locate=False,
+            digests=(*((p.ids_bytes, "") for p in context.pieces), digest),
         )
         doc = miss.pieces[-1]
         piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, self.store.locate(doc.key))

@@ -1,9 +1,9 @@
 """A request's prompt as segments: plain text and documents, in order.
 
-Each segment is tokenized on its own and the ids are concatenated, so a document's tokens are the
-same wherever it appears; the from-scratch reference for exactness is a prefill of those same ids.
-The segments up to and including the last document form the cacheable chain; what follows (the
-question and the generation prompt) is always prefilled.
+A prompt's ids are those of a plain tokenization of its whole text, assembled per segment by
+:class:`kv_rag.tokens.PromptTokenizer` (documents' ids remembered, boundaries checked). The segments
+up to and including the last document form the cacheable chain; what follows (the question and the
+generation prompt) is always prefilled.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ class TokenizedPrompt:
     is_document: tuple[bool, ...] = ()
     sources: tuple[str, ...] = ()
     _memo: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def remember(self, i: int, ids_bytes: bytes, digest: str) -> None:
+        """Record chain segment ``i``'s int64 bytes and digest, known already (a remembered document)."""
+        self._memo[("bytes", i)] = ids_bytes
+        self._memo[("digest", i)] = digest
 
     def token_bytes(self, i: int) -> bytes:
         """Chain segment ``i``'s ids as :func:`~kv_rag.fingerprint.token_bytes`, converted once."""
@@ -191,22 +196,3 @@ def locate(
     if pos < len(text):
         segs.append(Segment(text[pos:]))
     return Prompt(tuple(segs))
-
-
-def tokenize(tokenizer: Any, prompt: Prompt) -> TokenizedPrompt:
-    """Tokenize each segment on its own (special tokens only at the very start)."""
-    ids: list[tuple[int, ...]] = []
-    for seg in prompt.segments:
-        first = not any(ids)
-        ids.append(tuple(tokenizer(seg.text, add_special_tokens=first)["input_ids"]) if seg.text else ())
-    last_doc = max((i for i, s in enumerate(prompt.segments) if s.document), default=-1)
-    chain = prompt.segments[: last_doc + 1]
-    suffix: list[int] = []
-    for seg_ids in ids[last_doc + 1 :]:
-        suffix.extend(seg_ids)
-    return TokenizedPrompt(
-        segments=tuple(ids[: last_doc + 1]),
-        suffix=tuple(suffix),
-        is_document=tuple(s.document for s in chain),
-        sources=tuple(s.source for s in chain),
-    )
