@@ -22,21 +22,21 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fingerprint import ModelFingerprint
-from .generation import Stream
-from .options import PRIMING_TEXT, Mode, RequestOptions
+from .options import Mode, RequestOptions
 from .plan import RequestPlan
 from .prompt import Prompt, TokenizedPrompt
 from .results import CacheStatus, Generation, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
+from .serving import AsyncStream, Stream
 from .store import DiskTier, MemoryTier, Store, Tier
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRIMING_TEXT",
     "Artifact",
     "ArtifactError",
     "ArtifactMeta",
+    "AsyncStream",
     "AttentionSelection",
     "BlendView",
     "CacheStatus",

@@ -40,12 +40,19 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the docu
 #: Fraction of document tokens that blend mode recomputes when a request names none.
 BLEND_RECOMPUTE = 0.15
 
+#: Most requests one loaded model decodes together in one step (``kv_rag.serving.Scheduler``); more wait.
+MAX_BATCH = 32
+
 #: Tokens generated when a request names no limit.
 MAX_NEW_TOKENS = 128
 
 #: Characters of document text remembered per loaded model for finding documents in ready-made
 #: prompts (``Engine.prompt_from_text``); the least recently registered are forgotten first.
 KNOWN_DOCUMENT_CHARS = 64 * 1024**2
+
+#: Token ids of document texts remembered per loaded model so that a request does not tokenize its
+#: documents again (``kv_rag.tokens.PromptTokenizer``); the least recently used are forgotten first.
+KNOWN_DOCUMENT_TOKENS = 8 * 1024**2
 
 
 def home() -> Path:

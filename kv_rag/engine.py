@@ -1,15 +1,16 @@
 """The engine: the facade over a model, its tokenizer and a store; publish, prefill, generate, stream.
 
 It holds the defaults of every request (:class:`~kv_rag.options.RequestOptions`), plans each request
-(:mod:`kv_rag.plan`), has it assembled (:mod:`kv_rag.assemble`) and decodes (:mod:`kv_rag.generation`).
+(:mod:`kv_rag.plan`) in the caller's thread and hands it to the model's scheduler
+(:mod:`kv_rag.serving`), which assembles its KV (:mod:`kv_rag.assemble`) and decodes it together
+with every other live request on the model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,16 @@ from .decode import GenerationSettings
 from .defaults import SYSTEM_PROMPT
 from .docindex import document_items
 from .errors import InputError
-from .generation import Stream, decode
 from .options import Mode, RequestOptions
 from .plan import Planner, RequestPlan
 from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, render_messages
 from .results import Generation, PublishReport
+from .runtime import MAX_FAST_TOKENS
 from .selection import Selector
+from .serving import AsyncStream, Job, Scheduler, Sink, Stream
 from .store import Store
 
-__all__ = ["Engine", "Prefill", "Stream"]
+__all__ = ["AsyncStream", "Engine", "Prefill", "Stream"]
 
 
 class Engine:
@@ -257,12 +259,13 @@ class Engine:
         ``prompt`` is a :class:`Prompt` or a question (then ``documents`` are placed before it).
         ``overrides`` are request options (``mode``, ``recompute``, ``priming``, ``selection``,
         ``use_cache``) and :class:`GenerationSettings` fields (``max_new_tokens``, ``temperature``...),
-        all checked before anything runs.
+        all checked before anything runs. The request is planned in this thread and decoded by the
+        model's scheduler together with every other live request on the model.
         """
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
         opts = self.request_options(options, settings=settings, **overrides)
         _ = self.loaded  # load before the clock starts: TTFT excludes model loading
-        return Stream(self._generate(p, opts))
+        return Stream(lambda sink: self._submit(p, opts, sink))
 
     def generate(
         self,
@@ -277,28 +280,67 @@ class Engine:
         st = self.stream(prompt, documents, options=options, settings=settings, **overrides)
         for _ in st:
             pass
-        if st.result is None:  # set by the generator's return
+        if st.result is None:
             raise RuntimeError("the generation ended without a result")
         return st.result
 
+    def astream(
+        self,
+        prompt: Prompt | str,
+        documents: Sequence[str] = (),
+        *,
+        options: RequestOptions | None = None,
+        settings: GenerationSettings | None = None,
+        **overrides: Any,
+    ) -> AsyncStream:
+        """:meth:`stream` for coroutines: ``async for piece in engine.astream(...)``; ``.result`` afterwards.
+
+        The request is planned in a worker thread at the first step; its pieces then reach the event
+        loop from the scheduler (no thread waits per token). Options are checked here, at once.
+        """
+        p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
+        opts = self.request_options(options, settings=settings, **overrides)
+
+        def submit(sink: Sink) -> Job:
+            _ = self.loaded
+            return self._submit(p, opts, sink)
+
+        return AsyncStream(submit)
+
     async def agenerate(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> Generation:
-        """:meth:`generate` in a worker thread."""
-        return await asyncio.to_thread(self.generate, prompt, documents, **kwargs)
+        """:meth:`generate` for coroutines (see :meth:`astream`)."""
+        st = self.astream(prompt, documents, **kwargs)
+        async for _ in st:
+            pass
+        if st.result is None:
+            raise RuntimeError("the generation ended without a result")
+        return st.result
 
-    async def astream(self, prompt: Prompt | str, documents: Sequence[str] = (), **kwargs: Any) -> AsyncIterator[str]:
-        """:meth:`stream` as an async iterator (the model runs in a worker thread)."""
-        st = await asyncio.to_thread(self.stream, prompt, documents, **kwargs)
-        sentinel = object()
-        while True:
-            piece = await asyncio.to_thread(next, st, sentinel)
-            if piece is sentinel:
-                return
-            yield str(piece)
+    @property
+    def scheduler(self) -> Scheduler:
+        """The model's scheduler (one per loaded model, shared by every engine on it)."""
+        loaded = self.loaded
+        if loaded.scheduler is None:
+            with loaded.lock:
+                if loaded.scheduler is None:
+                    loaded.scheduler = Scheduler(loaded)
+        return loaded.scheduler
 
-    def _generate(self, prompt: Prompt, options: RequestOptions) -> Generator[str, None, Generation]:
+    def _submit(self, prompt: Prompt, options: RequestOptions, sink: Sink) -> Job:
+        """Plan ``prompt`` here (errors raise here) and queue it on the scheduler."""
         t0 = time.perf_counter()
-        pre = self.prefill(prompt, options=options, reserve=options.generation.max_new_tokens)
-        return (yield from decode(self.loaded, pre, options, t0))
+        plan = self.plan(prompt, options)
+        loaded, store = self.loaded, self.store
+        # the last prompt tokens of an exact hit run in the scheduler's shared step
+        defer = MAX_FAST_TOKENS if loaded.runtime.decoder is not None else 0
+        reserve = options.generation.max_new_tokens
+
+        def prepare() -> Prefill:
+            return assemble(loaded, store, plan, reserve=reserve, t0=t0, defer=defer)
+
+        job = Job(loaded, prepare, options, sink, t0)
+        self.scheduler.submit(job)
+        return job
 
     # ----------------------------------------------------------------- publishing
     def publish(

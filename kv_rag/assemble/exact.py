@@ -27,6 +27,7 @@ def assemble_chain(
     need_logits: bool = True,
     reserve: int = 0,
     t0: float | None = None,
+    defer: int = 0,
 ) -> Prefill:
     """KV of ``chain`` (call with the model's lock held, in inference mode).
 
@@ -34,6 +35,9 @@ def assemble_chain(
     not fit), prefills the rest on top and stores each newly computed piece that has a key.
     ``reserve`` makes room for that many more tokens without reallocating; ``need_logits``: the
     logits of the last token are wanted (when everything is cached, the last token is recomputed).
+    ``defer``: when the logits are wanted and at most this many tokens are left to run and none of
+    them is to be stored, they are not run here but returned as :attr:`Prefill.pending` (the
+    scheduler runs them together with other requests' tokens).
     """
     t0 = time.perf_counter() if t0 is None else t0
     reports: list[SegmentReport] = []
@@ -71,9 +75,14 @@ def assemble_chain(
         cache = runtime.new_cache(capacity)
     if drop_last:
         rest = chain.ids[-1:]
+    start = pos - 1 if drop_last else pos
     logits: torch.Tensor | None = None
-    if rest:
-        logits = runtime.forward(ids, cache, pos - 1 if drop_last else pos)[-1]
+    pending: tuple[tuple[int, ...], int] | None = None
+    to_store = any(p.key for p in chain.pieces[first_uncached:])
+    if rest and need_logits and not to_store and len(rest) <= defer:
+        pending = (tuple(rest), start)
+    elif rest:
+        logits = runtime.forward(ids, cache, start)[-1]
     stored = 0
     for piece in chain.pieces[first_uncached:]:
         if piece.key:
@@ -89,4 +98,5 @@ def assemble_chain(
         stored_tokens=stored,
         seconds=time.perf_counter() - t0,
         segments=reports,
+        pending=pending,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -226,6 +227,36 @@ class FastDecoder:
             keys, values = cl.update(k, v)
             h = self.post(i, h, self.attend(q, keys, values))
         return self.head(h[:, -logits_to_keep:, :])
+
+    def forward_ragged(self, items: Sequence[tuple[torch.Tensor, Any, int]]) -> torch.Tensor:
+        """One step of several requests, each on its own cache: float32 logits ``[B, vocab]`` of each
+        request's last token.
+
+        ``items``: ``(ids [n_j], cache_j, start_j)``; request ``j``'s tokens sit at ``start_j..`` on top of
+        ``cache_j``, which is extended in place. The projections and the MLP run once over all
+        requests' tokens (the weights are read once: a decode step is memory-bound); the cache append
+        and the attention run per request, over that request's cache only.
+        """
+        ids = torch.cat([t.reshape(-1) for t, _, _ in items]).unsqueeze(0)
+        device = ids.device
+        spans: list[tuple[int, int]] = []
+        pos_parts: list[torch.Tensor] = []
+        at = 0
+        for t, _, start in items:
+            n = t.numel()
+            spans.append((at, at + n))
+            pos_parts.append(torch.arange(start, start + n, device=device))
+            at += n
+        h, cos, sin = self.embed(ids, torch.cat(pos_parts).unsqueeze(0))
+        for i in range(len(self.inner.layers)):
+            q, k, v = self.pre(i, h, cos, sin)
+            outs = []
+            for (a, b), (_, cache, _) in zip(spans, items, strict=True):
+                keys, values = append(cache.layers[i], k[:, :, a:b], v[:, :, a:b])
+                outs.append(self.attend(q[:, :, a:b], keys, values))
+            h = self.post(i, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        last = torch.tensor([b - 1 for _, b in spans], device=device)
+        return self.head(h.index_select(1, last))
 
     def bucket(self, n: int, device: torch.device) -> LayerGraphs | None:
         """The per-layer graphs for steps of up to ``n`` tokens (captured on first use; ``None`` if refused)."""

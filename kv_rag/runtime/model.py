@@ -10,6 +10,7 @@ engine calls it under the model's lock.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -146,6 +147,23 @@ class ModelRuntime:
             **{self.cache_kwarg: cache},
         )
         return out.logits[0].float()
+
+    def forward_batch(self, items: Sequence[tuple[Sequence[int], Any, int]]) -> torch.Tensor:
+        """One step of several requests, each on its own cache: float32 logits ``[B, vocab]`` of each
+        request's last token.
+
+        ``items``: ``(ids, cache, start)`` per request. Several requests on a model the
+        :class:`FastDecoder` handles run as one ragged step (:meth:`FastDecoder.forward_ragged`: the
+        weights are read once for all of them); one request, or a model it does not handle, runs
+        through :meth:`forward` (on CUDA, a lone request replays its whole-step graph).
+        """
+        device = self._device()
+        tensors = [torch.tensor(ids, dtype=torch.long, device=device) for ids, _, _ in items]
+        dec = self.decoder if len(items) > 1 else None
+        if dec is not None and all(t.numel() <= MAX_FAST_TOKENS for t in tensors):
+            return dec.forward_ragged([(t, c, s) for t, (_, c, s) in zip(tensors, items, strict=True)])
+        outs = [self.forward(t.unsqueeze(0), c, s)[-1] for t, (_, c, s) in zip(tensors, items, strict=True)]
+        return torch.stack(outs)
 
     def forward_at(
         self,

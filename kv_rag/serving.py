@@ -1,0 +1,369 @@
+"""Serving many requests at once: one scheduler per loaded model runs every live request's step together.
+
+A request is planned in its caller's thread (tokens, keys, where its pieces are), then handed to the
+model's :class:`Scheduler`. The scheduler's thread admits new requests between steps (their KV is
+assembled, the last few prompt tokens left pending), then runs one step for every live request at
+once: pending prompt tokens and decoded tokens alike, each request on its own cache
+(:meth:`kv_rag.runtime.ModelRuntime.forward_batch`). Finished requests leave; new ones join at the
+next step (continuous batching). Each request's text reaches its caller through a :class:`Sink`:
+a thread-safe queue for :class:`Stream`, the event loop for :class:`AsyncStream` (no thread per token).
+
+Greedy answers do not depend on which other requests share a step up to floating-point rounding:
+the projections of several requests run as one matrix product, whose rounding can differ from one
+request's in the last bits (on the embedded model in float32, logits differ by about 4e-5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .assemble import Prefill
+from .decode import Sampler, TextStream
+from .defaults import MAX_BATCH
+from .models import LoadedModel
+from .options import RequestOptions
+from .results import Generation
+
+#: Seconds the scheduler's thread waits for work before it ends (a new request starts it again).
+IDLE_S = 5.0
+
+
+class Sink(Protocol):
+    """Where a request's text pieces, its result or its error go (called from the scheduler's thread)."""
+
+    def piece(self, text: str) -> None:
+        """A new text piece."""
+
+    def done(self, result: Generation) -> None:
+        """The request finished."""
+
+    def failed(self, exc: BaseException) -> None:
+        """The request failed."""
+
+
+@dataclass
+class Job:
+    """One request in the scheduler: how to assemble its KV, how to decode, and where its text goes."""
+
+    loaded: LoadedModel
+    prepare: Callable[[], Prefill]
+    options: RequestOptions
+    sink: Sink
+    t0: float
+    cancelled: bool = False
+    pre: Prefill | None = None
+    tokens: list[int] = field(default_factory=list)
+    ttft: float = 0.0
+    finish: str = "length"
+    _sampler: Sampler | None = None
+    _text: TextStream | None = None
+    _feed: tuple[tuple[int, ...], int] | None = None
+    _budget: int = 0
+
+    def admit(self) -> bool:
+        """Assemble the KV (in the scheduler's thread, holding the model's lock). ``False``: it failed or
+        ended at once (the sink was told)."""
+        try:
+            pre = self.pre = self.prepare()
+        except BaseException as exc:  # the caller gets the error; the scheduler goes on
+            self.sink.failed(exc)
+            return False
+        settings = self.options.generation
+        self._sampler = Sampler(settings, self.loaded.device)
+        self._text = TextStream(self.loaded.tokenizer, settings.stop)
+        self._budget = min(settings.max_new_tokens, self.loaded.context_window - pre.prompt_tokens)
+        self._feed = pre.pending
+        if pre.logits is not None:
+            return self.accept(pre.logits)
+        return True
+
+    @property
+    def step_input(self) -> tuple[tuple[int, ...], Any, int]:
+        """``(ids, cache, start)`` of this request's next step."""
+        if self._feed is None or self.pre is None:
+            raise RuntimeError("the job has no step to run")
+        return self._feed[0], self.pre.cache, self._feed[1]
+
+    def accept(self, logits: torch.Tensor) -> bool:
+        """Take the next token from ``logits``; ``False`` once the request is done (the sink was told)."""
+        sampler, text, pre = self._sampler, self._text, self.pre
+        if sampler is None or text is None or pre is None:
+            raise RuntimeError("accept() before admit()")
+        if self._budget <= 0:
+            return self._end()
+        tid = sampler(logits.reshape(-1))
+        if self.ttft == 0.0:
+            self.ttft = time.perf_counter() - self.t0
+        if tid in self.loaded.eos_ids:
+            self.finish = "stop"
+            return self._end()
+        self.tokens.append(tid)
+        piece = text.push(tid)
+        if piece:
+            self.sink.piece(piece)
+        if text.stopped:
+            self.finish = "stop"
+            return self._end()
+        if len(self.tokens) >= self._budget:
+            return self._end()
+        self._feed = ((tid,), pre.prompt_tokens + len(self.tokens) - 1)
+        return True
+
+    def _end(self) -> bool:
+        text, pre = self._text, self.pre
+        if text is None or pre is None:
+            raise RuntimeError("the job ended before it was admitted")
+        tail = text.finish()
+        if tail:
+            self.sink.piece(tail)
+        self.sink.done(
+            Generation(
+                text=text.text,
+                token_ids=list(self.tokens),
+                finish_reason=self.finish,
+                mode=pre.mode,
+                prompt_tokens=pre.prompt_tokens,
+                cached_tokens=pre.cached_tokens,
+                prefilled_tokens=pre.prefilled_tokens,
+                stored_tokens=pre.stored_tokens,
+                ttft_s=self.ttft,
+                total_s=time.perf_counter() - self.t0,
+                prefill_s=pre.seconds,
+                segments=pre.segments,
+                recomputed_tokens=pre.recomputed_tokens,
+                options=self.options.describe(),
+            )
+        )
+        self.pre = None  # the cache (and a static slot) is free from now on
+        return False
+
+
+class Scheduler:
+    """The continuous-batching loop of one loaded model. Thread-safe :meth:`submit`.
+
+    One daemon thread runs while there is work (it ends after :data:`IDLE_S` idle seconds). Each
+    iteration admits waiting requests (up to ``max_batch`` live), then runs one step for all live
+    requests under the model's lock, so other users of the model (publishing, a direct prefill)
+    get the lock between steps.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = MAX_BATCH) -> None:
+        self.loaded = loaded
+        self.max_batch = max(1, max_batch)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._live: list[Job] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        #: steps run and requests stepped, for reports and tests
+        self.stats = {"steps": 0, "stepped": 0, "largest_batch": 0}
+        _SCHEDULERS.add(self)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread once the step in progress ends (requests still waiting get an error)."""
+        with self._cond:
+            self._closing = True
+            thread = self._thread
+            for job in self._waiting:
+                job.sink.failed(RuntimeError("kv-rag: the scheduler was closed"))
+            self._waiting.clear()
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it joins the next step."""
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("kv-rag: the scheduler is closed (the interpreter is exiting)")
+            self._waiting.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="kv-rag-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    @property
+    def live(self) -> int:
+        """Requests being decoded or waiting to start."""
+        with self._cond:
+            return len(self._live) + len(self._waiting)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing:
+                    for job in self._live:
+                        job.sink.failed(RuntimeError("kv-rag: the scheduler was closed"))
+                    self._live, self._thread = [], None
+                    return
+                if not self._live and not self._waiting:
+                    self._cond.wait_for(lambda: bool(self._waiting) or self._closing, timeout=IDLE_S)
+                    if not self._waiting:
+                        self._thread = None
+                        return
+                new: list[Job] = []
+                while self._waiting and len(self._live) + len(new) < self.max_batch:
+                    new.append(self._waiting.popleft())
+            try:
+                self._iterate(new)
+            except BaseException as exc:  # a broken step fails its requests, never the thread silently
+                for job in self._live:
+                    job.sink.failed(exc)
+                self._live = []
+
+    def _iterate(self, new: list[Job]) -> None:
+        loaded = self.loaded
+        for job in new:
+            if job.cancelled:
+                continue
+            with loaded.lock, torch.inference_mode():
+                if job.admit():
+                    self._live.append(job)
+        for job in self._live:
+            if job.cancelled:
+                job.pre = None  # its cache (and a static slot) is free now
+        self._live = [j for j in self._live if not j.cancelled]
+        if not self._live:
+            return
+        jobs = list(self._live)
+        with loaded.lock, torch.inference_mode():
+            logits = loaded.runtime.forward_batch([j.step_input for j in jobs])
+        self.stats["steps"] += 1
+        self.stats["stepped"] += len(jobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)]
+
+
+#: every scheduler, so that their threads stop before the interpreter does (a thread inside a torch call
+#: while the interpreter shuts down can abort the process)
+_SCHEDULERS: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()
+
+
+# --------------------------------------------------------------------- callers' side
+class _QueueSink:
+    """Events for a thread that waits on a queue."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def piece(self, text: str) -> None:
+        self.q.put(("piece", text))
+
+    def done(self, result: Generation) -> None:
+        self.q.put(("done", result))
+
+    def failed(self, exc: BaseException) -> None:
+        self.q.put(("failed", exc))
+
+
+class _LoopSink:
+    """Events for a coroutine: put on its event loop's queue from the scheduler's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+
+    def piece(self, text: str) -> None:
+        self._put(("piece", text))
+
+    def done(self, result: Generation) -> None:
+        self._put(("done", result))
+
+    def failed(self, exc: BaseException) -> None:
+        self._put(("failed", exc))
+
+
+class Stream(Iterator[str]):
+    """An iterator of text pieces; after it is exhausted, :attr:`result` holds the :class:`Generation`.
+
+    :meth:`close` (or dropping the stream) stops the request at the next step.
+    """
+
+    def __init__(self, submit: Callable[[Sink], Job]) -> None:
+        self._sink = _QueueSink()
+        self._job = submit(self._sink)
+        self.result: Generation | None = None
+        self._over = False
+        weakref.finalize(self, _cancel, self._job)
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        if self._over:
+            raise StopIteration
+        kind, value = self._sink.q.get()
+        if kind == "piece":
+            return str(value)
+        self._over = True
+        if kind == "failed":
+            raise value
+        self.result = value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop generating early (no result is recorded)."""
+        self._job.cancelled = True
+        self._over = True
+
+
+class AsyncStream(AsyncIterator[str]):
+    """:class:`Stream` for coroutines: pieces arrive through the event loop, no thread waits per token."""
+
+    def __init__(self, submit: Callable[[Sink], Job]) -> None:
+        self._submit = submit
+        self._sink: _LoopSink | None = None
+        self._job: Job | None = None
+        self.result: Generation | None = None
+        self._over = False
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._over:
+            raise StopAsyncIteration
+        if self._sink is None:  # first step: plan in a worker thread (tokens, keys, look-ups), then submit
+            self._sink = _LoopSink(asyncio.get_running_loop())
+            self._job = await asyncio.to_thread(self._submit, self._sink)
+            weakref.finalize(self, _cancel, self._job)
+        kind, value = await self._sink.q.get()
+        if kind == "piece":
+            return str(value)
+        self._over = True
+        if kind == "failed":
+            raise value
+        self.result = value
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop generating early (no result is recorded)."""
+        if self._job is not None:
+            self._job.cancelled = True
+        self._over = True
+
+
+def _cancel(job: Job) -> None:
+    job.cancelled = True

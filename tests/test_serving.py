@@ -1,0 +1,144 @@
+"""The scheduler on the real embedded model: requests decoded together, each answer as when served alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kv_rag import ContextLengthError, Engine, InputError
+from kv_rag.locks import FairLock
+
+QUESTION = "Where does the ferry leave from, and when?"
+DOCS = [
+    "The ferry to Blue Island leaves from pier 7 every morning at six. Tickets are sold on board.",
+    "Professor Lind's office is in room 204, next to the library. Office hours are on Tuesdays.",
+    "The password of the staging server is kestrel. It changes on the first day of every month.",
+    "The access code for vault 12 is 4471. Only the night guard may open the vault alone.",
+]
+NEW = 12
+
+
+@pytest.fixture
+def eng(embedded: object, tmp_path: Path) -> Engine:
+    engine = Engine(None, store=tmp_path / "store", device="cpu", dtype="float32")
+    engine.publish(DOCS)
+    return engine
+
+
+def _alone(engine: Engine) -> list[list[int]]:
+    """Each request served alone, one after another (the reference)."""
+    return [engine.generate(QUESTION, [d], max_new_tokens=NEW).token_ids for d in DOCS]
+
+
+def test_concurrent_requests_are_decoded_together_with_the_same_greedy_tokens(eng: Engine) -> None:
+    alone = _alone(eng)
+    before = dict(eng.scheduler.stats)
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(DOCS))
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            got[i] = eng.generate(QUESTION, [DOCS[i]], max_new_tokens=NEW).token_ids
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(DOCS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [got[i] for i in range(len(DOCS))] == alone
+    stats = eng.scheduler.stats
+    assert stats["largest_batch"] >= 2  # at least some steps ran several requests at once
+    assert stats["stepped"] - before["stepped"] > stats["steps"] - before["steps"]
+
+
+def test_async_requests_share_steps_and_stream_their_text(eng: Engine) -> None:
+    alone = _alone(eng)
+
+    async def main() -> tuple[list[list[int]], str, str]:
+        gens = await asyncio.gather(*(eng.agenerate(QUESTION, [d], max_new_tokens=NEW) for d in DOCS))
+        st = eng.astream(QUESTION, [DOCS[0]], max_new_tokens=NEW)
+        pieces = [p async for p in st]
+        assert st.result is not None
+        return [g.token_ids for g in gens], "".join(pieces), st.result.text
+
+    tokens, streamed, text = asyncio.run(main())
+    assert tokens == alone
+    assert streamed == text and streamed.strip()
+
+
+def test_modes_mix_in_one_batch(eng: Engine) -> None:
+    """Stitch requests (first token from their own prefill) and exact hits (pending tokens) share steps."""
+    alone = [eng.generate(QUESTION, DOCS[:2], max_new_tokens=NEW, mode=m).token_ids for m in ("exact", "stitch")]
+    out: dict[str, list[int]] = {}
+
+    def run(mode: str) -> None:
+        out[mode] = eng.generate(QUESTION, DOCS[:2], max_new_tokens=NEW, mode=mode).token_ids
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in ("exact", "stitch")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [out["exact"], out["stitch"]] == alone
+
+
+def test_closing_a_stream_frees_its_place(eng: Engine) -> None:
+    st = eng.stream(QUESTION, [DOCS[0]], max_new_tokens=200)
+    next(st)
+    st.close()
+    with pytest.raises(StopIteration):
+        next(st)
+    eng.generate(QUESTION, [DOCS[1]], max_new_tokens=2)  # runs after the closed one left
+    deadline = time.monotonic() + 10
+    while eng.scheduler.live and time.monotonic() < deadline:  # the loop drops finished requests after their step
+        time.sleep(0.01)
+    assert eng.scheduler.live == 0
+
+
+def test_errors_reach_the_caller(eng: Engine) -> None:
+    with pytest.raises(ContextLengthError):
+        eng.generate(QUESTION, ["word " * 9000], max_new_tokens=2)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        eng.stream(QUESTION, [DOCS[0]], max_new_tokens=0)
+
+    async def bad() -> None:
+        await eng.agenerate(QUESTION, ["word " * 9000], max_new_tokens=2)
+
+    with pytest.raises(ContextLengthError):
+        asyncio.run(bad())
+    assert eng.generate(QUESTION, [DOCS[0]], max_new_tokens=2).token_ids  # the scheduler goes on
+
+
+def test_fair_lock_serves_waiters_in_order() -> None:
+    lock = FairLock()
+    order: list[int] = []
+    lock.acquire()
+    ready = threading.Event()
+
+    def waiter(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(3):
+        t = threading.Thread(target=waiter, args=(i,))
+        t.start()
+        threads.append(t)
+        while lock.waiting <= i:  # wait until this thread queues
+            ready.wait(0.001)
+    lock.release()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2]
+    with lock, lock:  # re-entrant
+        assert lock.held()
+    assert not lock.held()
