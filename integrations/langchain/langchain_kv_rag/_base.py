@@ -6,8 +6,6 @@ a string), hand it to a :class:`kv_rag.Engine`, and translate the :class:`kv_rag
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
@@ -262,6 +260,19 @@ class Request:
         with self.activity.running():
             return self.engine.generate(prompt, options=self.options)
 
+    def generate_many(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """The whole answers of several prompts, submitted together (the scheduler decodes them at once)."""
+        with self.activity.running():
+            streams = [self.engine.stream(p, options=self.options) for p in prompts]
+            out: list[Generation] = []
+            for st in streams:
+                for _ in st:
+                    pass
+                if st.result is None:
+                    raise RuntimeError("the generation ended without a result")
+                out.append(st.result)
+            return out
+
     def stream(self, prompt: Prompt) -> Generator[str | Generation, None, None]:
         """Text pieces as they are generated, then the :class:`kv_rag.Generation`."""
         with self.activity.running():
@@ -273,18 +284,22 @@ class Request:
         if st.result is not None:
             yield st.result
 
+    async def agenerate(self, prompt: Prompt) -> Generation:
+        """:meth:`generate` for coroutines (the engine's scheduler decodes; no thread waits per token)."""
+        with self.activity.running():
+            return await self.engine.agenerate(prompt, options=self.options)
+
     async def astream(self, prompt: Prompt) -> AsyncIterator[str | Generation]:
-        """:meth:`stream` with the model running in worker threads."""
-        it = self.stream(prompt)  # runs nothing until the first next()
-        try:
-            while True:
-                item = await asyncio.to_thread(next, it, None)
-                if item is None:
-                    return
-                yield item
-        finally:
-            with contextlib.suppress(ValueError):  # "generator already executing": a cancelled step still runs
-                await asyncio.to_thread(it.close)
+        """:meth:`stream` for coroutines: pieces reach the event loop from the engine's scheduler."""
+        with self.activity.running():
+            st = self.engine.astream(prompt, options=self.options)
+            try:
+                async for piece in st:
+                    yield piece
+            finally:
+                await st.aclose()  # the caller stopped early: stop the request (no-op once it is done)
+        if st.result is not None:
+            yield st.result
 
 
 def usage_metadata(gen: Generation) -> UsageMetadata:

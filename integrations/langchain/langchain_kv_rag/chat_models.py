@@ -135,7 +135,7 @@ class ChatKVRag(KVRagParams, BaseChatModel):
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         req = self.request(stop, kwargs)
         prompt = await asyncio.to_thread(self._prompt, req, messages)
-        return self._result(await asyncio.to_thread(req.generate, prompt), req)
+        return self._result(await req.agenerate(prompt), req)
 
     async def _astream(
         self,

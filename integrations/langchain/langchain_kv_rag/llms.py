@@ -67,9 +67,6 @@ class KVRagLLM(KVRagParams, BaseLLM):
             yield chunk
 
     def _one(self, prompt: str, req: Request, run_manager: CallbackManagerForLLMRun | None) -> LCGeneration:
-        if not self.streaming:
-            gen = req.generate(req.engine.prompt_from_text(prompt, req.documents))
-            return LCGeneration(text=gen.text, generation_info=self._info(gen, req))
         text, info = "", None
         for chunk in self._chunks(prompt, req, run_manager):
             text += chunk.text
@@ -84,7 +81,11 @@ class KVRagLLM(KVRagParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         req = self.request(stop, kwargs)
-        generations = [[self._one(p, req, run_manager)] for p in prompts]
+        if self.streaming:
+            generations = [[self._one(p, req, run_manager)] for p in prompts]
+        else:  # every prompt submitted at once: the engine's scheduler decodes them together
+            gens = req.generate_many([req.engine.prompt_from_text(p, req.documents) for p in prompts])
+            generations = [[LCGeneration(text=g.text, generation_info=self._info(g, req))] for g in gens]
         return LLMResult(generations=generations, llm_output={"model_name": req.model_name})
 
     async def _agenerate(
@@ -103,7 +104,16 @@ class KVRagLLM(KVRagParams, BaseLLM):
                     info = chunk.generation_info or info
                 generations.append([LCGeneration(text=text, generation_info=info)])
             return LLMResult(generations=generations, llm_output={"model_name": self.request(stop, kwargs).model_name})
-        return await asyncio.to_thread(self._generate, prompts, stop, None, **kwargs)
+        req = self.request(stop, kwargs)
+
+        async def one(text: str) -> list[LCGeneration]:
+            gen = await req.agenerate(await asyncio.to_thread(req.engine.prompt_from_text, text, req.documents))
+            return [LCGeneration(text=gen.text, generation_info=self._info(gen, req))]
+
+        return LLMResult(
+            generations=list(await asyncio.gather(*(one(p) for p in prompts))),
+            llm_output={"model_name": req.model_name},
+        )
 
     def _stream(
         self,

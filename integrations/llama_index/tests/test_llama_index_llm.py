@@ -45,9 +45,10 @@ def test_mode_is_validated_by_the_core() -> None:
 
 def test_request_options_reach_the_engine_checked_by_the_core() -> None:
     """mode, recompute, priming and selection: the same defaults and checks as LangChain's ChatKVRag."""
-    from kv_rag import PRIMING_TEXT, AttentionSelection, LeadingSelection, Mode, RequestOptions
+    from kv_rag import AttentionSelection, LeadingSelection, Mode, RequestOptions
     from kv_rag.defaults import MAX_NEW_TOKENS
     from kv_rag.errors import InputError
+    from kv_rag.options import PRIMING_TEXT
 
     assert KVRagLLM(store="memory").max_new_tokens == MAX_NEW_TOKENS == 128
     llm = KVRagLLM(store="memory", mode="blend", recompute=0.3, priming=True, selection="leading")

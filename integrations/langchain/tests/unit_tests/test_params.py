@@ -80,7 +80,7 @@ def test_call_arguments_override_fields_and_unknown_ones_fail() -> None:
 @pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
 def test_request_options_reach_the_engine_checked_by_the_core(cls: type) -> None:
     """mode, recompute, priming and selection: instance defaults, per-call overrides, the core's checks."""
-    from kv_rag import PRIMING_TEXT
+    from kv_rag.options import PRIMING_TEXT
 
     model = cls(store="memory", mode="blend", recompute=0.3, priming=True, selection="leading")
     assert model.engine.options == RequestOptions.make(

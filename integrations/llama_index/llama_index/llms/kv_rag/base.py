@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -22,7 +22,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.llm import LLM, default_completion_to_prompt
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
-from kv_rag import Engine, Generation, Mode, Prompt, RequestOptions, Store
+from kv_rag import AsyncStream, Engine, Generation, Mode, Prompt, RequestOptions, Store
 from kv_rag.defaults import MAX_NEW_TOKENS
 
 from ._watch import watch_retrievals
@@ -233,7 +233,7 @@ class KVRagLLM(LLM):
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            async for delta, result in _awith_result(lambda: self._engine.stream(p, **call)):
+            async for delta, result in _awith_result(self._engine.astream(p, **call)):
                 text += delta
                 yield _completion(text, delta, result)
 
@@ -275,7 +275,7 @@ class KVRagLLM(LLM):
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for delta, result in _awith_result(lambda: self._engine.stream(p, **call)):
+            async for delta, result in _awith_result(self._engine.astream(p, **call)):
                 text += delta
                 yield _chat(text, delta, result)
 
@@ -322,16 +322,14 @@ def _with_result(stream: Any) -> Iterator[tuple[str, Generation | None]]:
     yield held or "", stream.result
 
 
-async def _awith_result(start: Callable[[], Any]) -> AsyncIterator[tuple[str, Generation | None]]:
-    """:func:`_with_result` with every model step in a worker thread."""
-    stream = await asyncio.to_thread(start)
-    it = _with_result(stream)
-    done = object()
-    while True:
-        item = await asyncio.to_thread(next, it, done)
-        if item is done:
-            return
-        yield item  # type: ignore[misc]
+async def _awith_result(stream: AsyncStream) -> AsyncIterator[tuple[str, Generation | None]]:
+    """:func:`_with_result` for a kv-rag AsyncStream (pieces arrive through the event loop)."""
+    held: str | None = None
+    async for piece in stream:
+        if held is not None:
+            yield held, None
+        held = piece
+    yield held or "", stream.result
 
 
 def _role(message: ChatMessage) -> str:
