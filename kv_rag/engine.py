@@ -383,6 +383,20 @@ class Engine:
             reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
         return reports
 
+    def prefetch(self, documents: Sequence[str], *, system: str | None = None) -> None:
+        """Copy the stored artifacts of ``documents`` (their own, and the primed ones when priming is on)
+        into the store's faster tiers in the background (e.g. disk into pinned and GPU memory), so that
+        the request that follows finds them there. Documents not stored are skipped."""
+        texts = [d for d in documents if isinstance(d, str) and d.strip()]
+        keys = [self.document_key(d, system=system) for d in texts]
+        if self.priming:
+            planner = self.planner
+            context = planner.context(self.system_prompt if system is None else system, self.priming)
+            ids = self.loaded.prompt_tokenizer
+            keys += [planner.document_key(ids.document(d.strip()).ids, context) for d in texts]
+        if keys:
+            self.store.prefetch(keys)
+
     def _publish_primed(self, doc_ids: tuple[int, ...], source: str, system: str) -> None:
         """Store the document's primed artifact (computed after the primed context) unless stored."""
         planner = self.planner

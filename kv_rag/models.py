@@ -24,6 +24,7 @@ import torch
 from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
 from .docindex import DocumentIndex
 from .errors import ModelLoadError, UnsupportedModelError
+from .estimates import Speeds
 from .fingerprint import ModelFingerprint, model_fingerprint, tokenizer_digest
 from .locks import FairLock
 from .rope import RotaryShift, rotary_shift
@@ -62,6 +63,8 @@ class LoadedModel:
     _prompt_tokenizer: PromptTokenizer | None = field(default=None, repr=False)
     #: the model's :class:`~kv_rag.serving.Scheduler` (made by the first engine that generates on it)
     scheduler: Any = field(default=None, repr=False)
+    #: the model's measured prefill speed (tokens per second), for load-or-recompute decisions
+    speeds: Speeds = field(default_factory=Speeds, repr=False)
 
     def remember_documents(self, items: Iterable[tuple[str, str]], max_chars: int = KNOWN_DOCUMENT_CHARS) -> None:
         """Add ``(text, source)`` pairs to :attr:`documents` (a known text keeps its first source and
@@ -147,6 +150,16 @@ class LoadedModel:
     def num_layers(self) -> int:
         """Number of decoder layers (cache layers)."""
         return int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's keys and values over all layers, in the model's dtype."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        elem = next(self.model.parameters()).element_size()
+        return 2 * self.num_layers * kv_heads * head_dim * elem
 
     @property
     def context_window(self) -> int:

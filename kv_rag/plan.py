@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ContextLengthError, InputError, UnsupportedModelError
+from .estimates import MARGIN, recompute_reason
 from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
 from .models import LoadedModel
 from .options import Mode, RequestOptions
@@ -38,7 +39,8 @@ class Piece:
 
     ``key`` is empty when the piece is not cached (an empty segment, caching off, or text between
     documents in stitch mode); ``tier`` is the tier that held ``key`` when the plan was made
-    (``None``: none did, or it was not looked up).
+    (``None``: none did, or it was not looked up); ``recompute`` says why a piece the store holds is
+    computed instead of loaded (empty: it is loaded).
     """
 
     ids: tuple[int, ...]
@@ -49,6 +51,7 @@ class Piece:
     source: str
     document: bool
     tier: str | None = None
+    recompute: str = ""
 
     @property
     def length(self) -> int:
@@ -190,7 +193,37 @@ class Planner:
             pieces.append(Piece(tuple(seg), raw, pos, key, parent if key else "", src, doc, tier))
             parent = key or parent
             pos += len(seg)
+        if locate and cached:
+            pieces = self._load_or_compute(pieces)
         return Chain(tuple(pieces), tuple(suffix), located=locate and cached)
+
+    def _load_or_compute(self, pieces: list[Piece]) -> list[Piece]:
+        """Recompute the stored pieces from the one on where loading them (and the rest of the chain) is
+        estimated slower than computing them, by the measured speeds (:mod:`kv_rag.estimates`)."""
+        model, tiers = self.loaded.speeds, self.store.speeds
+        found = [j for j, p in enumerate(pieces) if p.tier is not None]  # the loadable start of the chain
+        if not found or model.prefill_s(1) is None:
+            return pieces
+        per_token = self.loaded.kv_bytes_per_token
+        end = pieces[-1].end
+        loads = [tiers.load_s(pieces[j].tier or "", pieces[j].length * per_token) or 0.0 for j in found]
+        starts = [pieces[j].start for j in found] + [pieces[found[-1]].end]
+        # loading the first k stored pieces, computing from starts[k] to the end of the chain
+        costs = [sum(loads[:k]) + (model.prefill_s(end - starts[k]) or 0.0) for k in range(len(found) + 1)]
+        best = min(range(len(costs)), key=lambda k: (costs[k], -k))
+        if costs[-1] <= MARGIN * costs[best]:
+            return pieces
+        first = pieces[found[best]]
+        load_ms = 1000 * sum(loads[best:])
+        compute_ms = 1000 * (model.prefill_s(starts[-1] - starts[best]) or 0.0)
+        reason = (
+            f"faster than loading from the {first.tier} tier "
+            f"(estimated {load_ms:.0f} ms to load, {compute_ms:.0f} ms to compute)"
+        )
+        out = list(pieces)
+        for n, j in enumerate(found[best:]):
+            out[j] = replace(out[j], recompute=reason if n == 0 else "computed with the stored piece before it")
+        return out
 
     def context(self, system: str, priming: str = "") -> Chain:
         """The chain a document's own artifact is computed after: the chat template's system part for
@@ -285,7 +318,18 @@ class Planner:
             digests=(*((p.ids_bytes, "") for p in context.pieces), digest),
         )
         doc = miss.pieces[-1]
-        piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, self.store.locate(doc.key))
+        tier = self.store.locate(doc.key)
+        why = ""
+        if tier is not None:
+            why = (
+                recompute_reason(
+                    self.store.speeds, self.loaded.speeds, tier, len(seg) * self.loaded.kv_bytes_per_token, len(seg)
+                )
+                or ""
+            )
+        piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, tier, why)
+        if why:  # computed after its context, then copied into the tiers in front of the one holding it
+            miss = replace(miss, pieces=(*miss.pieces[:-1], replace(doc, tier=tier, recompute=why)))
         return DocumentPlan(piece, context.length, moved, miss)
 
     def _stitch_refusal(self, total: int) -> str | None:

@@ -12,11 +12,13 @@ __all__ = ["CacheStatus", "Generation", "Mode", "PublishReport", "SegmentReport"
 
 
 class CacheStatus(str, Enum):
-    """What happened to one segment: loaded from the store, prefilled and stored, or not cached."""
+    """What happened to one segment: loaded from the store, prefilled and stored, not cached, or
+    found in the store but recomputed because loading it would have been slower (see ``reason``)."""
 
     HIT = "hit"
     MISS = "miss"
     NONE = "none"
+    RECOMPUTED = "recomputed"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class SegmentReport:
     key: str | None = None
     tier: str | None = None
     document: bool = False
+    #: why a piece found in the store was recomputed
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -79,7 +83,9 @@ class Generation:
             "prefill_s": round(self.prefill_s, 6),
             "total_s": round(self.total_s, 6),
             "docs": [
-                {"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key} for s in self.documents
+                {"source": s.source, "cache": s.cache.value, "tokens": s.tokens, "key": s.key}
+                | ({"reason": s.reason} if s.reason else {})
+                for s in self.documents
             ],
             "options": dict(self.options),
         }

@@ -90,6 +90,14 @@ def artifact_of(loaded: LoadedModel, cache: Any, piece: Piece, start: int | None
 
 
 def report(piece: Piece, status: CacheStatus, tier: str | None = None) -> SegmentReport:
-    """The report of ``piece`` (its key shown unless it was not cached at all)."""
+    """The report of ``piece`` (its key shown unless it was not cached at all; why it was recomputed)."""
     key = piece.key if status is not CacheStatus.NONE else None
-    return SegmentReport(piece.source, piece.length, status, key, tier, piece.document)
+    reason = piece.recompute if status is CacheStatus.RECOMPUTED else None
+    return SegmentReport(piece.source, piece.length, status, key, tier, piece.document, reason)
+
+
+def computed_status(piece: Piece) -> CacheStatus:
+    """How a piece that was computed here is reported: recomputed (the store had it), miss, or not cached."""
+    if piece.recompute:
+        return CacheStatus.RECOMPUTED
+    return CacheStatus.MISS if piece.key else CacheStatus.NONE

@@ -11,12 +11,13 @@ import time
 import torch
 
 from ..artifact import Artifact
+from ..estimates import MIN_PREFILL_TOKENS
 from ..models import LoadedModel
 from ..plan import Chain
 from ..results import CacheStatus, SegmentReport
 from ..runtime import pieces_of
 from ..store import Store
-from .base import Prefill, acceptor, artifact_of, report
+from .base import Prefill, acceptor, artifact_of, computed_status, report
 
 
 def assemble_chain(
@@ -45,6 +46,9 @@ def assemble_chain(
     lendable = False
     first_uncached = len(chain.pieces)
     for i, piece in enumerate(chain.pieces):
+        if piece.recompute:  # the planner found loading it slower than computing it
+            first_uncached = i
+            break
         if not piece.key:
             if piece.length:
                 first_uncached = i
@@ -82,13 +86,19 @@ def assemble_chain(
     if rest and need_logits and not to_store and len(rest) <= defer:
         pending = (tuple(rest), start)
     elif rest:
+        t_fwd = time.perf_counter()
         logits = runtime.forward(ids, cache, start)[-1]
+        if len(rest) >= MIN_PREFILL_TOKENS:
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
+            loaded.speeds.prefilled(len(rest), time.perf_counter() - t_fwd)
     stored = 0
     for piece in chain.pieces[first_uncached:]:
-        if piece.key:
-            store.put(piece.key, artifact_of(loaded, cache, piece))
-            stored += piece.length
-        reports.append(report(piece, CacheStatus.MISS if piece.key else CacheStatus.NONE))
+        status = computed_status(piece)
+        if piece.key:  # a recomputed piece goes only to the tiers in front of the one that holds it
+            store.put(piece.key, artifact_of(loaded, cache, piece), above=piece.tier if piece.recompute else None)
+            stored += piece.length if status is CacheStatus.MISS else 0
+        reports.append(report(piece, status))
     return Prefill(
         cache=cache,
         logits=logits,

@@ -29,7 +29,7 @@ from ..plan import DocumentPlan, RequestPlan
 from ..results import CacheStatus, SegmentReport
 from ..runtime import cache_layers
 from ..store import Store
-from .base import Prefill, acceptor, report
+from .base import Prefill, acceptor, computed_status, report
 from .blend import BlendRequest
 from .exact import assemble_chain
 from .geometry import StitchGeometry
@@ -149,7 +149,8 @@ class _Stitcher:
         """A document's own KV (loaded, or computed after its context and stored), moved to where it sits:
         per-layer keys and values, its report, the tokens stored."""
         piece = doc.piece
-        hit = self.store.get(piece.key, accept=acceptor(self.loaded, piece, doc.origin)) if piece.tier else None
+        load = piece.tier is not None and not piece.recompute
+        hit = self.store.get(piece.key, accept=acceptor(self.loaded, piece, doc.origin)) if load else None
         stored = 0
         if hit is not None:
             keys = [k.to(self.device, non_blocking=True).unsqueeze(0) for k in hit.artifact.keys]
@@ -160,7 +161,7 @@ class _Stitcher:
             keys = [k[:, :, doc.origin :, :] for k, _ in cache_layers(pre.cache)]
             values = [v[:, :, doc.origin :, :] for _, v in cache_layers(pre.cache)]
             stored = pre.stored_tokens
-            rep = report(piece, CacheStatus.MISS)
+            rep = report(piece, computed_status(piece))
         if piece.start != doc.origin:
             rot = self.shifter.rotation(doc.origin, piece.start, piece.length, self.device)
             keys = [self.shifter.shift(k, doc.origin, piece.start, rot) for k in keys]

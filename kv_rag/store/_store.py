@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import Artifact
 from ..defaults import MEMORY_TIER_BYTES, default_store_dir
 from ..errors import InputError
+from ..estimates import Speeds
 from .base import Tier
 from .device import GpuTier, PinnedTier
 from .disk import DiskTier
@@ -44,6 +48,10 @@ class Store:
         if not tiers:
             raise InputError("a Store needs at least one tier")
         self.tiers: list[Tier] = list(tiers)
+        #: measured load speed of each tier (bytes per second, including checks and copies up)
+        self.speeds = Speeds()
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetch_lock = threading.Lock()
 
     @classmethod
     def coerce(cls, store: Store | str | Path | None, device: str | None = None) -> Store:
@@ -94,6 +102,7 @@ class Store:
         ``accept`` returns ``None`` to accept or a reason string to reject.
         """
         for i, tier in enumerate(self.tiers):
+            t0 = time.perf_counter()
             try:
                 art = tier.get(key)
             except OSError as exc:
@@ -117,8 +126,25 @@ class Store:
                 self._put_into(upper, key, art)
                 if isinstance(upper, MemoryTier):
                     art = upper.get(key) or art
+            self.speeds.loaded(tier.name, art.nbytes, time.perf_counter() - t0)
             return Hit(art, tier.name, lendable=bool(getattr(tier, "lends_blocks", False)))
         return None
+
+    def prefetch(self, keys: Sequence[str]) -> Future[int]:
+        """Copy ``keys`` up into the faster tiers in a background thread (one per store), so that a request
+        that comes later finds them there; returns a future of how many were found. Keys in the top
+        tier already are skipped; a failure is a warning, as in :meth:`get`."""
+        with self._prefetch_lock:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-rag-prefetch")
+            return self._prefetcher.submit(self._prefetch, list(keys))
+
+    def _prefetch(self, keys: list[str]) -> int:
+        found = 0
+        for key in keys:
+            if key in self.tiers[0] or self.get(key) is not None:
+                found += 1
+        return found
 
     def locate(self, key: str) -> str | None:
         """Name of the first tier holding an entry under ``key``, without reading or verifying it
@@ -132,14 +158,17 @@ class Store:
                 continue
         return None
 
-    def put(self, key: str, artifact: Artifact) -> None:
-        """Write ``artifact`` (sealed with its checksum) to every tier.
+    def put(self, key: str, artifact: Artifact, above: str | None = None) -> None:
+        """Write ``artifact`` (sealed with its checksum) to every tier, or (``above``) to the tiers in
+        front of the tier of that name (one that holds it already: the faster tiers get a copy).
 
         A tier whose write fails with ``OSError`` (full disk, lost connection) is skipped with a
         warning: the artifact stays in the other tiers and the request goes on.
         """
         art = artifact if artifact.meta.checksum else artifact.sealed()
         for tier in self.tiers:
+            if tier.name == above:
+                break
             self._put_into(tier, key, art)
 
     def delete(self, key: str) -> None:

@@ -166,9 +166,11 @@ class KVCacheRetriever(BaseRetriever):
 
 
 def _publish_one(engine: Engine, text: str, src: str, key: str) -> PublishReport | None:
-    """Publish one document unless the store has it; a failure is logged (the chat model will prefill it)."""
+    """Publish one document unless the store has it (then prefetch it into the faster tiers); a failure is
+    logged (the chat model will prefill it)."""
     try:
-        if key in engine.store:
+        if key in engine.store:  # stored already (maybe on disk only): copy it up into the faster tiers
+            engine.store.prefetch([key])
             return None
         return engine.publish([text], sources=[src])[0]
     except Exception:  # a failed publish is a miss later, never an error in the chain
