@@ -24,6 +24,10 @@ MARGIN = 1.05
 #: Prefills shorter than this many tokens are not measured (fixed overheads dominate them).
 MIN_PREFILL_TOKENS = 128
 
+#: Loads smaller than this many bytes are not measured (opening a file or a round trip dominates them,
+#: which would make a tier look slower per byte than it is for the long pieces that matter).
+MIN_LOAD_BYTES = 4 << 20
+
 
 @dataclass
 class Rate:
@@ -52,9 +56,11 @@ class Speeds:
         self.prefill = Rate()
 
     def loaded(self, tier: str, nbytes: int, seconds: float) -> None:
-        """Record that ``nbytes`` came from ``tier`` in ``seconds`` (reading, checking, copying up)."""
-        with self._lock:
-            self.tiers.setdefault(tier, Rate()).update(nbytes, seconds)
+        """Record that ``nbytes`` came from ``tier`` in ``seconds`` (reading, checking, copying up); loads
+        smaller than :data:`MIN_LOAD_BYTES` are ignored."""
+        if nbytes >= MIN_LOAD_BYTES:
+            with self._lock:
+                self.tiers.setdefault(tier, Rate()).update(nbytes, seconds)
 
     def prefilled(self, tokens: int, seconds: float) -> None:
         """Record a prefill of ``tokens`` that took ``seconds`` (shorter ones than

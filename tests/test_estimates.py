@@ -23,7 +23,9 @@ def test_rates_are_moving_averages_and_unknown_until_measured() -> None:
     assert 0.5 < r.seconds(100) < 1.0  # type: ignore[operator]
     disk, model = Speeds(), Speeds()
     assert recompute_reason(disk, model, "disk", 10**6, 100) is None  # nothing measured: load
-    disk.loaded("disk", 10**6, 1.0)
+    disk.loaded("disk", 10**5, 1.0)  # under MIN_LOAD_BYTES: ignored
+    assert disk.load_s("disk", 10**6) is None
+    disk.loaded("disk", 10**7, 10.0)  # 1 MB/s
     model.prefilled(100, 0.1)  # under MIN_PREFILL_TOKENS: ignored
     assert recompute_reason(disk, model, "disk", 10**6, 100) is None
     model.prefilled(1000, 1.0)  # 1000 tokens/s
@@ -38,7 +40,7 @@ def _disk_only_engine(tmp_path: Path, doc: str, slow_disk: bool) -> Engine:
     eng = Engine(None, store=Store([MemoryTier(), DiskTier(tmp_path / "store")]), device="cpu", dtype="float32")
     assert eng.loaded.speeds.prefill_s(1) is not None  # the publish above measured the model's prefill
     if slow_disk:
-        eng.store.speeds.loaded("disk", 1, 1000.0)  # one byte a millisecond: slower than any prefill
+        eng.store.speeds.loaded("disk", 1 << 23, 1000.0)  # 8 KB/s: slower than any prefill
     return eng
 
 
