@@ -8,6 +8,7 @@ into the checkout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
@@ -60,17 +61,15 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     ram_gb: float | None = None
-    try:
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
-    except (AttributeError, OSError, ValueError):
-        pass
     gpu = None
     try:
         import torch
 
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - a broken CUDA set-up must not stop the record
+    except Exception:  # a broken CUDA set-up must not stop the record
         gpu = None
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "gpu": gpu}
 
@@ -81,7 +80,7 @@ def versions() -> dict[str, str | None]:
     for name in ("torch", "transformers", "kv_rag"):
         try:
             out[name] = str(__import__(name).__version__)
-        except Exception:  # noqa: BLE001
+        except Exception:
             out[name] = None
     return out
 
