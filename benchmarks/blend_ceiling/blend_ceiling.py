@@ -1,7 +1,8 @@
 """How far can blend's token choice go? Selection methods against oracles that know the full prefill.
 
-Runs the fidelity questions (``benchmarks/fidelity.py``: same builder, same seed, same ids) with
-blend at ``--recompute`` under several ways of choosing the recomputed tokens:
+Runs the fidelity questions (``benchmarks/fidelity/fidelity.py``: same builder, same seed, same ids)
+with blend at ``--recompute`` under several ways of choosing the recomputed tokens, each a
+:class:`kv_rag.Selector` passed with the request (``selection=``):
 
 - ``attention``: the library's default (the tokens the question attends to in the stitched cache);
 - ``random``: uniform over the moved documents' tokens (seeded by the question id);
@@ -20,8 +21,12 @@ the answer is phrased: the fact sentence holding the answer is fed after the pro
 of the answer's tokens, whether each is the argmax ("answer top-1"), and the KL divergence of the
 first answer token's distribution from the full prefill's are recorded.
 
-    .venv/bin/python benchmarks/blend_ceiling.py --questions 100 --threads 1 --shard 0/2   # and 1/2
-    .venv/bin/python benchmarks/blend_ceiling.py --summarize                             # JSON + PNG + table
+    .venv/bin/python benchmarks/blend_ceiling/blend_ceiling.py --questions 100 --threads 1 --shard 0/2   # and 1/2
+    .venv/bin/python benchmarks/blend_ceiling/blend_ceiling.py --summarize               # JSON + PNG + table
+    .venv/bin/python benchmarks/blend_ceiling/blend_ceiling.py --tiny --baseline B --raw R --out O  # smoke run
+
+Without ``--raw``/``--out`` it writes under ``$KV_RAG_HOME/bench/blend_ceiling/``, never into the
+checkout. ``--tiny`` needs a baseline from ``fidelity.py --tiny`` (the same tiny questions).
 """
 
 from __future__ import annotations
@@ -37,22 +42,35 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kv_rag import BlendView
+from kv_rag.assemble import BlendRequest
+from kv_rag.bench import provenance, results_dir
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "fidelity"))
 
 from fidelity import (  # noqa: E402
+    CURRENT_RAW,
     MAX_NEW,
-    RESULTS,
-    _parse_shard,
-    _shard_path,
+    N_DOCS,
+    PASSAGE_TOKENS,
+    TINY_K,
+    TINY_NEW,
+    TINY_PASSAGE_TOKENS,
     agreement,
     correct,
+    parse_shard,
     pyplot,
     questions,
     read_rows,
+    record_run,
+    runs_of,
+    shard_path,
 )
 
-OUT_DIR = RESULTS / "blend_ceiling"
+OUT_DIR = results_dir("blend_ceiling")
 FACT = re.compile(
     r"The access code for vault \d+ is \d+\.|The ferry to [\w ]+ leaves from pier \d+\.|"
     r"Professor \w+'s office is in room \d+\.|The password of the \w+ server is \w+\."
@@ -69,106 +87,142 @@ def _answer_sentence(q: dict[str, Any]) -> str:
     raise ValueError(f"question {q['id']}: no fact sentence holds {q['answer']!r}")
 
 
-class Chooser:
-    """Replaces ``_Assembler._choose`` for the benchmark: picks tokens by the method in ``self.method``."""
+def _candidates(view: BlendView, n: int) -> tuple[torch.Tensor, int]:
+    """The moved documents' positions and how many of them to take (at most all of them)."""
+    cand = view.moved_positions()
+    return cand, min(n, int(cand.numel()))
 
-    def __init__(self, stitch: Any) -> None:
-        self.stitch = stitch
-        self.original = stitch._Assembler._choose
-        self.method = "attention"
-        self.seed = 0
-        self.full_kv: list[tuple[Any, Any]] = []
 
-    def __call__(self, asm: Any, cache: Any, doc_positions: Any, n_sel: int) -> Any:
-        import torch
+def _top(cand: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.sort(cand[torch.topk(scores.cpu(), n).indices]).values
 
-        if self.method == "attention":
-            return self.original(asm, cache, doc_positions, n_sel)
-        cand = doc_positions[asm._moved(doc_positions)]
-        n_sel = min(n_sel, int(cand.numel()))
-        n_layers = len(cache.layers)
-        if self.method == "random":
-            gen = torch.Generator().manual_seed(self.seed)
-            return torch.sort(cand[torch.randperm(int(cand.numel()), generator=gen)[:n_sel]]).values
-        if self.method == "deviation L1":
-            scores = asm._deviation_scores(cache, cand, [1])
-        elif self.method == "oracle deviation":
-            scores = torch.zeros(int(cand.numel()))
-            for layer, (fk, fv) in zip(cache.layers, self.full_kv, strict=True):
-                for old, new in ((layer.keys[0], fk[0]), (layer.values[0], fv[0])):
-                    o, n = old.index_select(1, cand).float(), new.index_select(1, cand).float()
-                    scores += (n - o).pow(2).sum(dim=(0, 2)) / n.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
-        elif self.method == "oracle attention":
-            a, b = asm.n_lead, asm.chain_end
-            saved = []
-            for layer, (fk, fv) in zip(cache.layers, self.full_kv, strict=True):
-                saved.append((layer.keys[..., a:b, :].clone(), layer.values[..., a:b, :].clone()))
-                layer.keys[..., a:b, :].copy_(fk[..., a:b, :])
-                layer.values[..., a:b, :].copy_(fv[..., a:b, :])
-            scores = asm._attention_scores(cache, cand, list(range(n_layers)))
-            for layer, (k, v) in zip(cache.layers, saved, strict=True):
+
+class RandomSelection:
+    """Uniform over the moved documents' tokens, seeded (by the question id)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        """``n`` random moved-document positions."""
+        cand, n = _candidates(view, n)
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.sort(cand[torch.randperm(int(cand.numel()), generator=gen)[:n]]).values
+
+
+class DeviationL1Selection:
+    """CacheBlend's criterion: KV deviation from a fresh computation at layer 1, over the moved documents."""
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        """The ``n`` moved-document positions whose layer-1 KV deviates most."""
+        cand, n = _candidates(view, n)
+        return _top(cand, view.deviation_scores(cand, [1]), n)
+
+
+class OracleDeviationSelection:
+    """The tokens whose stitched KV differs most from the full prefill's KV (``full_kv``), summed over layers."""
+
+    def __init__(self, full_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.full_kv = full_kv
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        """The ``n`` moved-document positions farthest from the full prefill's KV."""
+        if not isinstance(view, BlendRequest):
+            raise TypeError("the oracle reads the stitched cache: it needs kv_rag.assemble.BlendRequest")
+        cand, n = _candidates(view, n)
+        scores = torch.zeros(int(cand.numel()))
+        for layer, (fk, fv) in zip(view.cache.layers, self.full_kv, strict=True):
+            for old, new in ((layer.keys[0], fk[0]), (layer.values[0], fv[0])):
+                o, f = old.index_select(1, cand).float(), new.index_select(1, cand).float()
+                scores += (f - o).pow(2).sum(dim=(0, 2)) / f.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
+        return _top(cand, scores, n)
+
+
+class OracleAttentionSelection:
+    """The tokens the question attends to (every layer) when the documents hold the full prefill's KV."""
+
+    def __init__(self, full_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.full_kv = full_kv
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        """The ``n`` moved-document positions with the most attention, scored on the full prefill's KV."""
+        if not isinstance(view, BlendRequest):
+            raise TypeError("the oracle swaps the stitched cache's KV: it needs kv_rag.assemble.BlendRequest")
+        cand, n = _candidates(view, n)
+        a, b = view.lead_length, view.chain_end
+        saved = []
+        for layer, (fk, fv) in zip(view.cache.layers, self.full_kv, strict=True):
+            saved.append((layer.keys[..., a:b, :].clone(), layer.values[..., a:b, :].clone()))
+            layer.keys[..., a:b, :].copy_(fk[..., a:b, :])
+            layer.values[..., a:b, :].copy_(fv[..., a:b, :])
+        try:
+            scores = view.attention_scores(cand, list(range(view.num_layers)))
+        finally:
+            for layer, (k, v) in zip(view.cache.layers, saved, strict=True):
                 layer.keys[..., a:b, :].copy_(k)
                 layer.values[..., a:b, :].copy_(v)
-        else:
-            raise ValueError(f"unknown method {self.method!r}")
-        return torch.sort(cand[torch.topk(scores.cpu(), n_sel).indices]).values
+        if scores is None:
+            raise RuntimeError("this model's attention cannot be read (no question or no q_proj)")
+        return _top(cand, scores, n)
+
+
+def selector(method: str, question_id: int, full_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """The selector of ``method`` for one question (``None``: the library's default, attention)."""
+    if method == "attention":
+        return None
+    if method == "random":
+        return RandomSelection(question_id)
+    if method == "deviation L1":
+        return DeviationL1Selection()
+    if method == "oracle deviation":
+        return OracleDeviationSelection(full_kv)
+    if method == "oracle attention":
+        return OracleAttentionSelection(full_kv)
+    raise ValueError(f"unknown method {method!r}")
 
 
 def _teacher_forced(engine: Any, pre: Any, total: int, cont: list[int], span: slice) -> tuple[float, bool, Any]:
     """(log-prob of ``cont[span]``, all of them argmax, first answer token's distribution) after ``pre``."""
-    import torch
-
-    from kv_rag._compat import forward
-
-    logits = forward(engine.model, torch.tensor([cont]), pre.cache, total, logits_to_keep=len(cont))
+    runtime = engine.loaded.runtime
+    logits = runtime.forward(torch.tensor([cont]), pre.cache, total, logits_to_keep=len(cont))
     logp = torch.cat([pre.logits.reshape(1, -1), logits[:-1]]).log_softmax(-1)
     lp = sum(float(logp[j, cont[j]]) for j in range(span.start, span.stop))
     top = all(int(logp[j].argmax()) == cont[j] for j in range(span.start, span.stop))
     return lp, top, logp[span.start].exp()
 
 
-def _greedy(engine: Any, pre: Any, total: int, eos: set[int]) -> list[int]:
-    """Greedy answer (at most ``MAX_NEW`` tokens, stopping at an end token) on top of ``pre``'s cache."""
-    import torch
-
-    from kv_rag._compat import forward
-
+def _greedy(engine: Any, pre: Any, total: int, eos: frozenset[int], max_new: int = MAX_NEW) -> list[int]:
+    """Greedy answer (at most ``max_new`` tokens, stopping at an end token) on top of ``pre``'s cache."""
+    runtime = engine.loaded.runtime
     out: list[int] = []
     nxt = int(pre.logits.reshape(-1).argmax())
-    while nxt not in eos and len(out) < MAX_NEW:
+    while nxt not in eos and len(out) < max_new:
         out.append(nxt)
-        nxt = int(forward(engine.model, torch.tensor([[nxt]]), pre.cache, total + len(out) - 1)[-1].argmax())
+        nxt = int(runtime.forward(torch.tensor([[nxt]]), pre.cache, total + len(out) - 1)[-1].argmax())
     return out
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from kv_rag import Engine, stitch
-    from kv_rag._compat import cache_layers
-    from kv_rag.store import MemoryTier, Store
+    from kv_rag import Engine, MemoryTier, Store
+    from kv_rag.runtime import cache_layers
 
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = {r["id"]: r for r in read_rows(Path(args.baseline))}
     if not base:
-        raise SystemExit(f"no full-prefill answers in {args.baseline}: run benchmarks/fidelity.py first")
+        raise SystemExit(f"no full-prefill answers in {args.baseline}: run benchmarks/fidelity/fidelity.py first")
     engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
     tok = engine.tokenizer
-    from kv_rag.engine import _eos_ids
-
-    eos = _eos_ids(engine.loaded)
-    chooser = Chooser(stitch)
-    stitch._Assembler._choose = lambda asm, *a: chooser(asm, *a)  # type: ignore[method-assign]
+    eos = engine.loaded.eos_ids
     configs = [("stitch", "stitch", None, "attention")]
     configs += [(f"{m} r={args.recompute:g}", "blend", args.recompute, m) for m in METHODS]
     configs += [(f"attention r={r:g}", "blend", r, "attention") for r in args.sweep]
     shard, n_shards = args.shard
-    qs = questions(tok, args.questions + 1, 4, 7)
+    qs = questions(tok, args.questions + 1, args.k, 7, args.passage_tokens)
     warm = qs.pop()
-    raw = _shard_path(Path(args.raw), args.shard)
-    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw = shard_path(Path(args.raw), args.shard)
+    record_run(raw)
     done = {r["id"] for r in read_rows(Path(args.raw))}
     engine.publish(warm["docs"])
     engine.generate(warm["question"], warm["docs"], mode="blend", max_new_tokens=2)
@@ -201,17 +255,17 @@ def run(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             full = engine.prefill(tp, use_cache=False)
             full_s = time.perf_counter() - t0
-            chooser.full_kv = [(k.clone(), v.clone()) for k, v in cache_layers(full.cache)]
+            full_kv = [(k.clone(), v.clone()) for k, v in cache_layers(full.cache)]
             lp, top, p_full = _teacher_forced(engine, full, total, cont, span)
         del full
         row["full"] = {**ref["full"], "prefill_s": full_s, "lp": lp, "top1": top}
         for label, mode, r, method in configs:
-            chooser.method, chooser.seed = method, q["id"]
+            chosen = selector(method, q["id"], full_kv)
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                pre = engine.prefill(tp, mode=mode, recompute=r, reserve=MAX_NEW + len(cont))
+                pre = engine.prefill(tp, mode=mode, recompute=r, selection=chosen, reserve=args.max_new + len(cont))
                 ttft = time.perf_counter() - t0
-                tokens = _greedy(engine, pre, total, eos)
+                tokens = _greedy(engine, pre, total, eos, args.max_new)
                 for layer in pre.cache.layers:
                     layer.truncate(total)
                 lp, top, p = _teacher_forced(engine, pre, total, cont, span)
@@ -225,7 +279,7 @@ def run(args: argparse.Namespace) -> None:
                 "top1": top,
                 "kl_first_answer_token": kl,
             }
-        chooser.full_kv = []
+        del full_kv
         with raw.open("a") as f:
             f.write(json.dumps(row) + "\n")
         marks = " ".join(
@@ -259,6 +313,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         table.append(entry)
     loads = [r["load_1min"] for r in rows]
     result = {
+        "provenance": {**provenance(), "raw_runs": runs_of(Path(args.raw))},
         "benchmark": "blend_ceiling",
         "model": "SmolLM2-135M-Instruct (embedded), float32, CPU",
         "questions": len(rows),
@@ -268,8 +323,8 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads_per_process": sorted({r.get("threads", 0) for r in rows}),
         "shards": sorted({r.get("shard", "0/1") for r in rows}),
-        "command": "python benchmarks/blend_ceiling.py " + " ".join(sys.argv[1:]),
-        "run_as": f"python benchmarks/blend_ceiling.py --questions {len(rows)} --threads "
+        "command": "python benchmarks/blend_ceiling/blend_ceiling.py " + " ".join(sys.argv[1:]),
+        "run_as": f"python benchmarks/blend_ceiling/blend_ceiling.py --questions {len(rows)} --threads "
         + ",".join(str(t) for t in sorted({r.get("threads", 0) for r in rows}))
         + f" --shard i/{len({r.get('shard', '0/1') for r in rows})}, the shards at once",
         "table": table,
@@ -337,12 +392,21 @@ def main() -> None:
     p.add_argument("--recompute", type=float, default=0.15)
     p.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--baseline", default=str(RESULTS / "fidelity_raw.jsonl"), help="fidelity raw file (full answers)")
+    p.add_argument("--baseline", default=str(CURRENT_RAW), help="fidelity raw file (full answers; default: current)")
     p.add_argument("--raw", default=str(OUT_DIR / "raw.jsonl"))
     p.add_argument("--out", default=str(OUT_DIR / "blend_ceiling.json"))
     p.add_argument("--summarize", action="store_true")
-    p.add_argument("--shard", type=_parse_shard, default=(0, 1), help="i/n: only questions with id %% n == i")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: only questions with id %% n == i")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke run: fidelity.py --tiny's question (1, from --baseline), no sweep, {TINY_NEW} new tokens",
+    )
     args = p.parse_args()
+    args.k, args.passage_tokens, args.max_new = N_DOCS, PASSAGE_TOKENS, MAX_NEW
+    if args.tiny:
+        args.questions, args.sweep = 1, []
+        args.k, args.passage_tokens, args.max_new = TINY_K, TINY_PASSAGE_TOKENS, TINY_NEW
     if not args.summarize:
         run(args)
         if args.shard[1] > 1:

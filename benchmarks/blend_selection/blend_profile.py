@@ -1,10 +1,16 @@
 """Where blend's time goes: wall time of each step of a stitch/blend prefill, per recompute fraction.
 
-Patches timers around the steps of ``kv_rag.stitch._Assembler`` (leading chain, documents, selection,
-the recompute pass) and reports their medians over ``--questions`` fidelity questions, next to a full
-prefill's. Records the 1-minute load and torch threads.
+Reads each prefill's step timings (:attr:`kv_rag.Prefill.timings`: leading chain, documents,
+selection, the recompute pass) and reports their medians over ``--questions`` fidelity questions,
+next to a full prefill's. Records the 1-minute load and torch threads.
 
-    .venv/bin/python benchmarks/blend_profile.py --questions 4 --threads 1 --blend 0,0.15,0.3
+    .venv/bin/python benchmarks/blend_selection/blend_profile.py --questions 4 --threads 1 --blend 0,0.15,0.3
+    .venv/bin/python benchmarks/blend_selection/blend_profile.py --tiny --out DIR/profile.json   # smoke run
+
+Without ``--out`` it writes under ``$KV_RAG_HOME/bench/blend_profile/``, never into the checkout.
+The 2026-11-29 result was measured with timers patched around private methods, which also timed the
+attention masks inside the recompute pass (``"  of which: masks"``); :attr:`~kv_rag.Prefill.timings`
+has no such split, so that line is gone, and ``"lead (leading chain)"`` is new.
 """
 
 from __future__ import annotations
@@ -18,12 +24,21 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+
+from kv_rag.bench import provenance, results_dir
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "fidelity"))
 
-from fidelity import RESULTS, questions  # noqa: E402
+from fidelity import N_DOCS, PASSAGE_TOKENS, TINY_K, TINY_PASSAGE_TOKENS, questions  # noqa: E402
+
+#: table labels of the steps in :attr:`kv_rag.Prefill.timings` (the labels of the earlier results)
+STEPS = {
+    "lead": "lead (leading chain)",
+    "documents": "documents (load + move)",
+    "selection": "selection (question attention pass)",
+    "compute": "recompute pass (glue + suffix + selected)",
+}
 
 
 def main() -> None:
@@ -32,35 +47,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--blend", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.15, 0.3])
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS / "blend_profile.json"))
+    p.add_argument("--out", default=str(results_dir("blend_profile") / "blend_profile.json"))
+    p.add_argument(
+        "--tiny", action="store_true", help=f"smoke run: 1 question of {TINY_K} short documents, blend 0.15, 1 repeat"
+    )
     args = p.parse_args()
+    k, target = (TINY_K, TINY_PASSAGE_TOKENS) if args.tiny else (N_DOCS, PASSAGE_TOKENS)
+    if args.tiny:
+        args.questions, args.blend, args.repeat = 1, [0.15], 1
 
     import torch
 
-    from kv_rag import Engine, stitch
-    from kv_rag.store import MemoryTier, Store
+    from kv_rag import Engine, MemoryTier, Store
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    prov = provenance()
     engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
-    times: dict[str, float] = defaultdict(float)
-
-    def timed(name: str, fn: Any) -> Any:
-        def wrap(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                times[name] += time.perf_counter() - t
-
-        return wrap
-
-    A = stitch._Assembler
-    A._document = timed("documents (load + move)", A._document)  # type: ignore[method-assign]
-    A._choose = timed("selection (question attention pass)", A._choose)  # type: ignore[method-assign]
-    A._compute = timed("recompute pass (glue + suffix + selected)", A._compute)  # type: ignore[method-assign]
-    A._mask = timed("  of which: masks", A._mask)  # type: ignore[method-assign]
-    qs = questions(engine.tokenizer, args.questions + 1, 4, 7)
+    qs = questions(engine.tokenizer, args.questions + 1, k, 7, target)
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for qi, q in enumerate(qs):
         engine.publish(q["docs"])
@@ -68,21 +72,24 @@ def main() -> None:
         for rep in range(args.repeat + (1 if qi == 0 else 0)):
             runs = [("full", None)] + [(f"blend r={r:g}", r) for r in args.blend]
             for label, r in runs:
-                times.clear()
                 t = time.perf_counter()
                 if r is None:
-                    engine.prefill(prompt, use_cache=False)
+                    pre = engine.prefill(prompt, use_cache=False)
                 else:
-                    engine.prefill(prompt, mode="blend", recompute=r)
+                    pre = engine.prefill(prompt, mode="blend", recompute=r)
                 total = time.perf_counter() - t
                 if qi == 0 and rep == 0:
                     continue  # warm-up
                 samples[label]["total"].append(total)
-                for k, v in times.items():
-                    samples[label][k].append(v)
+                for step, v in pre.timings.items():
+                    if step == "selection" and r == 0:
+                        continue  # nothing to select at r = 0 (the earlier timers never ran there)
+                    samples[label][STEPS.get(step, step)].append(v)
+                del pre
         if qi + 1 >= args.questions:
             break
     result = {
+        "provenance": prov,
         "benchmark": "blend_profile",
         "load_1min": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
@@ -91,6 +98,7 @@ def main() -> None:
         "median_s": {lab: {k: statistics.median(v) for k, v in d.items()} for lab, d in samples.items()},
     }
     print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

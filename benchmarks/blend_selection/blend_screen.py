@@ -1,11 +1,18 @@
 """Screen a stitch/blend variant on the first fidelity questions against the saved full-prefill answers.
 
-Rebuilds the questions of ``benchmarks/fidelity.py`` (same builder and seed, so the same ids), reads
-the full prefill's (and the baseline stitch/blend) answers from the saved fidelity raw files, and runs
-only stitch and blend at ``--blend`` with the variant named by ``--priming`` / ``--selection``. Each
-question's artifacts are computed by an untimed warm-up call first. One JSON line per question.
+Rebuilds the questions of ``benchmarks/fidelity/fidelity.py`` (same builder and seed, so the same
+ids), reads the full prefill's (and the baseline stitch/blend) answers from the saved fidelity raw
+files (``--baseline``, default: the current fidelity run), and runs only stitch and blend at
+``--blend`` with the variant named by ``--priming`` / ``--span`` / ``--balanced`` (an
+:class:`kv_rag.AttentionSelection` passed with each request). Each question's artifacts are computed
+by an untimed warm-up call first. One JSON line per question; each run's provenance goes to
+``<raw>.provenance.json`` beside the raw file.
 
-    .venv/bin/python benchmarks/blend_screen.py --ids 0:40 --shard 0/2 --priming generic --threads 1 --raw R
+    .venv/bin/python benchmarks/blend_selection/blend_screen.py --ids 0:40 --shard 0/2 --priming intro --raw R
+    .venv/bin/python benchmarks/blend_selection/blend_screen.py --summary R             # counts of the rows
+    .venv/bin/python benchmarks/blend_selection/blend_screen.py --tiny --baseline B --raw R   # smoke run
+
+``--tiny`` needs a baseline from ``fidelity.py --tiny`` (the same tiny questions).
 """
 
 from __future__ import annotations
@@ -18,14 +25,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kv_rag import PRIMING_TEXT, AttentionSelection
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "fidelity"))
 
-from fidelity import MAX_NEW, RESULTS, correct, questions, read_rows  # noqa: E402
+from fidelity import (  # noqa: E402
+    CURRENT_RAW,
+    MAX_NEW,
+    N_DOCS,
+    PASSAGE_TOKENS,
+    TINY_K,
+    TINY_NEW,
+    TINY_PASSAGE_TOKENS,
+    correct,
+    questions,
+    read_rows,
+    record_run,
+)
 
-from kv_rag.stitch import PRIMING_TEXT  # noqa: E402
-
-#: named filler passages for context-primed document encoding (``kv_rag.stitch.PRIMING``)
+#: named filler passages for context-primed document encoding (``Engine(priming=...)``)
 FILLERS = {
     "none": "",
     "intro": PRIMING_TEXT,
@@ -51,29 +70,36 @@ def main() -> None:
     p.add_argument("--shard", default="0/1")
     p.add_argument("--blend", type=lambda s: [float(x) for x in s.split(",")], default=[0.15])
     p.add_argument("--priming", default="none")
-    p.add_argument("--span", type=int, default=0, help="blend: Selection(span=N)")
-    p.add_argument("--balanced", action="store_true", help="blend: Selection(balanced=True)")
+    p.add_argument("--span", type=int, default=0, help="blend: AttentionSelection(span=N)")
+    p.add_argument("--balanced", action="store_true", help="blend: AttentionSelection(balanced=True)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--baseline", default=str(RESULTS / "fidelity_raw.jsonl"))
+    p.add_argument("--baseline", default=str(CURRENT_RAW), help="fidelity raw file (default: the current run)")
     p.add_argument("--raw", required=True)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke run: question 0 of fidelity.py --tiny's, {TINY_NEW} new tokens",
+    )
     args = p.parse_args()
+    k, target, max_new = (TINY_K, TINY_PASSAGE_TOKENS, TINY_NEW) if args.tiny else (N_DOCS, PASSAGE_TOKENS, MAX_NEW)
+    if args.tiny:
+        args.ids = "0:1"
 
     import torch
 
-    from kv_rag import Engine, stitch
-    from kv_rag.store import MemoryTier, Store
+    from kv_rag import Engine, MemoryTier, Store
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    stitch.SELECTION = stitch.Selection(span=args.span, balanced=args.balanced)
+    selection = AttentionSelection(span=args.span, balanced=args.balanced)
     a, b = (int(x) for x in args.ids.split(":"))
     si, sn = (int(x) for x in args.shard.split("/"))
     base = {r["id"]: r for r in read_rows(Path(args.baseline))}
     filler = FILLERS.get(args.priming, args.priming)
     engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32", priming=filler)
-    qs = [q for q in questions(engine.tokenizer, b, 4, 7)[a:b] if q["id"] % sn == si]
+    qs = [q for q in questions(engine.tokenizer, b, k, 7, target)[a:b] if q["id"] % sn == si]
     raw = Path(args.raw)
-    raw.parent.mkdir(parents=True, exist_ok=True)
+    record_run(raw)
     done = {json.loads(x)["id"] for x in raw.read_text().splitlines()} if raw.exists() else set()
     configs = [("stitch", "stitch", None)] + [(f"blend r={r:g}", "blend", r) for r in args.blend]
     for q in qs:
@@ -86,14 +112,14 @@ def main() -> None:
             "id": q["id"],
             "answer": q["answer"],
             "priming": args.priming,
-            "selection": repr(stitch.SELECTION),
+            "selection": repr(selection),
             "load_1min": os.getloadavg()[0],
             "threads": torch.get_num_threads(),
             "full": ref["full"],
             "base": {k: ref[k]["text"] for k in ref if k.startswith(("stitch", "blend"))},
         }
         for label, mode, r in configs:
-            g = engine.generate(prompt, mode=mode, recompute=r, max_new_tokens=MAX_NEW)
+            g = engine.generate(prompt, mode=mode, recompute=r, selection=selection, max_new_tokens=max_new)
             row[label] = {"text": g.text, "tokens": g.token_ids, "ttft_s": g.ttft_s}
         with raw.open("a") as f:
             f.write(json.dumps(row) + "\n")

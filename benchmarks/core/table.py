@@ -1,6 +1,6 @@
 """Print the markdown tables of a ``kv-rag bench`` JSON (as quoted in the README).
 
-python benchmarks/table.py benchmarks/results/bench.json
+python benchmarks/core/table.py [PATH]     # default: the current CPU result (float32)
 """
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+#: the current ``kv-rag bench`` result on the CPU (benchmarks/README.md lists the current results)
+CURRENT = Path(__file__).resolve().parent / "results" / "2026-11-29-cpu-fp32.json"
 
 
 def main(path: str) -> None:
@@ -61,4 +64,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/bench.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else str(CURRENT))

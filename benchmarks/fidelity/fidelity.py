@@ -13,14 +13,20 @@ document was published beforehand (not timed). Reported per mode: answer accurac
 in the answer), agreement with the full prefill's tokens (all first-32 tokens identical; and the
 mean common-prefix fraction), and median TTFT with its speed-up over the full prefill.
 
-Resumable: every question appends one JSON line to ``--raw``; a rerun skips the done ones.
+Resumable: every question appends one JSON line to ``--raw``; a rerun skips the done ones. Each run
+adds its provenance (commit, machine, command: ``kv_rag.bench.provenance``) to ``<raw>.provenance.json``
+beside the raw file; the summary JSON carries its own and those of the runs it summarizes.
 
-    .venv/bin/python benchmarks/fidelity.py --questions 100            # run (long: about 30 s a question)
-    .venv/bin/python benchmarks/fidelity.py --summarize                # JSON + PNG + markdown table only
+    .venv/bin/python benchmarks/fidelity/fidelity.py --questions 100    # run (long: about 30 s a question)
+    .venv/bin/python benchmarks/fidelity/fidelity.py --summarize        # JSON + PNG + markdown table only
+    .venv/bin/python benchmarks/fidelity/fidelity.py --tiny --raw DIR/raw.jsonl --out DIR/f.json  # smoke run
 
-Two processes of one torch thread each can share the questions (``--shard 0/2`` and ``--shard 1/2``,
-each with its own raw file beside ``--raw``); ``--summarize`` merges them. Every row records the
-1-minute load, the torch threads, its shard, and blend's token selection.
+Without ``--raw``/``--out`` it writes under ``$KV_RAG_HOME/bench/fidelity/``, never into the checkout;
+the current results in ``benchmarks/fidelity/results/`` were written with explicit dated paths
+(see benchmarks/fidelity/README.md). Two processes of one torch thread each can share the questions
+(``--shard 0/2`` and ``--shard 1/2``, each with its own raw file beside ``--raw``); ``--summarize``
+merges them. Every row records the 1-minute load, the torch threads, its shard, and blend's token
+selection.
 """
 
 from __future__ import annotations
@@ -37,9 +43,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kv_rag.bench import provenance, results_dir
+
 HERE = Path(__file__).resolve().parent
+#: the committed results of this study (read by the other blend studies: the full prefill's answers)
 RESULTS = HERE / "results"
+#: the current fidelity run's raw file (its shards ``.0of2``/``.1of2`` beside it)
+CURRENT_RAW = RESULTS / "2026-11-29-fidelity_raw.jsonl"
 MAX_NEW = 32
+#: passage length (tokens) and documents per question of the real runs, and of ``--tiny`` smoke runs
+PASSAGE_TOKENS, N_DOCS = 500, 4
+TINY_PASSAGE_TOKENS, TINY_K, TINY_NEW = 48, 2, 4
 
 NAMES = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Haddad", "Kowalski", "Brennan", "Ishikawa"]
 ISLANDS = ["Marrow Isle", "Kestrel Island", "Port Sable", "Gull Rock", "Fernholm", "Tarn Key", "Ashby Cay", "Lorn"]
@@ -93,10 +107,10 @@ def passages(tokenizer: Any, target: int = 500) -> list[str]:
     return out
 
 
-def questions(tokenizer: Any, n: int, k: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` questions, each with ``k`` documents of which one holds the answer."""
+def questions(tokenizer: Any, n: int, k: int, seed: int, target: int = PASSAGE_TOKENS) -> list[dict[str, Any]]:
+    """``n`` questions, each with ``k`` documents (passages of ~``target`` tokens), one of which holds the answer."""
     rng = random.Random(seed)
-    pool = passages(tokenizer)
+    pool = passages(tokenizer, target)
     out = []
     for qi in range(n):
         kind = qi % 4
@@ -124,20 +138,19 @@ def modes(blend_rs: list[float]) -> list[tuple[str, str, float | None]]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from kv_rag import Engine, stitch
-    from kv_rag.store import MemoryTier, Store
+    from kv_rag import Engine, MemoryTier, Store
 
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32", priming=args.priming)
     tok = engine.tokenizer
-    qs = questions(tok, args.questions + 1, args.k, args.seed)
+    qs = questions(tok, args.questions + 1, args.k, args.seed, args.passage_tokens)
     warm = qs.pop()  # the warm-up question is not one of the measured ones
     shard, n_shards = args.shard
     qs = [q for q in qs if q["id"] % n_shards == shard]
-    raw = _shard_path(Path(args.raw), args.shard)
-    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw = shard_path(Path(args.raw), args.shard)
+    record_run(raw)
     done = {row["id"] for row in read_rows(Path(args.raw))}
     configs = modes(args.blend)
     # warm-up (not recorded): the rotary probe, allocator, first-call costs
@@ -152,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         engine.publish(q["docs"])
         prompt = engine.prompt(q["question"], q["docs"])
-        full = engine.generate(prompt, use_cache=False, max_new_tokens=MAX_NEW)
+        full = engine.generate(prompt, use_cache=False, max_new_tokens=args.max_new)
         row: dict[str, Any] = {
             "id": q["id"],
             "answer": q["answer"],
@@ -162,12 +175,13 @@ def run(args: argparse.Namespace) -> None:
             "load_1min": load,
             "threads": torch.get_num_threads(),
             "shard": f"{shard}/{n_shards}",
-            "selection": repr(stitch.SELECTION),
+            "selection": repr(engine.options.selection),
             "priming": bool(engine.priming),
+            "max_new_tokens": args.max_new,
             "full": {"text": full.text, "tokens": full.token_ids, "ttft_s": full.ttft_s},
         }
         for label, mode, r in configs:
-            g = engine.generate(prompt, mode=mode, recompute=r, max_new_tokens=MAX_NEW)
+            g = engine.generate(prompt, mode=mode, recompute=r, max_new_tokens=args.max_new)
             row[label] = {
                 "text": g.text,
                 "tokens": g.token_ids,
@@ -192,7 +206,8 @@ def correct(answer: str, text: str) -> bool:
     return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
 
 
-def _prefix_fraction(ref: list[int], out: list[int]) -> float:
+def prefix_fraction(ref: list[int], out: list[int]) -> float:
+    """Share of the first ``MAX_NEW`` tokens of ``ref`` that ``out`` repeats before the first difference."""
     ref, out = ref[:MAX_NEW], out[:MAX_NEW]
     n = 0
     for a, b in zip(ref, out, strict=False):
@@ -210,7 +225,7 @@ def agreement(rows: list[dict[str, Any]], lab: str) -> dict[str, float]:
         "accuracy": sum(correct(r["answer"], r[lab]["text"]) for r in rows) / len(rows),
         "identical_32_tokens": sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in rows)
         / len(rows),
-        "mean_common_prefix": statistics.mean(_prefix_fraction(r["full"]["tokens"], r[lab]["tokens"]) for r in rows),
+        "mean_common_prefix": statistics.mean(prefix_fraction(r["full"]["tokens"], r[lab]["tokens"]) for r in rows),
     }
 
 
@@ -227,18 +242,44 @@ def pyplot() -> Any:
     return plt
 
 
-def _shard_path(raw: Path, shard: tuple[int, int]) -> Path:
+def shard_path(raw: Path, shard: tuple[int, int]) -> Path:
     """The raw file of shard ``i/n``: ``raw`` itself for ``0/1``, else ``<stem>.<i>of<n>.jsonl`` beside it."""
     i, n = shard
     return raw if n == 1 else raw.with_name(f"{raw.stem}.{i}of{n}{raw.suffix}")
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)`` (``--shard``)."""
     i, _, n = text.partition("/")
     shard = (int(i), int(n or 1))
     if not 0 <= shard[0] < shard[1]:
         raise argparse.ArgumentTypeError(f"--shard wants i/n with 0 <= i < n, got {text!r}")
     return shard
+
+
+def provenance_path(raw: Path) -> Path:
+    """The file beside ``raw`` that lists the provenance of every run that appended to it."""
+    return raw.with_name(raw.stem + ".provenance.json")
+
+
+def record_run(raw: Path, command: str | None = None) -> None:
+    """Add this run's provenance (``kv_rag.bench.provenance``) to ``raw``'s provenance file (made if needed)."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    side = provenance_path(raw)
+    data: dict[str, Any] = json.loads(side.read_text()) if side.exists() else {"raw": raw.name, "runs": []}
+    data["runs"].append(provenance(command))
+    side.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def runs_of(raw: Path) -> list[dict[str, Any]]:
+    """The recorded runs of ``raw`` and of its shard files, as :func:`record_run` wrote them."""
+    files = [raw, *sorted(raw.parent.glob(f"{raw.stem}.*of*{raw.suffix}"))]
+    runs: list[dict[str, Any]] = []
+    for f in files:
+        side = provenance_path(f)
+        if side.exists():
+            runs += [{"raw": f.name, **r} for r in json.loads(side.read_text()).get("runs", [])]
+    return runs
 
 
 def read_rows(raw: Path) -> list[dict[str, Any]]:
@@ -276,6 +317,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         )
     loads = [r["load_1min"] for r in rows]
     result = {
+        "provenance": {**provenance(), "raw_runs": runs_of(Path(args.raw))},
         "benchmark": "fidelity",
         "model": "SmolLM2-135M-Instruct (embedded), float32, CPU",
         "text_source": "pydoc_data.topics (CPython's help() topics), passages of ~500 tokens, a made-up fact "
@@ -283,14 +325,14 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         "questions": len(rows),
         "k": rows[0].get("k", args.k),
         "prompt_tokens_median": statistics.median(r["prompt_tokens"] for r in rows),
-        "max_new_tokens": MAX_NEW,
+        "max_new_tokens": rows[0].get("max_new_tokens", MAX_NEW),
         "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "cpu_count": os.cpu_count(),
         "torch_threads_per_process": sorted({r.get("threads", 0) for r in rows}),
         "shards": sorted({r.get("shard", "0/1") for r in rows}),
         "blend_selection": sorted({r.get("selection", "deviation at layer 1 (v1)") for r in rows}),
         "priming": sorted({r.get("priming", False) for r in rows}),
-        "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/fidelity/fidelity.py " + " ".join(sys.argv[1:]),
         "run_as": _run_as(rows),
         "table": table,
     }
@@ -308,7 +350,7 @@ def _run_as(rows: list[dict[str, Any]]) -> str:
     threads = ",".join(str(t) for t in sorted({r.get("threads", 0) for r in rows}))
     blends = ",".join(k.split("=", 1)[1] for k in rows[0] if k.startswith("blend r="))
     n = shards[0].split("/")[1] if shards else "1"
-    how = f"python benchmarks/fidelity.py --questions {len(rows)} --blend {blends} --threads {threads}"
+    how = f"python benchmarks/fidelity/fidelity.py --questions {len(rows)} --blend {blends} --threads {threads}"
     return how + (f" --shard i/{n}: {n} processes at once" if n != "1" else "")
 
 
@@ -352,20 +394,36 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=100)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, default=N_DOCS)
+    p.add_argument("--passage-tokens", type=int, default=PASSAGE_TOKENS, help="passage length of the documents")
+    p.add_argument("--max-new", type=int, default=MAX_NEW, help="greedy tokens per answer")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--blend", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.15, 0.3])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--priming", action="store_true", help="Engine(priming=True): moved documents computed after a filler"
     )
-    p.add_argument("--raw", default=str(RESULTS / "fidelity_raw.jsonl"))
-    p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    p.add_argument("--raw", default=str(results_dir("fidelity") / "fidelity_raw.jsonl"))
+    p.add_argument("--out", default=str(results_dir("fidelity") / "fidelity.json"))
     p.add_argument("--summarize", action="store_true", help="only summarize what --raw holds")
     p.add_argument(
-        "--shard", type=_parse_shard, default=(0, 1), help="i/n: run only questions with id %% n == i (own raw file)"
+        "--shard", type=parse_shard, default=(0, 1), help="i/n: run only questions with id %% n == i (own raw file)"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke run: 1 question of {TINY_K} documents of ~{TINY_PASSAGE_TOKENS} tokens, {TINY_NEW} new "
+        "tokens, blend at 0.15 only",
     )
     args = p.parse_args()
+    if args.tiny:
+        args.questions, args.k, args.passage_tokens, args.max_new, args.blend = (
+            1,
+            TINY_K,
+            TINY_PASSAGE_TOKENS,
+            TINY_NEW,
+            [0.15],
+        )
     if not args.summarize:
         run(args)
         if args.shard[1] > 1:

@@ -2,11 +2,12 @@
 
 Runs on a CUDA machine with a Qwen3-4B-shaped model with random bf16 weights built in place
 (36 layers, hidden 2560, 32 query / 8 KV heads, head_dim 128, vocab 151936, rope_theta 1e6,
-intermediate 9728): compute cost does not depend on the weights' values. Writes
-``benchmarks/results/gpu_bench.json`` (and a PNG when matplotlib is present) and prints a table.
+intermediate 9728): compute cost does not depend on the weights' values. Writes ``--out`` (default:
+``$KV_RAG_HOME/bench/gpu/gpu_bench.json``, never into the checkout; a PNG beside it when matplotlib
+is present) with its provenance, and prints a table.
 
-    python benchmarks/gpu_bench.py --tokenizer DIR            # on the GPU machine
-    python benchmarks/gpu_bench.py --tiny --device cpu        # a smoke run of every step on a CPU
+    python benchmarks/gpu/gpu_bench.py --tokenizer DIR --out benchmarks/gpu/results/DATE-gpu_bench.json  # GPU
+    python benchmarks/gpu/gpu_bench.py --tiny --device cpu --out DIR/gpu_bench.json  # smoke run of every step
 
 Per length: full-prefill TTFT (plain transformers, sdpa); hit TTFT with the document's KV in the
 GPU, pinned-host and disk tier (every hit goes through ``Engine.prefill``: store look-up, token
@@ -32,15 +33,13 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kv_rag import Engine, _fastpath  # noqa: E402
-from kv_rag._compat import forward  # noqa: E402
-from kv_rag.bench import drop_page_cache  # noqa: E402
-from kv_rag.prompt import TokenizedPrompt  # noqa: E402
+from kv_rag import Engine, TokenizedPrompt  # noqa: E402
+from kv_rag.bench import drop_page_cache, provenance, results_dir  # noqa: E402
+from kv_rag.layout import roomy_block  # noqa: E402
 from kv_rag.store import DiskTier, GpuTier, PinnedTier, Store  # noqa: E402
-from kv_rag.store.device import roomy_block  # noqa: E402
 
 QWEN3_4B_SHAPE: dict[str, Any] = dict(
     vocab_size=151936,
@@ -91,7 +90,6 @@ def build_model(shape: dict[str, Any], device: torch.device, dtype: torch.dtype)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("qwen3", **shape)
-    cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
@@ -153,7 +151,7 @@ def greedy(engine: Engine, pre: Any, steps: int) -> tuple[list[int], list[float]
             tid = int(torch.argmax(logits).item())
             toks.append(tid)
             ids = torch.tensor([[tid]], dtype=torch.long, device=loaded.device)
-            logits = forward(loaded.model, ids, pre.cache, pos)[-1]
+            logits = loaded.runtime.forward(ids, pre.cache, pos)[-1]
             pos += 1
             times.append(time.perf_counter() - t0)
     sync(loaded.device)
@@ -268,7 +266,8 @@ def run_length(
     row["disk_read"] = disk_read_speed(doc_path) if doc_path is not None else None
 
     # exactness: hit (GPU tier, whole-step graphs) against a from-scratch prefill and plain decode
-    fast = _fastpath.runner_for(engine.model)
+    runtime = engine.loaded.runtime
+    fast = runtime.decoder
     pre = engine.prefill(tp, reserve=args.decode_tokens + 2)
     ref = engine.reference_logits(tp.ids)
     row["logits_max_abs_diff"] = float((pre.logits - ref).abs().max())
@@ -276,7 +275,7 @@ def run_length(
     row["logits_gpu_tier_hit_equal_copied_hit"] = bool(torch.equal(lent_logits, pre.logits))
     row["logits_ref_max_abs"] = float(ref.abs().max())
     hit_toks, step_s = greedy(engine, pre, args.decode_tokens)
-    row["static_slot"] = hasattr(pre.cache, "_kv_rag_static_slot")
+    row["static_slot"] = getattr(pre.cache, "slot", None) is not None
     del pre
     # the same step code run eagerly (no graph replay): must agree exactly
     if fast is not None:
@@ -307,8 +306,8 @@ def run_length(
     row["greedy_tokens_hit"] = hit_toks[: len(ref_toks)]
     row["greedy_tokens_ref"] = ref_toks
     row["greedy_tokens_plain_transformers_hit"] = tfhit_toks
-    row["graph_buckets_per_layer"] = sorted(k for k, v in (fast._graphs.items() if fast else ()) if v is not None)
-    pool = fast._pool if fast is not None else None
+    row["graph_buckets_per_layer"] = fast.graph_buckets if fast is not None else []
+    pool = runtime.pool(dev) if fast is not None else None
     row["static_slots"] = [
         {"cap": sl.cap, "step_graphs": sorted(k for k, v in sl.steps.items() if v is not None)}
         for sl in (pool.slots if pool is not None else [])
@@ -328,7 +327,7 @@ def run_length(
 def uses_tier_block(pre: Any, doc: Any) -> bool:
     """Whether the request's cache is the GPU tier's block of ``doc`` (a hit without a KV copy)."""
     block = roomy_block(doc.keys[0], doc.num_layers) if doc is not None else None
-    return block is not None and pre.cache.layers[0]._k.data_ptr() == block.data_ptr()
+    return block is not None and pre.cache.layers[0].key_buffer.data_ptr() == block.data_ptr()
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
@@ -379,10 +378,14 @@ def plot(result: dict[str, Any], png: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write JSON (+ PNG)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", default="1024,4096,16384,32768")
+    ap.add_argument("--lengths", default=None, help="prompt lengths (default 1024,4096,16384,32768; --tiny: 256)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (smoke test of the script)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke test of the script: a tiny Qwen3, one 256-token length, 2 repeats, 8 decode tokens",
+    )
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     ap.add_argument("--store-dir", default=None, help="disk tier folder (default: a temporary folder)")
     ap.add_argument("--reps", type=int, default=7)
@@ -390,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suffix-tokens", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--check-tokens", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_bench.json"))
+    ap.add_argument("--out", default=str(results_dir("gpu") / "gpu_bench.json"))
     args = ap.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = "256" if args.tiny else "1024,4096,16384,32768"
+    if args.tiny:
+        args.reps, args.reps_big, args.decode_tokens, args.check_tokens = 2, 1, 8, 4
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -418,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer=tok, store=Store([tiers["gpu"], tiers["pinned"], tiers["disk"]]))
     _ = engine.loaded.fingerprint  # hashes the weights once, outside every timing
     cfg = model.config
+    command = "python benchmarks/gpu/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result: dict[str, Any] = {
+        "provenance": provenance(command),
         "benchmark": "gpu_bench",
-        "command": "python benchmarks/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "env": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
