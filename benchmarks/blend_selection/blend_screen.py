@@ -25,7 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kv_rag import PRIMING_TEXT, AttentionSelection
+from kv_rag import AttentionSelection
+from kv_rag.options import PRIMING_TEXT
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fidelity"))

@@ -227,11 +227,6 @@ class FastDecoder:
             h = self.post(i, h, self.attend(q, keys, values))
         return self.head(h[:, -logits_to_keep:, :])
 
-    @property
-    def graph_buckets(self) -> list[int]:
-        """Step sizes whose per-layer CUDA graphs have been captured so far (sorted; for reports)."""
-        return sorted(size for size, graphs in self._graphs.items() if graphs is not None)
-
     def bucket(self, n: int, device: torch.device) -> LayerGraphs | None:
         """The per-layer graphs for steps of up to ``n`` tokens (captured on first use; ``None`` if refused)."""
         size = bucket_size(n)
@@ -242,6 +237,11 @@ class FastDecoder:
                 warnings.warn(f"kv-rag: CUDA graph capture failed ({exc}); running without graphs", stacklevel=3)
                 self._graphs[size] = None
         return self._graphs[size]
+
+    @property
+    def graph_buckets(self) -> list[int]:
+        """Step sizes whose per-layer CUDA graphs have been captured so far (sorted; for reports)."""
+        return sorted(size for size, graphs in self._graphs.items() if graphs is not None)
 
 
 class LayerGraphs:
