@@ -55,19 +55,25 @@ $(BSTAMP): $(STAMP) pyproject.toml
 		$(PIP) install -e '.[bench]'
 	touch $@
 
+# The benchmarks write dated results into benchmarks/<study>/results/ only here, where they are told to
+# (run by hand, they write under $KV_RAG_HOME/bench/); benchmarks/README.md says which results are current.
+DATE := $(shell date -u +%Y-%m-%d)
+
 bench: $(BSTAMP)
 	$(VENV)/bin/kv-rag bench --lengths 256,1024,2048,4096,7168 --codec-docs 5 \
-		--out benchmarks/results/bench.json --plots benchmarks/results
+		--out benchmarks/core/results/$(DATE)-cpu-fp32.json --plots benchmarks/core/results/$(DATE)-cpu-fp32
 
+# Prices the CPU from the current result built into kv_rag/cost.py (--bench PATH: from another bench JSON).
 cost: $(STAMP)
 	$(VENV)/bin/kv-rag cost --tokens 4096 --reuses 100
 
 # Stitch/blend fidelity against full prefill (long: two 1-thread shards, about 30 s a question each).
+FIDELITY := benchmarks/fidelity/results/$(DATE)-fidelity
 fidelity: $(STAMP)
 	$(PIP) install -e '.[plots]'
-	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 0/2 & \
-	$(PY) benchmarks/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 1/2; wait
-	$(PY) benchmarks/fidelity.py --summarize
+	$(PY) benchmarks/fidelity/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 0/2 --raw $(FIDELITY)_raw.jsonl & \
+	$(PY) benchmarks/fidelity/fidelity.py --questions 100 --blend 0.15 --threads 1 --shard 1/2 --raw $(FIDELITY)_raw.jsonl; wait
+	$(PY) benchmarks/fidelity/fidelity.py --summarize --raw $(FIDELITY)_raw.jsonl --out $(FIDELITY).json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--lengths", default="256,1024,4096", help="comma-separated document lengths in tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each cache hit (median is reported)")
-    p.add_argument("--out", default="benchmarks/results/core_bench.json", help="where to save the JSON")
+    p.add_argument("--out", help="where to save the JSON (default: $KV_RAG_HOME/bench/core/<UTC date-time>/bench.json)")
     p.add_argument("--full-repeats", type=int, default=2, help="full prefills per length and system")
     p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with the full prefill")
     p.add_argument("--peer", default="auto", choices=["auto", "llama.cpp", "none"], help="llama.cpp side by side")
@@ -110,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--evict", default="fadvise", choices=["fadvise", "drop_caches"], help="how disk reads leave the page cache"
     )
     p.add_argument("--codec-docs", type=int, default=0, help="also measure codecs; int8 agreement on N documents")
-    p.add_argument("--plots", help="folder for PNG plots (needs matplotlib)")
+    p.add_argument(
+        "--plots",
+        nargs="?",
+        const="",
+        help="folder for PNG plots (needs matplotlib); without a folder: beside the JSON (default: no plots)",
+    )
     p.add_argument("--tmp-dir", help="folder on the disk to measure (default: the system temp folder)")
     p.add_argument("--threads", type=int, help="CPU threads for both systems (default: torch's current setting)")
 
@@ -119,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuses", type=int, default=100, help="how many requests use the document")
     p.add_argument("--gpu-hour", type=float, help="USD per GPU-hour (default 3.50; CPU profile: 0.10)")
     p.add_argument("--egress", type=float, help="USD per GB moved over the network (default 0.09)")
-    p.add_argument("--bench", default="benchmarks/results/bench.json", help="bench JSON for the measured CPU profile")
+    p.add_argument(
+        "--bench",
+        help="a kv-rag bench JSON to price the CPU from (default: the current CPU result, built in as "
+        "kv_rag.cost.CPU_SMOLLM2_FP32)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
@@ -290,8 +299,11 @@ def _find_artifact(store: Any, key: str) -> tuple[Any, str]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``kv-rag bench``."""
-    from .bench import run_core_bench
+    from .bench import results_dir, run_core_bench
 
+    out = Path(args.out) if args.out else results_dir("core", stamp=True) / "bench.json"
+    plots = None if args.plots is None else Path(args.plots) if args.plots else out.parent
+    print(f"writing {out}" + (f" and plots in {plots}" if plots else ""), flush=True)
     lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
     if args.threads:
         import torch
@@ -301,13 +313,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _engine(args),
         lengths,
         repeats=args.repeats,
-        out=Path(args.out),
+        out=out,
         full_repeats=args.full_repeats,
         n_new=args.greedy_tokens,
         peer=args.peer,
         evict=args.evict,
         codec_docs=args.codec_docs,
-        plots_dir=Path(args.plots) if args.plots else None,
+        plots_dir=plots,
         tmp_dir=Path(args.tmp_dir) if args.tmp_dir else None,
     )
     if args.json:
@@ -316,12 +328,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    """``kv-rag cost``: the three costs for the H200 profile and, if a bench JSON exists, the measured CPU one."""
+    """``kv-rag cost``: the three costs for the H200 profile and the measured CPU one (the current
+    result built in, or ``--bench``'s)."""
     from . import cost
+    from .errors import InputError
 
-    profiles = [(cost.H200_QWEN3_4B, cost.DEFAULT_GPU_HOUR_USD)]
-    if args.bench and Path(args.bench).is_file():
-        profiles.append((cost.profile_from_bench(args.bench), cost.DEFAULT_CPU_HOUR_USD))
+    cpu = cost.CPU_SMOLLM2_FP32
+    if args.bench:
+        if not Path(args.bench).is_file():
+            raise InputError(f"--bench: no such file: {args.bench} (leave it out to use the current CPU result)")
+        cpu = cost.profile_from_bench(args.bench)
+    profiles = [(cost.H200_QWEN3_4B, cost.DEFAULT_GPU_HOUR_USD), (cpu, cost.DEFAULT_CPU_HOUR_USD)]
     egress = cost.DEFAULT_EGRESS_USD_PER_GB if args.egress is None else args.egress
     out = []
     for prof, hour in profiles:

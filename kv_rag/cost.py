@@ -13,7 +13,8 @@ document of ``T`` tokens reused ``N`` times:
 A :class:`Profile` says how fast one machine prefills and loads: prefill time as ``a*T + b*T**2``
 (linear work plus attention), KV bytes per token, and load bandwidth. Two profiles ship here:
 :data:`H200_QWEN3_4B` (measured on an H200 with a Qwen3-4B-shaped model in bf16; see DESIGN.md) and
-a CPU profile built from a ``kv-rag bench`` JSON (:func:`profile_from_bench`).
+:data:`CPU_SMOLLM2_FP32` (the current ``kv-rag bench`` result on the 2-core CPU machine); any
+``kv-rag bench`` JSON gives another (:func:`profile_from_bench`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ H200_QWEN3_4B = Profile(
     load_bytes_per_s=55e9,
     load_overhead_s=0.040,
     source="DESIGN.md: H200, Qwen3-4B-shaped model, bf16 (full prefill 91 ms at 4k, 1.13 s at 32k)",
+)
+
+#: 2-core CPU VM, the embedded SmolLM2-135M-Instruct in float32: ``profile_from_bench`` of the current
+#: ``kv-rag bench`` result (benchmarks/README.md says which is current; a test keeps the two equal).
+CPU_SMOLLM2_FP32 = Profile(
+    name="cpu-smollm2-135m-instruct-float32",
+    prefill_a=0.0014398737034580767,
+    prefill_b=3.1739163540400344e-07,
+    kv_bytes_per_token=46080.0,
+    load_bytes_per_s=1154195856.2834013,
+    load_overhead_s=0.13251308600229095,
+    source="kv-rag bench, benchmarks/core/results/2026-11-29-cpu-fp32.json (2026-11-29, 2-core CPU VM)",
 )
 
 #: Default prices (USD): an on-demand H200 hour, a 2-vCPU cloud instance hour, internet egress per GB.

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from kv_rag import InputError
 from kv_rag.cli import main
-from kv_rag.cost import H200_QWEN3_4B, Profile, break_even, costs, fit_prefill, profile_from_bench
+from kv_rag.cost import (
+    CPU_SMOLLM2_FP32,
+    H200_QWEN3_4B,
+    Profile,
+    break_even,
+    costs,
+    fit_prefill,
+    profile_from_bench,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_h200_profile_reproduces_its_two_measurements() -> None:
@@ -92,5 +104,22 @@ def test_cost_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = json.loads(capsys.readouterr().out)
     assert [d["profile"] for d in out] == ["h200-qwen3-4b-bf16", "cpu-m-float32"]
     assert all(d["tokens"] == 2048 and d["reuses"] == 7 and d["egress_usd_per_gb"] == 0 for d in out)
-    assert main(["cost", "--bench", str(tmp_path / "missing.json")]) == 0
-    assert "re-prefill every time" in capsys.readouterr().out
+    assert main(["cost", "--bench", str(tmp_path / "missing.json")]) == 2
+    assert "--bench: no such file" in capsys.readouterr().err
+
+
+def test_cost_command_defaults_to_the_current_cpu_result(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cost", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [d["source"] for d in out] == [H200_QWEN3_4B.source, CPU_SMOLLM2_FP32.source]
+
+
+def test_cpu_profile_is_the_current_bench_result() -> None:
+    """The built-in CPU profile is ``profile_from_bench`` of the result file its ``source`` names (no drift)."""
+    found = re.search(r"benchmarks/\S+\.json", CPU_SMOLLM2_FP32.source)
+    assert found is not None, CPU_SMOLLM2_FP32.source
+    name = found.group(0)
+    path = ROOT / name
+    assert path.is_file(), f"{name}: the current CPU result named by CPU_SMOLLM2_FP32.source is missing"
+    measured = profile_from_bench(path)
+    assert dataclasses.replace(measured, source=CPU_SMOLLM2_FP32.source) == CPU_SMOLLM2_FP32

@@ -122,6 +122,7 @@ def run_core_bench(
     codec_docs: int = 0,
     plots_dir: Path | None = None,
     tmp_dir: Path | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Measure each length (both systems, alternating); print a table; save JSON to ``out``.
 
@@ -130,10 +131,12 @@ def run_core_bench(
     (``posix_fadvise DONTNEED`` on the file) or ``"drop_caches"`` (the whole page cache; root).
     ``codec_docs`` > 0 adds the codec measurements (:mod:`kv_rag.bench.codec`) on that many documents.
     ``tmp_dir``: where artifacts are written (default: the system temp folder; it should be the
-    disk you care about). Returns the result dict.
+    disk you care about). ``command``: the command line recorded in the result's ``provenance``
+    (default: this process's, see :func:`kv_rag.bench.provenance`). Returns the result dict.
     """
     from ..models import gguf_path
     from . import llama as bench_llama
+    from .provenance import provenance
 
     loaded = engine.loaded
     tok = loaded.tokenizer
@@ -142,6 +145,7 @@ def run_core_bench(
     if peer == "llama.cpp" and not bench_llama.available():
         raise RuntimeError("llama-cpp-python is not installed: pip install 'kv-rag[bench]' (or make bench)")
     llama = bench_llama.LlamaPeer(gguf_path(), loaded.context_window, threads) if use_peer else None
+    prov = provenance(command)
     load_before = _load()
     rows = []
     t_start = time.perf_counter()
@@ -306,11 +310,12 @@ def run_core_bench(
             _print_row(row)
             if out is not None:  # save as we go: a long run interrupted keeps its finished rows
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
+                out.write_text(json.dumps({"provenance": prov, "partial": True, "rows": rows}, indent=2))
             disk.delete(pub.key)
             for k in mem_engine.segment_keys(tp):
                 mem_engine.store.delete(k)
     result: dict[str, Any] = {
+        "provenance": prov,
         "benchmark": "core" if llama is None else "core+llama.cpp",
         "command": "kv-rag bench",
         "model": engine.model_name,

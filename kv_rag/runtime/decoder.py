@@ -269,6 +269,11 @@ class FastDecoder:
                 self._graphs[size] = None
         return self._graphs[size]
 
+    @property
+    def graph_buckets(self) -> list[int]:
+        """Step sizes whose per-layer CUDA graphs have been captured so far (sorted; for reports)."""
+        return sorted(size for size, graphs in self._graphs.items() if graphs is not None)
+
 
 class LayerGraphs:
     """CUDA graphs of every piece between attention calls, for steps of up to ``size`` tokens.
