@@ -54,6 +54,9 @@ class Speeds:
         self._lock = threading.Lock()
         self.tiers: dict[str, Rate] = {}
         self.prefill = Rate()
+        #: ``False``: estimates are still kept but never offered, so every stored piece is loaded (to
+        #: measure a tier itself, as ``benchmarks/gpu/gpu_bench.py`` does)
+        self.decide = True
 
     def loaded(self, tier: str, nbytes: int, seconds: float) -> None:
         """Record that ``nbytes`` came from ``tier`` in ``seconds`` (reading, checking, copying up); loads
@@ -70,7 +73,9 @@ class Speeds:
                 self.prefill.update(tokens, seconds)
 
     def load_s(self, tier: str, nbytes: int) -> float | None:
-        """Estimated seconds to load ``nbytes`` from ``tier`` (``None`` until measured)."""
+        """Estimated seconds to load ``nbytes`` from ``tier`` (``None`` until measured, or when not deciding)."""
+        if not self.decide:
+            return None
         with self._lock:
             rate = self.tiers.get(tier)
             return rate.seconds(nbytes) if rate is not None else None

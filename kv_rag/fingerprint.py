@@ -7,6 +7,7 @@ reduces to a short hex digest that goes into artifact keys and metadata.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from array import array
@@ -80,9 +81,9 @@ class ModelFingerprint:
     dtype: str
     rope: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """Short hex digest of the whole fingerprint."""
+        """Short hex digest of the whole fingerprint (computed once)."""
         return _sha(asdict(self))[:32]
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ and dtype in one process uses one :class:`LoadedModel` (thread-safe creation).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -151,9 +152,9 @@ class LoadedModel:
         """Number of decoder layers (cache layers)."""
         return int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of one token's keys and values over all layers, in the model's dtype."""
+        """Bytes of one token's keys and values over all layers, in the model's dtype (computed once)."""
         cfg = self.model.config.get_text_config(decoder=True)
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)

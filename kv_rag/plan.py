@@ -16,6 +16,7 @@ not sit right after exactly that context, so its stitched KV can differ from a f
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -128,7 +129,7 @@ class RequestPlan:
 
     options: RequestOptions
     mode: Mode
-    ids: tuple[int, ...]
+    prompt: TokenizedPrompt
     lead: Chain
     parts: tuple[DocumentPlan | Piece, ...] = ()
     suffix: tuple[int, ...] = ()
@@ -137,7 +138,12 @@ class RequestPlan:
     @property
     def total(self) -> int:
         """Prompt tokens."""
-        return len(self.ids)
+        return len(self.prompt)
+
+    @functools.cached_property
+    def ids(self) -> tuple[int, ...]:
+        """Every prompt token id, in order (built on first use: long prompts make it cost)."""
+        return tuple(self.prompt.ids)
 
     @property
     def documents(self) -> tuple[DocumentPlan, ...]:
@@ -266,7 +272,6 @@ class Planner:
                 f"the prompt has {total} tokens but {self.loaded.name} reads at most {self.loaded.context_window}: "
                 "retrieve fewer or shorter documents (--k, --chunk-tokens) or shorten the question"
             )
-        ids = tuple(tp.ids)
         n = len(tp.segments)
         sources = [tp.source(i) for i in range(n)]
         docs = [tp.document(i) for i in range(n)]
@@ -281,10 +286,11 @@ class Planner:
                 mode = Mode.EXACT
         if mode is Mode.EXACT or first is None:
             lead = self.chain(tp.segments, sources, docs, tp.suffix, cached=options.use_cache, digests=digests)
-            return RequestPlan(options, mode, ids, lead, (), tp.suffix, fallback)
+            return RequestPlan(options, mode, tp, lead, (), tp.suffix, fallback)
         lead = self.chain(tp.segments[:first], sources[:first], docs[:first], digests=digests[:first])
         fixed = self.context(system)
         primed = self.context(system, options.priming) if options.priming else fixed
+        ids = tuple(tp.ids)
         parts: list[DocumentPlan | Piece] = []
         pos = lead.length
         for i in range(first, n):
@@ -294,7 +300,7 @@ class Planner:
             else:
                 parts.append(Piece(seg, digests[i][0], pos, "", "", sources[i], docs[i]))
             pos += len(seg)
-        return RequestPlan(options, mode, ids, lead, tuple(parts), tp.suffix, None)
+        return RequestPlan(options, mode, tp, lead, tuple(parts), tp.suffix, None)
 
     def _document(
         self,

@@ -333,7 +333,7 @@ class LayerGraphs:
                 run(i)
                 continue
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 run(i)
             pool = graph.pool()
             self.graphs.append(graph)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
 #: Blocks lent by the GPU tier whose step graphs are kept (least recently used dropped first).
 LENT_GRAPH_SETS = 32
+
+#: Least seconds between two garbage collections the pool runs to find a free slot.
+GC_INTERVAL_S = 1.0
 
 
 def round_capacity(n: int) -> int:
@@ -72,6 +76,16 @@ class StaticPool:
         #: for a live cache whose buffers are exactly there, so they stay valid as long as they are kept
         self.adopted: OrderedDict[tuple[Any, ...], StaticSlot] = OrderedDict()
         self.mempool = torch.cuda.graph_pool_handle()
+        self._collected = float("-inf")
+
+    def _may_collect(self) -> bool:
+        """Whether a garbage collection may run now: at most one a second (a burst of new requests, each
+        finding every slot busy, would otherwise collect once per request)."""
+        now = time.monotonic()
+        if now - self._collected < GC_INTERVAL_S:
+            return False
+        self._collected = now
+        return True
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +102,7 @@ class StaticPool:
                     self.slots.append(s)
                     s.take(cache)
                     return s
-            if attempt or not any(s.cap == cap for s in self.slots):
+            if attempt or not any(s.cap == cap for s in self.slots) or not self._may_collect():
                 break
             gc.collect()  # a finished request's cache may be waiting in a reference cycle
         cfg = self.dec.model.config
@@ -125,7 +139,8 @@ class StaticPool:
                     break
                 del self.adopted[victim]
         elif not slot.free():
-            gc.collect()  # a finished request's cache may be waiting in a reference cycle
+            if self._may_collect():
+                gc.collect()  # a finished request's cache may be waiting in a reference cycle
             if not slot.free():
                 return None
         self.adopted.move_to_end(key)
@@ -234,7 +249,7 @@ class StepGraph:
                 self.body(*bufs)
         cur.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=slot.pool.mempool):
+        with torch.cuda.graph(graph, pool=slot.pool.mempool, capture_error_mode="thread_local"):
             self.logits = self.body(*bufs)
         self.graph = graph
 

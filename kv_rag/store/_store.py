@@ -126,7 +126,8 @@ class Store:
                 self._put_into(upper, key, art)
                 if isinstance(upper, MemoryTier):
                     art = upper.get(key) or art
-            self.speeds.loaded(tier.name, art.nbytes, time.perf_counter() - t0)
+            if i:  # the top tier lends what it holds: nothing to measure
+                self.speeds.loaded(tier.name, art.nbytes, time.perf_counter() - t0)
             return Hit(art, tier.name, lendable=bool(getattr(tier, "lends_blocks", False)))
         return None
 

@@ -132,6 +132,14 @@ class KVRagParams(BaseModel):
         return EMBEDDED_MODEL if is_embedded(str(value)) else str(value)
 
     # ------------------------------------------------------------------ engines
+    @classmethod
+    def from_engine(cls, engine: Engine, **kwargs: Any) -> Any:
+        """An instance that runs on ``engine`` (a model object you built, say: ``Engine(model,
+        tokenizer=tok)``); ``kwargs`` are the other settings. ``model`` becomes the engine's model name."""
+        obj = cls(model=engine.model_name, **kwargs)
+        obj._engines[obj.model] = engine
+        return obj
+
     @property
     def engine(self) -> Engine:
         """The :class:`kv_rag.Engine` of :attr:`model` (created on first use; the model loads lazily)."""

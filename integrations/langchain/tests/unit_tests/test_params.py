@@ -103,6 +103,16 @@ def test_request_options_reach_the_engine_checked_by_the_core(cls: type) -> None
         cls(store=3)
 
 
+@pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
+def test_from_engine_runs_on_the_given_engine(cls: type) -> None:
+    from kv_rag import Engine
+
+    engine = Engine(None, store="memory")
+    model = cls.from_engine(engine, max_tokens=3)
+    assert model.engine is engine and model.max_tokens == 3
+    assert model.request(None, {}).engine is engine
+
+
 def test_model_override_uses_another_engine_on_the_same_store() -> None:
     chat = ChatKVRag(store="memory")
     other = chat.engine_for("/some/model/folder")
