@@ -252,7 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         art = decode(path.read_bytes())
         where = str(path)
     else:
-        art, where = _find_artifact(Store.open(args.store), args.artifact)
+        art, where = Store.open(args.store).inspect(args.artifact)
     m = art.meta
     k0 = art.keys[0]
     info = {
@@ -271,30 +271,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k:>16}: {v}")
     return 0
-
-
-def _find_artifact(store: Any, key: str) -> tuple[Any, str]:
-    """The artifact under ``key`` in the first tier of ``store`` holding it, and where it was found."""
-    from .codec import decode
-    from .errors import ArtifactError, InputError
-
-    for tier in store.tiers:
-        raw = getattr(tier, "get_bytes", None)
-        if raw is not None:  # read without the tier's own verification, so damage is shown, not dropped
-            data = raw(key)
-            if data is None:
-                continue
-            try:
-                return decode(data, expect_key=key), f"{tier.name} tier (key)"
-            except ArtifactError as exc:
-                raise ArtifactError(
-                    f"the artifact in the {tier.name} tier is damaged and would be recomputed: {exc}"
-                ) from exc
-        art = tier.get(key)
-        if art is not None:
-            return art, f"{tier.name} tier (key)"
-    names = ", ".join(t.name for t in store.tiers)
-    raise InputError(f"{key!r} is neither a file nor a key in the store (tiers: {names}); pass --store to choose one")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -361,18 +337,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         _print(out)
         return 0
     for d in out:
-        print(
-            f"{d['profile']} ({d['source']})\n"
-            f"  {d['tokens']} tokens, {d['reuses']} reuses, ${d['hour_usd']:g}/hour, "
-            f"${d['egress_usd_per_gb']:g}/GB egress: "
-            f"KV {d['kv_mb']:.1f} MB, prefill {d['prefill_s']:.3f} s, load {d['load_s']:.3f} s\n"
-            f"  re-prefill every time    ${d['reprefill_usd']:.6f}\n"
-            f"  load from hosted store   ${d['hosted_store_usd']:.6f}  "
-            f"(cheaper after {d['break_even_hosted'] or 'no number of'} reuses)\n"
-            f"  ship the artifact once   ${d['ship_artifact_usd']:.6f}  "
-            f"(cheaper after {d['break_even_ship'] or 'no number of'} reuses)\n"
-            f"  egress price at which moving KV costs as much as computing it: ${d['egress_parity_usd_per_gb']:.6f}/GB"
-        )
+        print(cost.describe(d))
     return 0
 
 

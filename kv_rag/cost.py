@@ -219,3 +219,20 @@ def break_even(fixed: float, per_use_reuse: float, per_use_prefill: float) -> in
     if gain <= 0:
         return None
     return max(1, math.floor(fixed / gain) + 1)
+
+
+def describe(d: dict[str, Any]) -> str:
+    """The text ``kv-rag cost`` prints for one profile's costs (a :meth:`Costs.to_dict` plus ``hour_usd``,
+    ``egress_usd_per_gb`` and ``source``)."""
+    return (
+        f"{d['profile']} ({d['source']})\n"
+        f"  {d['tokens']} tokens, {d['reuses']} reuses, ${d['hour_usd']:g}/hour, "
+        f"${d['egress_usd_per_gb']:g}/GB egress: "
+        f"KV {d['kv_mb']:.1f} MB, prefill {d['prefill_s']:.3f} s, load {d['load_s']:.3f} s\n"
+        f"  re-prefill every time    ${d['reprefill_usd']:.6f}\n"
+        f"  load from hosted store   ${d['hosted_store_usd']:.6f}  "
+        f"(cheaper after {d['break_even_hosted'] or 'no number of'} reuses)\n"
+        f"  ship the artifact once   ${d['ship_artifact_usd']:.6f}  "
+        f"(cheaper after {d['break_even_ship'] or 'no number of'} reuses)\n"
+        f"  egress price at which moving KV costs as much as computing it: ${d['egress_parity_usd_per_gb']:.6f}/GB"
+    )

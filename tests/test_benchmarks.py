@@ -51,6 +51,10 @@ SMOKE = {
         *("{py}", "{script}", "--tiny", "--device", "cpu", "--out", "{tmp}/exactness.json"),
     ],
     "verify/verify_bench.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/verify.json"],
+    "serving/serving_bench.py": [
+        *("{py}", "{script}", "--tiny", "--device", "cpu", "--no-langchain-batch"),
+        *("--out", "{tmp}/serving.json"),
+    ],
 }
 
 #: the JSON each smoke run writes (relative to {tmp}); ``None``: the script prints only
@@ -65,6 +69,7 @@ WRITES = {
     "gpu/gpu_profile.py": "gpu_profile.json",
     "gpu/gpu_embedded_exactness.py": "exactness.json",
     "verify/verify_bench.py": "verify.json",
+    "serving/serving_bench.py": "serving.json",
 }
 
 

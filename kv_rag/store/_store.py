@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import Artifact
+from ..codec import decode
 from ..defaults import MEMORY_TIER_BYTES, default_store_dir
-from ..errors import InputError
+from ..errors import ArtifactError, InputError
 from ..estimates import Speeds
 from .base import Tier
 from .device import GpuTier, PinnedTier
@@ -146,6 +147,31 @@ class Store:
             if key in self.tiers[0] or self.get(key) is not None:
                 found += 1
         return found
+
+    def inspect(self, key: str) -> tuple[Artifact, str]:
+        """The artifact under ``key`` in the first tier holding it, and where it was found, read without
+        the tiers' own dropping of damaged entries: a damaged artifact raises
+        :class:`~kv_rag.errors.ArtifactError` (shown, not deleted); an absent key raises
+        :class:`~kv_rag.errors.InputError`. For tools (``kv-rag inspect``), not for requests."""
+        for tier in self.tiers:
+            raw = getattr(tier, "get_bytes", None)
+            if raw is not None:
+                data = raw(key)
+                if data is None:
+                    continue
+                try:
+                    return decode(data, expect_key=key), f"{tier.name} tier (key)"
+                except ArtifactError as exc:
+                    raise ArtifactError(
+                        f"the artifact in the {tier.name} tier is damaged and would be recomputed: {exc}"
+                    ) from exc
+            art = tier.get(key)
+            if art is not None:
+                return art, f"{tier.name} tier (key)"
+        names = ", ".join(t.name for t in self.tiers)
+        raise InputError(
+            f"{key!r} is neither a file nor a key in the store (tiers: {names}); pass --store to choose one"
+        )
 
     def locate(self, key: str) -> str | None:
         """Name of the first tier holding an entry under ``key``, without reading or verifying it
