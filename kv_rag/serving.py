@@ -220,6 +220,7 @@ class Scheduler:
                 self._iterate(new)
             except BaseException as exc:  # a broken step fails its requests, never the thread silently
                 for job in self._live:
+                    job.pre = None
                     job.sink.failed(exc)
                 self._live = []
 
@@ -314,14 +315,10 @@ class Stream(Iterator[str]):
     def __next__(self) -> str:
         if self._over:
             raise StopIteration
-        kind, value = self._sink.q.get()
-        if kind == "piece":
-            return str(value)
-        self._over = True
-        if kind == "failed":
-            raise value
-        self.result = value
-        raise StopIteration
+        piece = _take(self, *self._sink.q.get())
+        if piece is None:
+            raise StopIteration
+        return piece
 
     def close(self) -> None:
         """Stop generating early (no result is recorded)."""
@@ -349,20 +346,27 @@ class AsyncStream(AsyncIterator[str]):
             self._sink = _LoopSink(asyncio.get_running_loop())
             self._job = await asyncio.to_thread(self._submit, self._sink)
             weakref.finalize(self, _cancel, self._job)
-        kind, value = await self._sink.q.get()
-        if kind == "piece":
-            return str(value)
-        self._over = True
-        if kind == "failed":
-            raise value
-        self.result = value
-        raise StopAsyncIteration
+        piece = _take(self, *(await self._sink.q.get()))
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
 
     async def aclose(self) -> None:
         """Stop generating early (no result is recorded)."""
         if self._job is not None:
             self._job.cancelled = True
         self._over = True
+
+
+def _take(stream: Stream | AsyncStream, kind: str, value: Any) -> str | None:
+    """A sink event for ``stream``: the piece, or ``None`` at the end (the result recorded); a failure raises."""
+    if kind == "piece":
+        return str(value)
+    stream._over = True
+    if kind == "failed":
+        raise value
+    stream.result = value
+    return None
 
 
 def _cancel(job: Job) -> None:

@@ -54,12 +54,6 @@ class Store:
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetch_lock = threading.Lock()
 
-    @classmethod
-    def coerce(cls, store: Store | str | Path | None, device: str | None = None) -> Store:
-        """``store`` itself, or :meth:`open` of a spec; any other value is an :class:`InputError` naming ``store``."""
-        cls.check_spec(store)
-        return store if isinstance(store, Store) else cls.open(store, device=device)
-
     @staticmethod
     def check_spec(store: object) -> None:
         """Raise :class:`InputError` naming ``store`` unless it is a Store, a folder, 'memory', a URL or ``None``."""
