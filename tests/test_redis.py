@@ -58,6 +58,41 @@ def test_round_trip_in_chunks(server: RedisServer) -> None:
     assert "a" * 64 not in tier and tier.get("a" * 64) is None
 
 
+class _WriterBetweenReads:
+    """A redis client whose first ``mget`` lets another writer replace the key first (a forced race)."""
+
+    def __init__(self, real: redis_client.Redis, writer: RedisTier, key: str, art: Artifact) -> None:
+        self.real, self.writer, self.key, self.art, self.raced = real, writer, key, art, False
+
+    def mget(self, names: list[str]) -> list[bytes | None]:
+        if not self.raced:
+            self.raced = True
+            self.writer.put(self.key, self.art)
+        return self.real.mget(names)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_a_read_racing_a_replace_does_not_revive_the_old_version(server: RedisServer) -> None:
+    """A reader renews TTLs; if a writer replaced the key meanwhile, the old chunks still expire in grace."""
+    key = "c" * 64
+    writer = RedisTier(server.url, chunk_bytes=1000)
+    writer.put(key, keyed(make_artifact(n=200, layers=3), key))
+    first = writer.manifest(key)
+    assert first is not None
+    client = redis_client.Redis.from_url(server.url)
+    racer = _WriterBetweenReads(client, writer, key, keyed(make_artifact(n=100, layers=3), key))
+    reader = RedisTier(server.url, chunk_bytes=1000, client=racer)
+    got = reader.get(key)  # read the old manifest, then the writer replaced it, then the renewal
+    assert racer.raced
+    assert got is not None and got.meta.num_tokens == 200  # the old version's chunks were still whole
+    old = [k for k in writer.chunk_keys() if first["v"] in k]
+    assert old and all(0 < client.ttl(k) <= writer.grace_s for k in old), [client.ttl(k) for k in old]
+    new = writer.get(key)
+    assert new is not None and new.meta.num_tokens == 100
+
+
 @pytest.mark.parametrize("damage", ["missing chunk", "flipped byte", "bad manifest", "foreign bytes"])
 def test_damaged_entries_are_dropped_as_misses(server: RedisServer, damage: str) -> None:
     tier = RedisTier(server.url, chunk_bytes=500)

@@ -178,10 +178,7 @@ class RedisTier:
             names = [self._ckey(key, version, i) for i in range(n)]
             chunks = self.client.mget(names) if names else []
             if self.ttl_s is not None:
-                pipe = self.client.pipeline(transaction=False)
-                for name in [self._mkey(key), *names]:
-                    pipe.expire(name, self.ttl_s)
-                pipe.execute()
+                self._renew(key, raw, names)
         except self._errors() as exc:
             self._fail("get", exc)
             return None
@@ -259,6 +256,22 @@ class RedisTier:
         """The manifest of ``key`` as a dict, or ``None``."""
         raw = self.client.get(self._mkey(key))
         return None if raw is None else dict(json.loads(raw))
+
+    def _renew(self, key: str, raw_manifest: bytes, names: list[str]) -> None:
+        """Extend the TTL of a read artifact, without reviving a version a writer replaced meanwhile.
+
+        The renewal and a second read of the manifest go in one pipeline, executed in order; if
+        the manifest changed (a concurrent ``put`` or ``delete``), that writer has shortened or
+        is about to shorten these chunks to the grace period, and the renewal is undone here, so
+        a replaced version never outlives its grace period whichever order the two clients ran in.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for name in [self._mkey(key), *names]:
+            pipe.expire(name, self.ttl_s)
+        pipe.get(self._mkey(key))
+        now = pipe.execute()[-1]
+        if now != raw_manifest:
+            self._expire_version(key, raw_manifest)
 
     def _expire_version(self, key: str, raw_manifest: bytes) -> None:
         try:
