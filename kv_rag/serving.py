@@ -8,9 +8,11 @@ once: pending prompt tokens and decoded tokens alike, each request on its own ca
 next step (continuous batching). Each request's text reaches its caller through a :class:`Sink`:
 a thread-safe queue for :class:`Stream`, the event loop for :class:`AsyncStream` (no thread per token).
 
-Greedy answers do not depend on which other requests share a step up to floating-point rounding:
-the projections of several requests run as one matrix product, whose rounding can differ from one
-request's in the last bits (on the embedded model in float32, logits differ by about 4e-5).
+On CUDA a request's decode steps are bit-identical whichever requests share them (the batched
+graph always runs all of its arena's rows, see :mod:`kv_rag.runtime.batch`). On the CPU greedy
+answers do not depend on the neighbours up to floating-point rounding: the projections of several
+requests run as one matrix product, whose rounding can differ from one request's in the last bits
+(on the embedded model in float32, logits differ by about 4e-5).
 """
 
 from __future__ import annotations

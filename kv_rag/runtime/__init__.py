@@ -8,6 +8,8 @@
   fewer launches, and its per-layer CUDA graphs (:class:`LayerGraphs`);
 - :mod:`~kv_rag.runtime.pool`: the :class:`StaticPool` of fixed-address KV buffers and the
   whole-step CUDA graphs (:class:`StepGraph`) that run on them;
+- :mod:`~kv_rag.runtime.batch`: the pool's :class:`Arena` (slots of one capacity in one tensor) and
+  its batched decode graph (:class:`BatchStep`: every live request's next token at once);
 - :mod:`~kv_rag.runtime.kernels`: the decoder layer as plain functions for ``torch.compile``
   (:class:`Kernels`), split-KV attention's pack and merge;
 - :mod:`~kv_rag.runtime.attention`: grouped-head SDPA under a mask on CPU (:func:`use_grouped_sdpa`).
@@ -16,6 +18,7 @@ Nothing here knows about the store, prompts or the engine.
 """
 
 from .attention import use_grouped_sdpa
+from .batch import Arena, BatchStep, batch_slots
 from .cache import KVCache, PreallocatedLayer, build_cache, cache_layers, fill_static, lend_cache, pieces_of
 from .decoder import MAX_FAST_TOKENS, FastDecoder, LayerGraphs, fast_path_enabled
 from .kernels import Kernels
@@ -24,6 +27,8 @@ from .pool import StaticPool, StaticSlot, StepGraph
 
 __all__ = [
     "MAX_FAST_TOKENS",
+    "Arena",
+    "BatchStep",
     "FastDecoder",
     "KVCache",
     "Kernels",
@@ -33,6 +38,7 @@ __all__ = [
     "StaticPool",
     "StaticSlot",
     "StepGraph",
+    "batch_slots",
     "build_cache",
     "cache_kwarg",
     "cache_layers",

@@ -95,6 +95,31 @@ def pack(q: torch.Tensor, kv_heads: int, splits: int) -> torch.Tensor:
     return p.unsqueeze(0).expand(splits, g * n, kv_heads, dim).reshape(splits * g * n, kv_heads, dim)
 
 
+def pack_rows(q: torch.Tensor, kv_heads: int, splits: int) -> torch.Tensor:
+    """Queries ``[1, rows, heads, dim]`` (one token per request) as ``[rows * kv_heads * splits * group, 1, dim]``:
+    one varlen element per (request, KV head, split), the query heads of that KV head as its rows."""
+    rows, heads, dim = q.shape[1], q.shape[2], q.shape[3]
+    g = heads // kv_heads
+    p = q[0].view(rows, kv_heads, 1, g, dim).expand(rows, kv_heads, splits, g, dim)
+    return p.reshape(-1, 1, dim)
+
+
+def merge_rows(o: torch.Tensor, lse: torch.Tensor, rows: int, kv_heads: int, splits: int) -> torch.Tensor:
+    """Attention ``[rows, heads, dim]`` from the partial results of :func:`pack_rows`' elements.
+
+    ``o`` ``[rows * kv_heads * splits * group, 1, dim]``; ``lse`` with one entry per row of ``o``
+    (``[1, n]``, or ``[elements, 1, group]`` from older flash builds). Empty splits weigh nothing.
+    """
+    dim = o.shape[-1]
+    g = o.shape[0] // (rows * kv_heads * splits)
+    lf = lse.float().reshape(rows, kv_heads, splits, g)
+    lf = torch.nan_to_num(lf, nan=float("-inf"), posinf=float("-inf"))  # empty splits
+    wt = torch.exp(lf - lf.amax(2, keepdim=True))
+    parts = torch.nan_to_num(o.float().view(rows, kv_heads, splits, g, dim))
+    out = (parts * wt.unsqueeze(-1)).sum(2) / wt.sum(2).unsqueeze(-1)
+    return out.to(o.dtype).reshape(rows, kv_heads * g, dim)
+
+
 class Kernels:
     """The functions above, compiled with ``torch.compile`` where it works (``KV_RAG_COMPILE=0``: never)."""
 
@@ -103,6 +128,8 @@ class Kernels:
         self.post: Callable[..., Any] = post
         self.merge: Callable[..., Any] = merge
         self.pack: Callable[..., Any] = pack
+        self.pack_rows: Callable[..., Any] = pack_rows
+        self.merge_rows: Callable[..., Any] = merge_rows
         self.compiled = False
         if os.environ.get("KV_RAG_COMPILE", "1").strip() != "0":
             try:
@@ -111,6 +138,8 @@ class Kernels:
                 self.post = torch.compile(post, **opts)
                 self.merge = torch.compile(merge, **opts)
                 self.pack = torch.compile(pack, **opts)
+                self.pack_rows = torch.compile(pack_rows, **opts)
+                self.merge_rows = torch.compile(merge_rows, **opts)
                 self.compiled = True
             except Exception as exc:  # no compiler here: plain functions
                 warnings.warn(f"kv-rag: torch.compile unavailable ({exc}); using plain functions", stacklevel=2)
@@ -119,6 +148,7 @@ class Kernels:
     def plain(self) -> None:
         """Fall back to the uncompiled functions."""
         self.pre, self.post, self.merge, self.pack = pre, post, merge, pack
+        self.pack_rows, self.merge_rows = pack_rows, merge_rows
         self.compiled = False
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..layout import block_rows
+from .batch import Arena, batch_slots, move_to_slot
 from .cache import KVCache, Pieces, build_cache, lend_cache
 from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, fast_path_enabled
 from .pool import StaticPool
@@ -154,18 +155,63 @@ class ModelRuntime:
 
         ``items``: ``(ids, cache, start)`` per request. On the CPU, several requests on a model the
         :class:`FastDecoder` handles run as one ragged step (:meth:`FastDecoder.forward_ragged`: the
-        weights are read once for all of them). Otherwise each request runs through :meth:`forward`
-        in turn (on CUDA, each replays its own whole-step graph).
+        weights are read once for all of them). On CUDA, one-token steps of caches on the static
+        pool run as one batched graph per arena (:class:`~kv_rag.runtime.batch.BatchStep`, lone
+        requests too, so that answers do not depend on the load). Otherwise each request runs
+        through :meth:`forward` in turn.
         """
         device = self._device()
+        if device.type == "cuda" and self._pool is not None:
+            return self._forward_batch_cuda(self._pool, items, device)
         tensors = [torch.tensor(ids, dtype=torch.long, device=device) for ids, _, _ in items]
-        # on CUDA each request replays its own whole-step graph: the eager ragged step measured slower
-        # there (H200, 8 requests: 131 tok/s against 171 one after another), so it batches on the CPU only
         dec = self.decoder if len(items) > 1 and device.type == "cpu" else None
         if dec is not None and all(t.numel() <= MAX_FAST_TOKENS for t in tensors):
             return dec.forward_ragged([(t, c, s) for t, (_, c, s) in zip(tensors, items, strict=True)])
         outs = [self.forward(t.unsqueeze(0), c, s)[-1] for t, (_, c, s) in zip(tensors, items, strict=True)]
         return torch.stack(outs)
+
+    def _forward_batch_cuda(
+        self, pool: StaticPool, items: Sequence[tuple[Sequence[int], Any, int]], device: torch.device
+    ) -> torch.Tensor:
+        out: list[torch.Tensor | None] = [None] * len(items)
+        groups: dict[int, tuple[Arena, list[int]]] = {}
+        for j, (ids, cache, _) in enumerate(items):
+            arena = self._arena_for(pool, cache) if len(ids) == 1 else None
+            if arena is not None:
+                groups.setdefault(id(arena), (arena, []))[1].append(j)
+        for arena, idx in groups.values():
+            step = arena.step()
+            if step is None:
+                continue
+            logits = step.run([(items[j][0][0], items[j][1], items[j][2]) for j in idx])
+            for row, j in enumerate(idx):
+                out[j] = logits[row]
+        for j, (ids, cache, start) in enumerate(items):
+            if out[j] is None:
+                t = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                out[j] = self.forward(t, cache, start)[-1]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _arena_for(pool: StaticPool, cache: Any) -> Arena | None:
+        """The arena whose batched step can run ``cache`` (a cache on a lent block is moved into one first)."""
+        slot = getattr(cache, "slot", None)
+        if slot is None or batch_slots() < 2:
+            return None
+        if slot.arena is None:  # a block lent by the GPU tier: copy into an arena slot (once), if one is free
+            layer = cache.layers[0]
+            if layer.key_buffer is None or layer.key_buffer.data_ptr() != slot.k_ptr:
+                return None
+            new = pool.acquire(cache, max(int(layer.capacity), int(layer.length) + 1), pool.dtype)
+            if new is None:
+                return None
+            move_to_slot(cache, new)
+            slot = new
+        layer, arena = cache.layers[0], slot.arena
+        kb = layer.key_buffer
+        if arena is None or arena.n < 2 or kb is None or kb.data_ptr() != slot.k_ptr or layer.length + 1 > slot.cap:
+            return None
+        return arena
 
     def forward_at(
         self,

@@ -10,12 +10,16 @@ slot: attention is flash's varlen form, which reads the cached length from a dev
 (``seqused_k``), and the append is an ``index_copy_`` at a position held on the device. The
 host issues one replay per step.
 
+Slots of one capacity are made together in an :class:`~kv_rag.runtime.batch.Arena` (one K and one
+V tensor for all of them), so that one batched graph steps every live request of the arena at once
+(:class:`~kv_rag.runtime.batch.BatchStep`); a new request takes a free slot in the busiest arena.
+
 A slot can also stand for a block lent by the GPU tier (a cache-shaped block, see
 :mod:`kv_rag.layout`): the cache then uses the tier's block as its buffers, without copying the
 KV, and the slot keeps only the block's addresses and its graphs.
 
 ``KV_RAG_STATIC_BYTES`` caps the pool (default: a quarter of the GPU's memory, at most 16 GiB;
-``0`` turns whole-step graphs off).
+``0`` turns whole-step graphs off); ``KV_RAG_BATCH_SLOTS`` sets the slots per arena (default 8).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batch import Arena, batch_slots
 from .decoder import MAX_FAST_TOKENS, bucket_size
 
 if TYPE_CHECKING:
@@ -71,6 +76,8 @@ class StaticPool:
         #: the model's dtype (the dtype of the slots made for it)
         self.dtype = dtype
         self.max_bytes = pool_limit(device)
+        #: slots of the same capacity are made together, in an arena (batched steps run per arena)
+        self.arenas: list[Arena] = []
         self.slots: list[StaticSlot] = []
         #: step graphs of blocks lent by the GPU tier, by (K address, V address, layout): replayed only
         #: for a live cache whose buffers are exactly there, so they stay valid as long as they are kept
@@ -89,41 +96,73 @@ class StaticPool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every slot."""
-        return sum(s.nbytes for s in self.slots)
+        """Bytes held by every arena."""
+        return sum(a.nbytes for a in self.arenas)
+
+    def _free_slot(self, cap: int, dtype: torch.dtype) -> StaticSlot | None:
+        """A free slot of ``cap`` tokens, in the arena with the most live requests (so that concurrent
+        requests share batched steps), the lowest index first."""
+        best: tuple[int, StaticSlot] | None = None
+        for arena in self.arenas:
+            if arena.cap != cap or arena.dtype != dtype:
+                continue
+            busy = sum(not s.free() for s in arena.slots)
+            slot = next((s for s in arena.slots if s.free()), None)
+            if slot is not None and (best is None or busy > best[0]):
+                best = (busy, slot)
+        return best[1] if best is not None else None
 
     def acquire(self, cache: Any, capacity: int, dtype: torch.dtype) -> StaticSlot | None:
         """A free slot for ``cache`` with room for ``capacity`` tokens and a padded step (made if needed)."""
         cap = round_capacity(capacity + MAX_FAST_TOKENS)
         for attempt in range(2):
-            for s in self.slots:
-                if s.cap == cap and s.dtype == dtype and s.free():
-                    self.slots.remove(s)
-                    self.slots.append(s)
-                    s.take(cache)
-                    return s
-            if attempt or not any(s.cap == cap for s in self.slots) or not self._may_collect():
+            slot = self._free_slot(cap, dtype)
+            if slot is not None:
+                self.arenas.remove(slot.arena)  # type: ignore[arg-type]
+                self.arenas.append(slot.arena)  # type: ignore[arg-type]
+                slot.take(cache)
+                return slot
+            if attempt or not any(a.cap == cap for a in self.arenas) or not self._may_collect():
                 break
             gc.collect()  # a finished request's cache may be waiting in a reference cycle
         cfg = self.dec.model.config
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         shape = (1, kv_heads, cap, self.dec.head_dim)
         elem = torch.empty((), dtype=dtype).element_size()
-        need = 2 * len(self.dec.inner.layers) * cap * kv_heads * self.dec.head_dim * elem
-        if need > self.max_bytes:
+        per_slot = 2 * len(self.dec.inner.layers) * cap * kv_heads * self.dec.head_dim * elem
+        if per_slot > self.max_bytes:
             return None
+        want = batch_slots()
+        need = per_slot * (want + 1 if want > 1 else 1)
         while self.nbytes + need > self.max_bytes:
-            victim = next((s for s in self.slots if s.free()), None)
+            victim = next((a for a in self.arenas if a.free()), None)
             if victim is None:
-                return None
-            self.slots.remove(victim)
+                break
+            self._drop(victim)
+        room = (self.max_bytes - self.nbytes) // per_slot
+        if room >= want + 1 or (want == 1 and room >= 1):
+            n = want
+        elif room >= 3:
+            n = room - 1  # a smaller arena (and its scratch slot)
+        elif room >= 1:
+            n = 1  # one slot, no scratch: no padding rows
+        else:
+            return None
         try:
-            slot = StaticSlot(self, shape, dtype)
+            arena = Arena(self, n, shape, dtype)
         except torch.cuda.OutOfMemoryError:
             return None
-        self.slots.append(slot)
+        arena.slots = [StaticSlot(self, shape, dtype, arena=arena, index=i) for i in range(n)]
+        self.arenas.append(arena)
+        self.slots.extend(arena.slots)
+        slot = arena.slots[0]
         slot.take(cache)
         return slot
+
+    def _drop(self, arena: Arena) -> None:
+        """Forget a free arena (its buffers and graphs go when nothing references them)."""
+        self.arenas.remove(arena)
+        self.slots = [s for s in self.slots if s.arena is not arena]
 
     def adopt(self, cache: Any, kblock: torch.Tensor, vblock: torch.Tensor) -> StaticSlot | None:
         """The slot standing for the GPU tier's blocks ``[layers, 1, kv_heads, cap, dim]``, given to
@@ -162,23 +201,26 @@ class StaticSlot:
         shape: tuple[int, int, int, int],
         dtype: torch.dtype,
         lent: tuple[torch.Tensor, torch.Tensor] | None = None,
+        arena: Arena | None = None,
+        index: int = 0,
     ) -> None:
         self.pool = pool
         self.dec = pool.dec
         self.cap = shape[2]
         self.dtype = dtype
-        n_layers = len(self.dec.inner.layers)
+        #: the arena whose row ``index`` holds the slot's buffers (``None`` for a lent block)
+        self.arena = arena
+        self.index = index
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        if lent is None:
-            # one block per K and V, layers as views: the engine fills all layers with one strided copy
-            self.k = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
-            self.v = list(torch.empty((n_layers, *shape), dtype=dtype, device=pool.device).unbind(0))
+        if arena is not None:
+            # the arena's row: layers are equally spaced views, so the engine fills all layers with one strided copy
+            self.k, self.v = arena.buffers(index)
             self.k_ptr, self.v_ptr = self.k[0].data_ptr(), self.v[0].data_ptr()
-            self.nbytes = 2 * n_layers * self.k[0].numel() * self.k[0].element_size()
-        else:
+        elif lent is not None:
             self.k_ptr, self.v_ptr = lent[0].data_ptr(), lent[1].data_ptr()
-            self.nbytes = 0  # the tier's memory
+        else:
+            raise ValueError("a static slot needs an arena or a lent block")
         self.steps: dict[int, StepGraph | None] = {}
         self._owner: weakref.ref[Any] | None = None
 
@@ -189,6 +231,10 @@ class StaticSlot:
     def take(self, cache: Any) -> None:
         """Give the slot to ``cache`` (until it is freed)."""
         self._owner = weakref.ref(cache)
+
+    def release(self) -> None:
+        """Free the slot now (its cache moved to another one)."""
+        self._owner = None
 
     def run(self, input_ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor | None:
         """One step through the whole-step graph, or ``None`` when ``cache`` no longer fits the slot."""

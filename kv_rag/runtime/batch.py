@@ -1,0 +1,242 @@
+"""Batched decode on CUDA: one CUDA graph steps every live request of an arena at once.
+
+The static pool (:mod:`kv_rag.runtime.pool`) makes its slots of one capacity in an :class:`Arena`:
+per layer one K and one V tensor ``[slots (+ scratch), kv_heads, cap, dim]``. Each slot's cache
+uses its row of the arena as buffers; the rows ``(slot, kv head)`` are contiguous runs of ``cap``
+tokens, so flash's varlen kernel reads any set of slots from one tensor, with the offsets and
+lengths on the device. A :class:`BatchStep` is one graph per arena for a decode step of up to
+``slots`` requests (one token each): the projections and the MLP run once for all of them (the
+weights are read once), each request's key and value go into its own slot, and attention is
+split-KV over each request's cached rows, merged by log-sum-exp.
+
+The graph always runs ``slots`` rows: missing requests are padding rows that write into the
+scratch slot. A request's arithmetic is therefore the same whichever and however many other
+requests share its step (matrix products of a fixed shape round each row the same way), so greedy
+answers do not depend on the load. Requests on a block lent by the GPU tier are first moved into
+an arena slot (one copy on the device; after their first token, so their TTFT does not pay it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..layout import stacked_view
+
+if TYPE_CHECKING:
+    from .decoder import FastDecoder
+
+#: Requests an arena holds, hence the rows of its batched step (``KV_RAG_BATCH_SLOTS``; 1: no batching).
+BATCH_SLOTS = 8
+
+#: Fewest cached rows per split of the batched attention (a request's rows are cut into at most
+#: ``cap // SPLIT_ROWS`` chunks, at most :data:`MAX_SPLITS`).
+SPLIT_ROWS = 512
+MAX_SPLITS = 16
+
+
+def batch_slots() -> int:
+    """Slots per arena: ``KV_RAG_BATCH_SLOTS`` or :data:`BATCH_SLOTS`."""
+    env = os.environ.get("KV_RAG_BATCH_SLOTS", "").strip()
+    return max(1, int(env)) if env else BATCH_SLOTS
+
+
+class Arena:
+    """K/V buffers of ``n`` slots of ``cap`` tokens (and a scratch slot when ``n > 1``), in one tensor each.
+
+    ``k``/``v``: ``[layers, n (+1), kv_heads, cap, dim]``. Slot ``i``'s per-layer buffers are
+    ``k[layer, i:i+1]`` (``[1, kv_heads, cap, dim]``, the shape a cache layer uses).
+    """
+
+    def __init__(self, pool: Any, n: int, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+        """``pool``: the :class:`~kv_rag.runtime.pool.StaticPool` making it (the pool imports this module)."""
+        _, kv_heads, cap, dim = shape
+        layers = len(pool.dec.inner.layers)
+        self.pool = pool
+        self.n = n
+        self.cap = cap
+        self.dtype = dtype
+        total = n + 1 if n > 1 else n
+        self.k = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
+        self.v = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
+        self.nbytes = 2 * self.k.numel() * self.k.element_size()
+        #: its :class:`~kv_rag.runtime.pool.StaticSlot`\ s, made by the pool
+        self.slots: list[Any] = []
+        self._step: BatchStep | None = None
+        self._refused = False
+
+    def buffers(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Slot ``i``'s per-layer K and V buffers ``[1, kv_heads, cap, dim]``."""
+        return list(self.k[:, i : i + 1].unbind(0)), list(self.v[:, i : i + 1].unbind(0))
+
+    def free(self) -> bool:
+        """Whether no live cache owns any of its slots."""
+        return all(s.free() for s in self.slots)
+
+    def step(self) -> BatchStep | None:
+        """The batched step graph (captured on first use; ``None`` if capture was refused)."""
+        if self._step is None and not self._refused:
+            try:
+                self._step = BatchStep(self)
+            except RuntimeError as exc:
+                warnings.warn(f"kv-rag: batched decode graph unavailable ({exc}); stepping one by one", stacklevel=3)
+                self._refused = True
+        return self._step
+
+
+class BatchStep:
+    """One CUDA graph for a decode step of up to ``arena.n`` requests, one token each, in one arena.
+
+    Inputs (static, on the device): ``meta`` ``[4, rows]`` = token ids, rotary positions, slot index
+    and the cache row each token is written to. Output: float32 logits ``[rows, vocab]``.
+    """
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        dec: FastDecoder = arena.pool.dec
+        self.dec = dec
+        dev = arena.pool.device
+        self.rows = arena.n
+        cfg = dec.model.config
+        self.kv_heads = dec.kv_heads
+        self.group = int(cfg.num_attention_heads) // dec.kv_heads
+        self.splits = max(1, min(MAX_SPLITS, arena.cap // SPLIT_ROWS))
+        self.max_k = -(-arena.cap // self.splits)
+        elements = self.rows * self.kv_heads * self.splits
+        self.cum_q = torch.arange(0, (elements + 1) * self.group, self.group, dtype=torch.int32, device=dev)
+        self.heads = torch.arange(self.kv_heads, device=dev)
+        self.cut = torch.arange(self.splits + 1, device=dev)
+        self.end = torch.tensor([arena.k.shape[1] * self.kv_heads * arena.cap], dtype=torch.int32, device=dev)
+        self.meta = torch.zeros((4, self.rows), dtype=torch.long, device=dev)
+        self.meta.copy_(self._padding(0).to(dev))
+        self.pinned = torch.cuda.is_available()
+        cur = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):  # warm-up: compiles, makes handles and workspaces
+            try:
+                self.body()
+            except Exception as exc:
+                kern = dec.kernels()[0]
+                if not kern.compiled:
+                    raise
+                warnings.warn(f"kv-rag: compiled layer functions failed ({exc}); using plain ones", stacklevel=4)
+                kern.plain()
+                self.body()
+        cur.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=arena.pool.mempool, capture_error_mode="thread_local"):
+            self.logits = self.body()
+        self.graph = graph
+
+    def _padding(self, real: int) -> torch.Tensor:
+        """Host ``meta`` with rows ``real..`` as padding: token 0 at position 0, written to distinct rows
+        of the scratch slot (of slot 0's last rows when the arena has one slot, never a valid row)."""
+        meta = torch.zeros((4, self.rows), dtype=torch.long)
+        pad = torch.arange(self.rows - real)
+        if self.arena.n > 1:
+            meta[2, real:] = self.arena.n
+            meta[3, real:] = pad
+        else:
+            meta[3, real:] = self.arena.cap - 1 - pad
+        return meta
+
+    def body(self) -> torch.Tensor:
+        """The step: embed, every layer (append + attention), head of every row."""
+        dec, arena, meta = self.dec, self.arena, self.meta
+        ids, pos, slot, row = meta[0], meta[1], meta[2], meta[3]
+        h, cos, sin = dec.embed(ids.unsqueeze(0), pos.unsqueeze(0))
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, rows, 1, dim]
+        # every (row, kv head, split) is one varlen element: its start in the flattened arena and its length
+        lens = row + 1
+        bounds = (lens.unsqueeze(1) * self.cut.unsqueeze(0)) // self.splits  # [rows, splits + 1]
+        base = (slot.unsqueeze(1) * self.kv_heads + self.heads.unsqueeze(0)) * arena.cap  # [rows, kv_heads]
+        starts = (base.unsqueeze(2) + bounds[:, None, :-1]).reshape(-1)
+        used = (bounds[:, 1:] - bounds[:, :-1]).unsqueeze(1).expand(-1, self.kv_heads, -1).reshape(-1)
+        cu_k = torch.cat([starts.to(torch.int32), self.end])
+        used = used.to(torch.int32)
+        at = (slot.unsqueeze(1), self.heads.unsqueeze(0), row.unsqueeze(1))
+        kern, w_pre, w_post, eps = dec.kernels()
+        for i in range(arena.k.shape[0]):
+            if dec.fusable:
+                q, k, v = kern.pre(h, cos, sin, w_pre[i], eps, dec.head_dim)
+            else:
+                q, k, v = dec.pre_rows(i, h, cos, sin)
+            kb, vb = arena.k[i], arena.v[i]
+            kb.index_put_(at, k[0])
+            vb.index_put_(at, v[0])
+            o = self.attend(kern, q, kb, vb, cu_k, used)
+            h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
+        return dec.head(h)
+
+    def attend(
+        self, kern: Any, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, cu_k: torch.Tensor, used: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of each row's query ``[1, rows, heads, dim]`` over its own slot: ``[rows, heads, dim]``."""
+        dim = q.shape[-1]
+        qs = kern.pack_rows(q, self.kv_heads, self.splits)
+        o, lse = torch.ops.aten._flash_attention_forward(
+            qs,
+            kb.view(-1, 1, dim),
+            vb.view(-1, 1, dim),
+            self.cum_q,
+            cu_k,
+            self.group,
+            self.max_k,
+            0.0,
+            False,
+            False,
+            scale=self.dec.scaling,
+            seqused_k=used,
+        )[:2]
+        return kern.merge_rows(o, lse, self.rows, self.kv_heads, self.splits)
+
+    def run(self, items: Sequence[tuple[int, Any, int]]) -> torch.Tensor:
+        """Logits ``[len(items), vocab]`` of one token per request: ``(token, cache, position)`` per request,
+        every cache on a slot of this arena; the caches are extended by one row."""
+        n = len(items)
+        if not 0 < n <= self.rows:
+            raise ValueError(f"a batched step takes 1..{self.rows} requests, got {n}")
+        meta = self._padding(n)
+        firsts = []
+        for j, (tid, cache, pos) in enumerate(items):
+            first = int(cache.layers[0].length)
+            meta[0, j], meta[1, j], meta[2, j], meta[3, j] = tid, pos, cache.slot.index, first
+            firsts.append(first)
+        self.meta.copy_(meta.pin_memory() if self.pinned else meta, non_blocking=True)
+        if self.dec.replay:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self.body()
+        for (_, cache, _), first in zip(items, firsts, strict=True):
+            for cl in cache.layers:
+                cl.filled_to(first + 1)
+        return out[:n].clone()
+
+
+def move_to_slot(cache: Any, slot: Any) -> None:
+    """Copy ``cache``'s rows into ``slot``'s buffers (one strided copy for all layers where the layouts
+    allow) and make them the cache's buffers; the cache's previous slot is released."""
+    layers = cache.layers
+    n = int(layers[0].length)
+    old_k = [cl.key_buffer[..., :n, :] for cl in layers]
+    old_v = [cl.value_buffer[..., :n, :] for cl in layers]
+    for old, new in ((old_k, slot.k), (old_v, slot.v)):
+        src, dst = stacked_view(old), stacked_view([t[..., :n, :] for t in new])
+        if src is not None and dst is not None:
+            dst.copy_(src)
+        else:
+            torch._foreach_copy_([t[..., :n, :] for t in new], old)
+    previous = getattr(cache, "slot", None)
+    for cl, kb, vb in zip(layers, slot.k, slot.v, strict=True):
+        cl.key_buffer, cl.value_buffer = kb, vb
+        cl.lend(0)
+        cl.filled_to(n)
+    cache.slot = slot
+    if previous is not None and previous is not slot:
+        previous.release()

@@ -1,0 +1,119 @@
+"""Batched decode on CUDA: arenas of static slots, one graph stepping every live request of an arena.
+
+Everything here needs CUDA (skipped on the CPU, where :meth:`FastDecoder.forward_ragged` batches
+instead; see test_serving.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_gpu import _tiny
+
+from kv_rag import Engine
+from kv_rag.runtime import ModelRuntime
+from kv_rag.store import GpuTier, Store
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _model() -> Any:
+    model, tok = _tiny("qwen3", head_dim=32)
+    return model.to("cuda", torch.bfloat16), tok
+
+
+@cuda
+def test_batched_step_matches_a_full_forward_and_ignores_its_neighbours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three caches of different lengths stepped at once: each row is its own request's next-token
+    logits (against a from-scratch forward), bit-identical to the same request stepped alone."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    monkeypatch.setenv("KV_RAG_BATCH_SLOTS", "4")
+    model, _ = _model()
+    rt = ModelRuntime(model)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 1000, (1, n), generator=g).cuda() for n in (40, 75, 130)]
+    nxt = [int(torch.randint(0, 1000, (1,), generator=g)) for _ in prompts]
+    with torch.inference_mode():
+        refs = [model(input_ids=torch.cat([p, torch.tensor([[t]], device="cuda")], 1)).logits[0, -1].float()
+                for p, t in zip(prompts, nxt, strict=True)]  # fmt: skip
+
+        def caches() -> list[Any]:
+            out = []
+            for p in prompts:
+                c = rt.new_cache(200)
+                rt.forward(p, c, 0)
+                out.append(c)
+            return out
+
+        together = caches()
+        arena = together[0].slot.arena
+        assert arena is not None and arena.n == 4 and all(c.slot.arena is arena for c in together)
+        rows = rt.forward_batch([((t,), c, p.shape[1]) for t, c, p in zip(nxt, together, prompts, strict=True)])
+        assert arena.step() is not None and arena.step().rows == 4  # padded to the arena's rows
+        del together
+        alone = []
+        for t, c, p in zip(nxt, caches(), prompts, strict=True):
+            alone.append(rt.forward_batch([((t,), c, p.shape[1])])[0])
+            assert c.layers[0].get_seq_length() == p.shape[1] + 1
+    for row, one, ref in zip(rows, alone, refs, strict=True):
+        assert torch.equal(row, one)  # the neighbours change nothing
+        assert (row - ref).abs().max().item() <= 5e-2
+
+
+@cuda
+def test_concurrent_answers_equal_one_after_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four requests on four cached documents, one after another and then all at once through the
+    scheduler: the same greedy tokens, and the concurrent run shared batched steps."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model, tok = _model()
+    eng = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    facts = [" ".join(f"Fact {j} of {i} is {(i * 7 + j) % 31}." for j in range(30)) for i in range(4)]
+    docs = [f"Document {i}. {f}" for i, f in enumerate(facts)]
+    eng.publish(docs)
+    alone = [eng.generate("Which fact?", [d], max_new_tokens=24).token_ids for d in docs]
+    out: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        out[i] = eng.generate("Which fact?", [docs[i]], max_new_tokens=24).token_ids
+
+    before = dict(eng.scheduler.stats)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [out[i] for i in range(4)] == alone
+    stats = eng.scheduler.stats
+    assert stats["stepped"] - before["stepped"] > stats["steps"] - before["steps"]  # some steps held several
+    pool = eng.loaded.runtime.pool(torch.device("cuda"))
+    assert pool is not None and any(a._step is not None for a in pool.arenas)
+
+
+@cuda
+def test_a_lent_gpu_tier_block_moves_into_an_arena_and_the_tier_keeps_its_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU-tier hit decodes on the tier's block for its first token, then moves into an arena slot:
+    same tokens as a copied hit, the tier's rows untouched."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model, tok = _model()
+    doc = "Kettles sing when the water inside them nears its boiling point. " * 12
+    lent = Engine(model, tokenizer=tok, store=Store([GpuTier(1 << 30, roomy_from=64, room=1024)]))
+    copied = Engine(model, tokenizer=tok, store=Store([GpuTier(1 << 30, roomy_from=1 << 30, room=1024)]))
+    for eng in (lent, copied):
+        eng.publish([doc])
+    key = lent.document_key(doc)
+    before = lent.store.tiers[0].get(key)
+    assert before is not None
+    checksum = before.checksum()
+    hit = lent.generate("Why do kettles sing?", [doc], max_new_tokens=16)
+    base = copied.generate("Why do kettles sing?", [doc], max_new_tokens=16)
+    assert any(s.tier == "gpu" for s in hit.segments) and hit.token_ids == base.token_ids
+    pool = lent.loaded.runtime.pool(torch.device("cuda"))
+    assert pool is not None and pool.arenas and all(s.free() for s in pool.adopted.values())
+    after = lent.store.tiers[0].get(key)
+    assert after is not None and after.checksum() == checksum
