@@ -1,4 +1,4 @@
-"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify."""
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify (arguments: :mod:`kv_rag.cli_parser`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .defaults import MAX_NEW_TOKENS
+from .cli_parser import build_parser
 from .errors import KVRagError
+
+__all__ = ["build_parser", "main"]
 
 DEMO_QUESTIONS = (
     "What does the else clause of a for loop do?",
@@ -21,129 +23,11 @@ DEMO_QUESTIONS = (
 )
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        help="store folder for the disk tier, 'memory', or redis://host:port/db for a shared Redis "
-        "behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
-    )
-    p.add_argument("--model", help="local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when present)")
-    p.add_argument(
-        "--dtype",
-        help="model and KV dtype: float32 (CPU default), bfloat16 (GPU default; on CPUs with AVX512-BF16 "
-        "about 2x faster than float32, not held to the 1e-4 exactness bound), float16",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="kv-rag", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
-    _add_common(p)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-
-    p = sub.add_parser("publish", help="compute and store the KV cache of text files")
-    _add_common(p)
-    p.add_argument("paths", nargs="+", help="text or markdown files, or folders of them")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
-
-    p = sub.add_parser("ask", help="answer a question from documents, reusing their KV caches")
-    _add_common(p)
-    p.add_argument("question")
-    p.add_argument("--docs", nargs="+", required=True, help="text or markdown files, or folders of them")
-    p.add_argument("--k", type=int, default=1, help="number of chunks to retrieve (BM25)")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
-    p.add_argument(
-        "--mode",
-        default="exact",
-        help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
-        "position) or blend (stitch + recompute a fraction of document tokens); stitch and blend trade answer "
-        "accuracy for speed (docs/fidelity.md) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--recompute",
-        type=float,
-        default=None,
-        help="blend: fraction of document tokens to recompute (default: 0.15 in blend mode)",
-    )
-    p.add_argument(
-        "--priming",
-        action="store_true",
-        help="stitch/blend: use (and store) documents computed after a fixed filler passage rather than right "
-        "after the system part (docs/fidelity.md)",
-    )
-    p.add_argument(
-        "--selection",
-        default=None,
-        help="blend: which document tokens to recompute: attention (the tokens the question attends to), "
-        "deviation (CacheBlend's KV deviation) or leading (each document's first tokens) (default: attention)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-
-    p = sub.add_parser("inspect", help="show what an artifact holds")
-    p.add_argument("artifact", help="an artifact file, or a key in the store")
-    p.add_argument(
-        "--store",
-        help="store to look the key up in: a folder, or redis://host:port/db (default: $KV_RAG_HOME/store)",
-    )
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("bench", help="prefill versus cache-hit TTFT at several document lengths")
-    _add_common(p)
-    p.add_argument("--lengths", default="256,1024,4096", help="comma-separated document lengths in tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each cache hit (median is reported)")
-    p.add_argument("--out", help="where to save the JSON (default: $KV_RAG_HOME/bench/core/<UTC date-time>/bench.json)")
-    p.add_argument("--full-repeats", type=int, default=2, help="full prefills per length and system")
-    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with the full prefill")
-    p.add_argument("--peer", default="auto", choices=["auto", "llama.cpp", "none"], help="llama.cpp side by side")
-    p.add_argument(
-        "--evict", default="fadvise", choices=["fadvise", "drop_caches"], help="how disk reads leave the page cache"
-    )
-    p.add_argument("--codec-docs", type=int, default=0, help="also measure codecs; int8 agreement on N documents")
-    p.add_argument(
-        "--plots",
-        nargs="?",
-        const="",
-        help="folder for PNG plots (needs matplotlib); without a folder: beside the JSON (default: no plots)",
-    )
-    p.add_argument("--tmp-dir", help="folder on the disk to measure (default: the system temp folder)")
-    p.add_argument("--threads", type=int, help="CPU threads for both systems (default: torch's current setting)")
-
-    p = sub.add_parser("cost", help="cost of re-prefilling versus loading or shipping a document's KV cache")
-    p.add_argument("--tokens", type=int, default=4096, help="document length in tokens")
-    p.add_argument("--reuses", type=int, default=100, help="how many requests use the document")
-    p.add_argument("--gpu-hour", type=float, help="USD per GPU-hour (default 3.50; CPU profile: 0.10)")
-    p.add_argument("--egress", type=float, help="USD per GB moved over the network (default 0.09)")
-    p.add_argument(
-        "--bench",
-        help="a kv-rag bench JSON to price the CPU from (default: the current CPU result, built in as "
-        "kv_rag.cost.CPU_SMOLLM2_FP32)",
-    )
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
-    _add_common(p)
-    p.add_argument("artifact", help="an artifact file, or a key in the store")
-    p.add_argument("--fraction", type=float, default=0.1, help="fraction of the artifact's windows to recompute")
-    p.add_argument("--window", type=int, default=16, help="tokens per recomputed window")
-    p.add_argument("--seed", type=int, help="seed of the window choice (default: random)")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kv-rag`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    warnings.formatwarning = _one_line_warning
     try:
         handler = {
             "demo": cmd_demo,
@@ -163,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    """A warning as one line: kv-rag's own say what happened and what follows; others name their kind."""
+    text = str(message)
+    return f"{text}\n" if text.startswith("kv-rag") else f"{category.__name__}: {text}\n"
+
+
 def _engine(args: argparse.Namespace, **options: Any) -> Any:
     from .engine import Engine
 
@@ -175,27 +65,45 @@ def _print(obj: Any) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """``kv-rag publish``."""
+    from .errors import InputError
     from .retrieve import chunk_documents, read_documents
 
     docs = read_documents(args.paths)
     engine = _engine(args)
+    with warnings.catch_warnings():  # a read-only store is this command's error, not a warning besides it
+        warnings.simplefilter("ignore")
+        durable = engine.store.durable
+    if not getattr(durable, "writable", True):
+        raise InputError(
+            f"the store {getattr(durable, 'directory', durable.name)} cannot be written "
+            f"({getattr(durable, 'problem', 'read-only')}): nothing would be stored; pass a writable --store"
+        )
     chunks = chunk_documents(docs, engine.tokenizer, args.chunk_tokens)
     reports = engine.publish([c.text for c in chunks], sources=[c.source for c in chunks], progress=not args.json)
+    new = sum(r.cache.value == "miss" and r.stored for r in reports)
+    lost = sum(not r.stored for r in reports)
     if args.json:
         _print(
             {
                 "published": [r.to_dict() for r in reports],
                 "tokens": sum(r.tokens for r in reports),
-                "new": sum(r.cache.value == "miss" for r in reports),
+                "new": new,
+                "not_stored": lost,
             }
         )
     else:
         for r in reports:
-            print(f"{r.cache.value:4}  {r.tokens:6d} tok  {r.seconds:6.2f} s  {r.key[:16]}  {r.source}")
-        print(
-            f"{len(reports)} documents, {sum(r.tokens for r in reports)} tokens, "
-            f"{sum(r.cache.value == 'miss' for r in reports)} newly stored"
+            status = r.cache.value if r.stored else "lost"
+            print(f"{status:4}  {r.tokens:6d} tok  {r.seconds:6.2f} s  {r.key[:16]}  {r.source}")
+        limit = getattr(durable, "size_limit", 0)
+        room = f", which keeps at most {limit / 1e6:.1f} MB here" if limit else ""
+        tail = (
+            f"; {lost} not held by the {durable.name} tier{room} (evicted for later ones, or not written: "
+            "a larger store holds more)"
+            if lost
+            else ""
         )
+        print(f"{len(reports)} documents, {sum(r.tokens for r in reports)} tokens, {new} newly stored{tail}")
     return 0
 
 

@@ -8,6 +8,7 @@ with every other live request on the model.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -381,7 +382,14 @@ class Engine:
                 self._publish_primed(tp.segments[-1], src, sys_prompt)
             self.register_documents({doc: src})
             reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
-        return reports
+        return [dataclasses.replace(r, stored=self._held(r.key)) for r in reports]
+
+    def _held(self, key: str) -> bool:
+        """Whether the store's last tier holds ``key`` (one that cannot be asked does not)."""
+        try:
+            return bool(key) and key in self.store.durable
+        except OSError:
+            return False
 
     def prefetch(self, documents: Sequence[str], *, system: str | None = None) -> None:
         """Copy the stored artifacts of ``documents`` (their own, and the primed ones when priming is on)

@@ -93,13 +93,16 @@ class Generation:
 
 @dataclass(frozen=True)
 class PublishReport:
-    """One published document: its artifact key, size, and whether it was already stored."""
+    """One published document: its artifact key, size, whether it was already stored (``cache``), and
+    whether the store's last tier holds it once the whole publish is done (``stored``: false when
+    that tier is read-only, could not write it, or evicted it for a later document)."""
 
     source: str
     key: str
     tokens: int
     cache: CacheStatus
     seconds: float
+    stored: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""

@@ -312,3 +312,74 @@ def test_cli_bad_input(embedded: object, tmp_path: Path, capsys: pytest.CaptureF
         code = main([*argv, "--store", str(tmp_path / "s")])
         err = capsys.readouterr().err
         assert code == 2 and msg in err and "Traceback" not in err, err
+
+
+def _bind_read_only(src: Path, mnt: Path) -> None:
+    """``mnt``: a read-only view of ``src`` (a bind mount), or skip where mounting is not allowed."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({r.stderr.strip()})")
+    r = subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        pytest.skip(f"cannot remount read-only here ({r.stderr.strip()})")
+
+
+def test_read_only_store_answers_from_what_it_holds_and_publish_refuses_in_one_line(
+    embedded: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store on a read-only mount: `ask` hits what is there (one warning line), a missing folder on it
+    answers by prefill, `publish` exits 2 with one line; a writable twin gives the same answer."""
+    src, mnt = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    doc = tmp_path / "ferry.txt"
+    doc.write_text("The ferry leaves from pier 7 at nine each morning. Tickets are sold on board.\n")
+    q = "Which pier does the ferry leave from?"
+
+    def ask(store: Path) -> int:
+        return main(["ask", q, "--docs", str(doc), "--store", str(store), "--max-new-tokens", "8", "--json"])
+
+    assert main(["publish", str(doc), "--store", str(src / "store"), "--json"]) == 0
+    capsys.readouterr()
+    assert ask(src / "store") == 0
+    want = json.loads(capsys.readouterr().out)["answer"]
+    _bind_read_only(src, mnt)
+    try:
+        with pytest.warns(UserWarning, match="cannot be written") as rec:
+            assert ask(mnt / "store") == 0
+        assert len([w for w in rec if str(w.message).startswith("kv-rag")]) == 1
+        out = capsys.readouterr()
+        got = json.loads(out.out)
+        assert got["answer"] == want and got["docs"][0]["cache"] == "hit" and "Traceback" not in out.err
+        with pytest.warns(UserWarning, match="cannot be written"):
+            assert ask(mnt / "new") == 0
+        assert json.loads(capsys.readouterr().out)["answer"] == want  # nothing stored there: a prefill
+        assert main(["publish", str(doc), "--store", str(mnt / "store")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("kv-rag publish: error:") and "cannot be written" in err[0]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_small_disk_tier_keeps_the_newest_documents_and_their_chain_head(tiny: tuple, tmp_path: Path) -> None:
+    """A disk tier with room for about two documents, five published: the last ones and the system prefix
+    they extend are held (diskcache alone evicted ten entries at once: all of them), the reports say which
+    were not kept, and a request on the last document hits."""
+    model, tok = tiny
+    docs = [_doc(i) for i in range(5)]
+    probe = Engine(model, tokenizer=tok, store="memory")
+    hit = probe.store.get(probe.publish(docs[:1])[0].key)
+    assert hit is not None
+    per_doc = hit.artifact.nbytes
+    disk = DiskTier(tmp_path / "small", size_limit=int(2.6 * per_doc) + 64 * 1024)
+    engine = Engine(model, tokenizer=tok, store=Store([MemoryTier(0), disk]))
+    reports = engine.publish(docs)
+    assert reports[-1].stored and not reports[0].stored
+    held = set(disk.keys())
+    assert {r.key for r in reports if r.stored} <= held
+    heads = {disk.get(k).meta.parent for k in held} - {""}  # type: ignore[union-attr]
+    assert heads and heads <= held  # what the documents extend is still there
+    assert disk._cache.volume() <= disk.size_limit
+    gen = engine.generate("Which entry?", [docs[-1]], max_new_tokens=4)
+    assert gen.documents[0].cache.value == "hit" and gen.documents[0].tier == "disk"

@@ -184,7 +184,8 @@ class Store:
         front of the tier of that name (one that holds it already: the faster tiers get a copy).
 
         A tier whose write fails with ``OSError`` (full disk, lost connection) is skipped with a
-        warning: the artifact stays in the other tiers and the request goes on.
+        warning: the artifact stays in the other tiers and the request goes on. A read-only tier
+        (``writable`` false) is skipped silently.
         """
         art = artifact if artifact.meta.checksum else artifact.sealed()
         for tier in self.tiers:
@@ -199,6 +200,8 @@ class Store:
 
     @staticmethod
     def _put_into(tier: Tier, key: str, art: Artifact) -> None:
+        if not getattr(tier, "writable", True):  # a read-only folder (it warned once, when opened)
+            return
         try:
             tier.put(key, art)
         except OSError as exc:
@@ -213,6 +216,11 @@ class Store:
 
     def __contains__(self, key: object) -> bool:
         return any(key in tier for tier in self.tiers)
+
+    @property
+    def durable(self) -> Tier:
+        """The last tier: the one that keeps artifacts longest (disk or Redis; memory for a memory-only store)."""
+        return self.tiers[-1]
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name``."""

@@ -1,0 +1,128 @@
+"""The ``kv-rag`` command's arguments (:func:`build_parser`); the commands themselves are in :mod:`kv_rag.cli`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .defaults import MAX_NEW_TOKENS
+
+DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        help="store folder for the disk tier, 'memory', or redis://host:port/db for a shared Redis "
+        "behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
+    )
+    p.add_argument("--model", help="local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when present)")
+    p.add_argument(
+        "--dtype",
+        help="model and KV dtype: float32 (CPU default), bfloat16 (GPU default; on CPUs with AVX512-BF16 "
+        "about 2x faster than float32, not held to the 1e-4 exactness bound), float16",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="kv-rag", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
+    _add_common(p)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+
+    p = sub.add_parser("publish", help="compute and store the KV cache of text files")
+    _add_common(p)
+    p.add_argument("paths", nargs="+", help="text or markdown files, or folders of them")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
+
+    p = sub.add_parser("ask", help="answer a question from documents, reusing their KV caches")
+    _add_common(p)
+    p.add_argument("question")
+    p.add_argument("--docs", nargs="+", required=True, help="text or markdown files, or folders of them")
+    p.add_argument("--k", type=int, default=1, help="number of chunks to retrieve (BM25)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
+    p.add_argument(
+        "--mode",
+        default="exact",
+        help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
+        "position) or blend (stitch + recompute a fraction of document tokens); stitch and blend trade answer "
+        "accuracy for speed (docs/fidelity.md) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recompute",
+        type=float,
+        default=None,
+        help="blend: fraction of document tokens to recompute (default: 0.15 in blend mode)",
+    )
+    p.add_argument(
+        "--priming",
+        action="store_true",
+        help="stitch/blend: use (and store) documents computed after a fixed filler passage rather than right "
+        "after the system part (docs/fidelity.md)",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        help="blend: which document tokens to recompute: attention (the tokens the question attends to), "
+        "deviation (CacheBlend's KV deviation) or leading (each document's first tokens) (default: attention)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the store")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+
+    p = sub.add_parser("inspect", help="show what an artifact holds")
+    p.add_argument("artifact", help="an artifact file, or a key in the store")
+    p.add_argument(
+        "--store",
+        help="store to look the key up in: a folder, or redis://host:port/db (default: $KV_RAG_HOME/store)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="prefill versus cache-hit TTFT at several document lengths")
+    _add_common(p)
+    p.add_argument("--lengths", default="256,1024,4096", help="comma-separated document lengths in tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each cache hit (median is reported)")
+    p.add_argument("--out", help="where to save the JSON (default: $KV_RAG_HOME/bench/core/<UTC date-time>/bench.json)")
+    p.add_argument("--full-repeats", type=int, default=2, help="full prefills per length and system")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with the full prefill")
+    p.add_argument("--peer", default="auto", choices=["auto", "llama.cpp", "none"], help="llama.cpp side by side")
+    p.add_argument(
+        "--evict", default="fadvise", choices=["fadvise", "drop_caches"], help="how disk reads leave the page cache"
+    )
+    p.add_argument("--codec-docs", type=int, default=0, help="also measure codecs; int8 agreement on N documents")
+    p.add_argument(
+        "--plots",
+        nargs="?",
+        const="",
+        help="folder for PNG plots (needs matplotlib); without a folder: beside the JSON (default: no plots)",
+    )
+    p.add_argument("--tmp-dir", help="folder on the disk to measure (default: the system temp folder)")
+    p.add_argument("--threads", type=int, help="CPU threads for both systems (default: torch's current setting)")
+
+    p = sub.add_parser("cost", help="cost of re-prefilling versus loading or shipping a document's KV cache")
+    p.add_argument("--tokens", type=int, default=4096, help="document length in tokens")
+    p.add_argument("--reuses", type=int, default=100, help="how many requests use the document")
+    p.add_argument("--gpu-hour", type=float, help="USD per GPU-hour (default 3.50; CPU profile: 0.10)")
+    p.add_argument("--egress", type=float, help="USD per GB moved over the network (default 0.09)")
+    p.add_argument(
+        "--bench",
+        help="a kv-rag bench JSON to price the CPU from (default: the current CPU result, built in as "
+        "kv_rag.cost.CPU_SMOLLM2_FP32)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
+    _add_common(p)
+    p.add_argument("artifact", help="an artifact file, or a key in the store")
+    p.add_argument("--fraction", type=float, default=0.1, help="fraction of the artifact's windows to recompute")
+    p.add_argument("--window", type=int, default=16, help="tokens per recomputed window")
+    p.add_argument("--seed", type=int, help="seed of the window choice (default: random)")
+    return parser
