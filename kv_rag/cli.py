@@ -56,7 +56,10 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, 
 def _engine(args: argparse.Namespace, **options: Any) -> Any:
     from .engine import Engine
 
-    return Engine(args.model, store=args.store, device=args.device, dtype=args.dtype, **options)
+    split = not getattr(args, "parse_document_specials", False)
+    return Engine(
+        args.model, store=args.store, device=args.device, dtype=args.dtype, split_special_tokens=split, **options
+    )
 
 
 def _print(obj: Any) -> None:

@@ -23,6 +23,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "about 2x faster than float32, not held to the 1e-4 exactness bound), float16",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--parse-document-specials",
+        action="store_true",
+        help="read special-token strings inside documents (<|im_start|>...) as special tokens; by default "
+        "they are plain text, so a document cannot open chat turns",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,10 @@ class Engine:
         mode, recompute, priming, selection: the defaults of every request (see
             :class:`~kv_rag.options.RequestOptions`; a request may override each). With ``priming``
             (``True`` or a filler text), :meth:`publish` also stores each document's primed artifact.
+        split_special_tokens: documents are data: a special-token string inside a document
+            (``<|im_end|>``, ``<|im_start|>system``…) is tokenized as plain text, so a retrieved
+            document cannot open chat turns of its own, cached or not. ``False`` parses such strings as
+            the special tokens they spell, as ``apply_chat_template`` followed by a plain tokenization does.
     """
 
     def __init__(
@@ -70,8 +74,13 @@ class Engine:
         recompute: float | None = None,
         priming: bool | str = False,
         selection: Selector | str | None = None,
+        split_special_tokens: bool = True,
     ) -> None:
         Store.check_spec(store)
+        if not isinstance(split_special_tokens, bool):
+            raise InputError(f"split_special_tokens must be True or False, got {split_special_tokens!r}")
+        #: special-token strings inside documents are plain text (``False``: parsed as special tokens)
+        self.split_special_tokens = split_special_tokens
         self._model_spec = model
         self._tokenizer_arg = tokenizer
         self._device = device
@@ -140,7 +149,7 @@ class Engine:
             loaded, store = self.loaded, self.store
             with self._init_lock:
                 if self._planner is None:
-                    self._planner = Planner(loaded, store)
+                    self._planner = Planner(loaded, store, split_special_tokens=self.split_special_tokens)
         return self._planner
 
     @property
@@ -401,7 +410,8 @@ class Engine:
             planner = self.planner
             context = planner.context(self.system_prompt if system is None else system, self.priming)
             ids = self.loaded.prompt_tokenizer
-            keys += [planner.document_key(ids.document(d.strip()).ids, context) for d in texts]
+            split = self.split_special_tokens
+            keys += [planner.document_key(ids.document(d.strip(), split).ids, context) for d in texts]
         if keys:
             self.store.prefetch(keys)
 

@@ -154,16 +154,18 @@ class RequestPlan:
 class Planner:
     """Plans requests for one loaded model and store. Thread-safe (contexts are memoized under the model's lock)."""
 
-    def __init__(self, loaded: LoadedModel, store: Store) -> None:
+    def __init__(self, loaded: LoadedModel, store: Store, split_special_tokens: bool = True) -> None:
         self.loaded = loaded
         self.store = store
+        #: special-token strings inside documents are plain text (see :mod:`kv_rag.tokens`)
+        self.split_special_tokens = split_special_tokens
         self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
 
     # ------------------------------------------------------------------ tokens and keys
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt`` (together: a plain tokenization of its text; documents'
         ids remembered, see :mod:`kv_rag.tokens`)."""
-        return self.loaded.prompt_tokenizer.tokenize(prompt)
+        return self.loaded.prompt_tokenizer.tokenize(prompt, self.split_special_tokens)
 
     def chain(
         self,

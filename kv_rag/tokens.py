@@ -24,6 +24,13 @@ piece boundary (a document that cannot be separated becomes plain text and is no
 document). The window check assumes, as the regular expressions of GPT-2, Llama 3, Qwen and
 SmolLM2 do, that how a pre-token is split depends on at most a few characters around it; a
 tokenizer without character offsets (a slow tokenizer) always takes the plain path.
+
+Documents are data: a special-token string inside a document (``<|im_end|>``, ``<|im_start|>``) is
+tokenized as plain text (``split_special_tokens``), so a retrieved document cannot open chat turns
+of its own. A prompt whose documents hold such strings is tokenized piece by piece (the text
+between documents as usual, with its special tokens); the cached and uncached paths use these same
+ids. ``split_special_tokens=False`` parses them as special tokens instead, as a plain tokenization
+of the whole text would.
 """
 
 from __future__ import annotations
@@ -48,11 +55,13 @@ _BOUNDARIES = 4096
 
 @dataclass(frozen=True)
 class DocumentTokens:
-    """A document's ids (tokenized on its own, no special tokens), their int64 bytes and digest."""
+    """A document's ids (tokenized on its own, no special tokens added), their int64 bytes and digest;
+    ``specials``: its text holds special-token strings, tokenized as plain text."""
 
     ids: tuple[int, ...]
     ids_bytes: bytes
     digest: str
+    specials: bool = False
 
 
 class PromptTokenizer:
@@ -65,29 +74,39 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any, max_tokens: int = KNOWN_DOCUMENT_TOKENS) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self._docs: OrderedDict[str, DocumentTokens] = OrderedDict()
+        self._docs: OrderedDict[tuple[str, bool], DocumentTokens] = OrderedDict()
         self._held = 0
         self._bounds: OrderedDict[tuple[str, str, bool], bool] = OrderedDict()
         self._lock = threading.Lock()
-        self.stats = {"reused": 0, "tokenized": 0, "plain": 0}
+        self.stats = {"reused": 0, "tokenized": 0, "plain": 0, "pieces": 0}
         self.composable = bool(getattr(tokenizer, "is_fast", False)) and not self._suffix_specials()
+        #: the strings the tokenizer reads as special tokens (inside documents they stay text)
+        self.specials = special_strings(tokenizer)
+
+    def has_specials(self, text: str) -> bool:
+        """Whether ``text`` holds a special-token string."""
+        return any(s in text for s in self.specials)
 
     # ------------------------------------------------------------------ documents
-    def document(self, text: str) -> DocumentTokens:
-        """The ids of ``text`` tokenized on its own (remembered)."""
+    def document(self, text: str, split_special_tokens: bool = True) -> DocumentTokens:
+        """The ids of ``text`` tokenized on its own (remembered); special-token strings in it stay plain
+        text unless ``split_special_tokens`` is false."""
+        memo = (text, split_special_tokens)
         with self._lock:
-            got = self._docs.get(text)
+            got = self._docs.get(memo)
             if got is not None:
-                self._docs.move_to_end(text)
+                self._docs.move_to_end(memo)
                 self.stats["reused"] += 1
                 return got
-        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        specials = self.has_specials(text)
+        split = {"split_special_tokens": True} if specials and split_special_tokens else {}
+        ids = tuple(self.tokenizer(text, add_special_tokens=False, **split)["input_ids"])
         raw = token_bytes(ids)
-        got = DocumentTokens(ids, raw, tokens_digest(raw))
+        got = DocumentTokens(ids, raw, tokens_digest(raw), specials)
         with self._lock:
             self.stats["tokenized"] += 1
-            if text not in self._docs and len(ids) <= self.max_tokens:
-                self._docs[text] = got
+            if memo not in self._docs and len(ids) <= self.max_tokens:
+                self._docs[memo] = got
                 self._held += len(ids)
                 while self._held > self.max_tokens:
                     _, old = self._docs.popitem(last=False)
@@ -95,8 +114,10 @@ class PromptTokenizer:
         return got
 
     # ------------------------------------------------------------------ prompts
-    def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
-        """Token ids of each segment of ``prompt``; together, a plain tokenization of ``prompt.text``.
+    def tokenize(self, prompt: Prompt, split_special_tokens: bool = True) -> TokenizedPrompt:
+        """Token ids of each segment of ``prompt``; together, a plain tokenization of ``prompt.text`` in
+        which special-token strings inside documents are plain text (``split_special_tokens=False``:
+        parsed as special tokens, exactly a plain tokenization).
 
         A document's leading and trailing whitespace is tokenized with the text around it (see
         :func:`trim_documents`): the document's own ids, and so its artifact, are those of its text.
@@ -104,6 +125,19 @@ class PromptTokenizer:
         segs = trim_documents([s for s in prompt.segments if s.text])
         if not segs:
             return _assemble(prompt.segments[:0], [])
+        # documents after the first piece: their remembered ids (they also say whether a document holds
+        # special-token strings; before the first piece, or without offsets, the text is searched)
+        docs = {
+            i: self.document(s.text, split_special_tokens)
+            for i, s in enumerate(segs)
+            if s.document and i > 0 and self.composable
+        }
+        if split_special_tokens and self.specials:
+            data = (
+                docs[i].specials if i in docs else s.document and self.has_specials(s.text) for i, s in enumerate(segs)
+            )
+            if any(data):
+                return self.pieces(segs, docs)
         if not self.composable:
             return self.plain(prompt)
         text = "".join(seg.text for seg in segs)
@@ -113,8 +147,8 @@ class PromptTokenizer:
         parts: list[tuple[int, ...]] = []
         known: list[DocumentTokens | None] = []
         for i, seg in enumerate(segs):
-            if seg.document and i > 0:
-                doc = self.document(seg.text)
+            if i in docs:
+                doc = docs[i]
                 parts.append(doc.ids)
                 known.append(doc)
                 continue
@@ -127,6 +161,32 @@ class PromptTokenizer:
             alone = segs[i].document and i > 0
             if not self._clean(text[max(0, b - WINDOW) : b], text[b : b + WINDOW], alone):
                 return self.plain(prompt)
+        return _assemble(tuple(segs), parts, known)
+
+    def pieces(self, segs: Sequence[Segment], docs: dict[int, DocumentTokens] | None = None) -> TokenizedPrompt:
+        """Each segment tokenized on its own, documents with their special-token strings as plain text
+        (the text between documents with the start of the next as look-ahead where offsets allow);
+        ``docs``: documents' ids known already, by segment index."""
+        with self._lock:
+            self.stats["pieces"] += 1
+        docs = docs or {}
+        parts: list[tuple[int, ...]] = []
+        known: list[DocumentTokens | None] = []
+        for i, seg in enumerate(segs):
+            if seg.document and i > 0:
+                doc = docs.get(i) or self.document(seg.text)
+                parts.append(doc.ids)
+                known.append(doc)
+                continue
+            got = None
+            if not seg.document and self.composable:
+                nxt = segs[i + 1].text[:WINDOW] if i + 1 < len(segs) else ""
+                got = self._in_context(seg.text, nxt, first=i == 0)
+            if got is None:
+                split = {"split_special_tokens": True} if seg.document else {}
+                got = tuple(self.tokenizer(seg.text, add_special_tokens=i == 0, **split)["input_ids"])
+            parts.append(got)
+            known.append(None)
         return _assemble(tuple(segs), parts, known)
 
     def plain(self, prompt: Prompt) -> TokenizedPrompt:
@@ -197,6 +257,15 @@ class PromptTokenizer:
         except Exception:  # an unusual tokenizer: always take the plain path
             return True
         return list(with_[len(with_) - len(without) :]) != list(without)
+
+
+def special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The strings ``tokenizer`` reads as special tokens (its special tokens and added special tokens)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(getattr(added, "content", "")))
+    return tuple(sorted(s for s in found if s))
 
 
 def trim_documents(segs: Sequence[Segment]) -> list[Segment]:

@@ -74,6 +74,9 @@ class KVRagParams(BaseModel):
     cached answers are compared with). Not LangChain's response cache (``cache``)."""
     streaming: bool = False
     """Generate through :meth:`stream` even in ``invoke`` (tokens reach ``on_llm_new_token``)."""
+    split_special_tokens: bool = True
+    """Special-token strings inside documents stay plain text, so a retrieved document cannot open chat
+    turns (``False``: they are parsed as the special tokens they spell)."""
 
     _engines: dict[str, Engine] = PrivateAttr(default_factory=dict)
     _engines_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -89,7 +92,7 @@ class KVRagParams(BaseModel):
                 warnings.warn(
                     f"{cls.__name__} ignores unknown argument(s) {', '.join(unknown)}; "
                     "it takes model, store, device, dtype, mode, recompute, priming, selection, temperature, "
-                    "max_tokens, top_p, seed, stop, use_cache, streaming",
+                    "max_tokens, top_p, seed, stop, use_cache, streaming, split_special_tokens",
                     UserWarning,
                     stacklevel=4,
                 )
@@ -174,6 +177,7 @@ class KVRagParams(BaseModel):
             recompute=opts.recompute,
             priming=opts.priming,
             selection=opts.selection,
+            split_special_tokens=self.split_special_tokens,
         )
 
     # ------------------------------------------------------------------ requests

@@ -111,3 +111,9 @@ def test_token_counting_handler_reads_the_usage() -> None:
     r = llm.complete("Say yes.")
     assert counter.prompt_llm_token_count == r.raw["usage"]["prompt_tokens"]
     assert counter.completion_llm_token_count == r.raw["usage"]["completion_tokens"]
+
+
+def test_documents_are_data_unless_the_instance_opts_out() -> None:
+    """Special-token strings inside documents stay text by default; the opt-out reaches the engine."""
+    assert KVRagLLM(store="memory").engine.split_special_tokens is True
+    assert KVRagLLM(store="memory", split_special_tokens=False).engine.split_special_tokens is False

@@ -235,3 +235,10 @@ def test_activity_counts_running_requests() -> None:
     release.set()
     assert act.wait_idle(timeout=5)
     t.join()
+
+
+@pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
+def test_documents_are_data_unless_the_instance_opts_out(cls: type) -> None:
+    """Special-token strings inside documents stay text by default; the opt-out reaches the engine."""
+    assert cls(store="memory").engine.split_special_tokens is True
+    assert cls(store="memory", split_special_tokens=False).engine.split_special_tokens is False

@@ -90,6 +90,9 @@ class KVRagLLM(LLM):
     seed: int | None = Field(default=None, description="Seed for sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     use_cache: bool = Field(default=True, description="False: neither read nor write the KV store.")
+    split_special_tokens: bool = Field(
+        default=True, description="Special-token strings inside documents stay text (False: parsed as special tokens)."
+    )
     is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (chat template).")
     context_window: int | None = Field(default=None, description="Override; default the model's own window.")
     watch_retrievals: bool = Field(
@@ -114,6 +117,7 @@ class KVRagLLM(LLM):
                 recompute=opts.recompute,
                 priming=opts.priming,
                 selection=opts.selection,
+                split_special_tokens=self.split_special_tokens,
             )
         self._engine = engine
         if self.watch_retrievals:
