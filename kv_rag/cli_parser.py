@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .defaults import MAX_NEW_TOKENS
 
 DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify."
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is empty or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help shows defaults (:class:`_Help`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -33,8 +53,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="kv-rag", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog="kv-rag", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"kv-rag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
     _add_common(p)

@@ -131,3 +131,16 @@ def test_console_script_is_installed() -> None:
     assert proc.returncode == 0
     for cmd in ("demo", "publish", "ask", "inspect", "bench"):
         assert cmd in proc.stdout
+
+
+def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    import kv_rag
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"kv-rag {kv_rag.__version__}"
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 1)" in out and "(default: 512)" in out  # --k, --chunk-tokens
+    assert "(default: None)" not in out and "(default: False)" not in out
