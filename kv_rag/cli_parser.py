@@ -35,7 +35,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="store folder for the disk tier, 'memory', or redis://host:port/db for a shared Redis "
         "behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
     )
-    p.add_argument("--model", help="local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        help="local transformers model folder, or Hugging Face hub id org/name[@revision] (from the hub cache; "
+        "HF_HUB_OFFLINE=1 uses only the cache) (default: embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when present)")
     p.add_argument(
         "--dtype",

@@ -43,7 +43,9 @@ class Engine:
     share a model) are serialized by the model's lock; they may come from any thread.
 
     Args:
-        model: ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, or a loaded
+        model: ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, a Hugging Face
+            hub id (``"org/name"`` or ``"org/name@revision"``: the hub cache, or a download; only the
+            cache with ``HF_HUB_OFFLINE=1``), or a loaded
             transformers model (then pass ``tokenizer`` too).
         tokenizer: the tokenizer, when ``model`` is a model object.
         store: a :class:`~kv_rag.store.Store`, a folder for the disk tier, ``"memory"``, a

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -196,17 +197,24 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
-    """Load (or reuse) a model: ``None`` / ``"smollm2"`` for the embedded one, else a local folder."""
+    """Load (or reuse) a model: ``None`` / ``"smollm2"`` for the embedded one, a local folder, or a Hugging
+    Face hub id (``"org/name"``, ``"org/name@revision"``) resolved as transformers resolves it: from the
+    hub cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading when online, from the cache alone with
+    ``HF_HUB_OFFLINE=1``."""
     device = device or default_device()
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
     dtype = dtype or default_dtype(device)
-    path = embedded_model_path() if is_embedded(spec) else _local_path(spec)
-    key = (str(path), device, str(dtype))
+    if is_embedded(spec):
+        source, revision, name = str(embedded_model_path()), None, EMBEDDED_MODEL
+    else:
+        source, revision = _resolve(spec)
+        name = Path(source).name if revision is None and Path(source).is_dir() else str(spec)
+    key = (f"{source}@{revision or ''}", device, str(dtype))
     with _REGISTRY_LOCK:
         loaded = _REGISTRY.get(key)
         if loaded is None:
-            loaded = _load_folder(path, device, dtype, EMBEDDED_MODEL if is_embedded(spec) else path.name)
+            loaded = _load_folder(source, device, dtype, name, revision, spec)
             _REGISTRY[key] = loaded
     return loaded
 
@@ -246,28 +254,50 @@ def _parse_dtype(name: str) -> torch.dtype:
         raise ModelLoadError(f"dtype must be one of {sorted(table)}, got {name!r}") from None
 
 
-def _local_path(spec: str | os.PathLike[str] | None) -> Path:
+#: A Hugging Face hub id: ``name`` or ``org/name``, optionally ``@revision``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _resolve(spec: str | os.PathLike[str] | None) -> tuple[str, str | None]:
+    """``(local folder, None)`` or ``(hub id, revision)`` for ``spec``; raises naming ``model``."""
     path = Path(str(spec)).expanduser()
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return str(path), None
+    repo, _, revision = str(spec).partition("@")
+    if path.exists() or not _HUB_ID.fullmatch(repo) or repo.endswith((".", "-")):
         raise ModelLoadError(
-            f"--model {spec!s}: not a local transformers model folder (no config.json there). "
-            f"Pass a folder saved with save_pretrained, or omit --model for the embedded {EMBEDDED_MODEL}."
+            f"model {spec!s}: neither a local transformers model folder (no config.json there) nor a "
+            f"Hugging Face hub id (org/name or org/name@revision). Pass a folder saved with save_pretrained, "
+            f"a hub id, or nothing for the embedded {EMBEDDED_MODEL}."
         )
-    return path
+    return repo, revision or None
 
 
-def _load_folder(path: Path, device: str, dtype: torch.dtype, name: str) -> LoadedModel:
+def _load_folder(
+    source: str, device: str, dtype: torch.dtype, name: str, revision: str | None = None, spec: Any = None
+) -> LoadedModel:
+    """Load from a local folder or (``revision`` or a hub id) the hub, the way transformers does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub = not Path(source).is_dir()
+    kw = {"revision": revision} if revision else {}
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as exc:  # transformers raises many types for a broken folder
-        raise ModelLoadError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from exc
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except Exception as exc:  # transformers raises many types for a broken folder or a missing hub entry
+        if hub:
+            raise ModelLoadError(
+                f"model {spec!s}: cannot load it from the Hugging Face hub or its cache "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline "
+                f"(HF_HUB_OFFLINE=1) it must be in the hub cache already: download it once where there is "
+                f"a network (`hf download {source}`), or pass a local folder"
+            ) from exc
+        raise ModelLoadError(f"cannot load the model at {source}: {type(exc).__name__}: {exc}") from exc
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     use_grouped_sdpa(model)
-    return LoadedModel(model=model, tokenizer=tok, name=name, path=str(path))
+    folder = getattr(model.config, "_name_or_path", source) if hub else source
+    return LoadedModel(model=model, tokenizer=tok, name=name, path=str(folder))
 
 
 def gguf_path() -> Path:

@@ -42,7 +42,8 @@ class KVRagParams(BaseModel):
     """
 
     model: str = Field(default=EMBEDDED_MODEL)
-    """The embedded ``smollm2-135m-instruct`` (default) or a local transformers model folder."""
+    """The embedded ``smollm2-135m-instruct`` (default), a local transformers model folder, or a Hugging
+    Face hub id (``org/name[@revision]``, from the hub cache)."""
     store: Any = None
     """Where KV caches live: ``None`` (memory in front of ``$KV_RAG_HOME/store``), ``"memory"``,
     a folder for a disk store, or a :class:`kv_rag.Store` (shared with whoever else holds it)."""
@@ -131,7 +132,9 @@ class KVRagParams(BaseModel):
         if value is None:
             return EMBEDDED_MODEL
         if not isinstance(value, (str, Path)) or not str(value).strip():
-            raise ValueError(f"model must be {EMBEDDED_MODEL!r} or a local model folder; got {value!r}")
+            raise ValueError(
+                f"model must be {EMBEDDED_MODEL!r}, a local model folder or a Hugging Face hub id; got {value!r}"
+            )
         return EMBEDDED_MODEL if is_embedded(str(value)) else str(value)
 
     # ------------------------------------------------------------------ engines

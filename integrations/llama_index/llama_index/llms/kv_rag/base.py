@@ -62,7 +62,8 @@ class KVRagLLM(LLM):
     in ``additional_kwargs``, and the full kv-rag report in ``raw["kv_rag"]`` (TTFT, per-document hits).
 
     Args:
-        model: ``None`` for the embedded SmolLM2-135M-Instruct, or a local transformers model folder.
+        model: ``None`` for the embedded SmolLM2-135M-Instruct, a local transformers model folder, or a
+            Hugging Face hub id (``org/name[@revision]``).
         engine: an existing :class:`kv_rag.Engine` to use (then ``model``, ``store``, ``device``
             and ``dtype`` are ignored).
         store: a :class:`kv_rag.store.Store`, a folder, ``"memory"``, or ``None`` for the default store.
@@ -72,7 +73,7 @@ class KVRagLLM(LLM):
             retriever publishes documents when the mode reads them.
     """
 
-    model: str | None = Field(default=None, description="Local model folder; None: the embedded model.")
+    model: str | None = Field(default=None, description="Local model folder or hub id; None: the embedded model.")
     store: Any = Field(default=None, exclude=True, description="Store, folder, 'memory' or None (default store).")
     device: str | None = Field(default=None, description="Torch device; default CUDA when present.")
     dtype: str | None = Field(default=None, description="Torch dtype name; default float32 on CPU.")
