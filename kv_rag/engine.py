@@ -255,6 +255,7 @@ class Engine:
         plan = self.plan(prompt, opts)
         loaded = self.loaded
         with loaded.lock, torch.inference_mode():
+            plan = self.planner.refresh(plan, self.system_prompt)  # pieces another call stored meanwhile
             return assemble(loaded, self.store, plan, need_logits=need_logits, reserve=reserve, t0=t0)
 
     def stream(
@@ -347,8 +348,9 @@ class Engine:
         defer = MAX_FAST_TOKENS if loaded.runtime.decoder is not None else 0
         reserve = options.generation.max_new_tokens
 
-        def prepare() -> Prefill:
-            return assemble(loaded, store, plan, reserve=reserve, t0=t0, defer=defer)
+        def prepare() -> Prefill:  # in the scheduler's thread, under the model's lock
+            fresh = self.planner.refresh(plan, self.system_prompt)
+            return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer)
 
         job = Job(loaded, prepare, options, sink, t0)
         self.scheduler.submit(job)

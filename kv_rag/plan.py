@@ -150,6 +150,13 @@ class RequestPlan:
         """The stitched documents, in order."""
         return tuple(p for p in self.parts if isinstance(p, DocumentPlan))
 
+    @property
+    def misses(self) -> bool:
+        """Whether a piece with a key was found in no tier when the plan was made (another request may
+        have stored it since: see :meth:`Planner.refresh`)."""
+        pieces = [*self.lead.pieces, *(d.piece for d in self.documents)]
+        return any(p.key and p.tier is None for p in pieces)
+
 
 class Planner:
     """Plans requests for one loaded model and store. Thread-safe (contexts are memoized under the model's lock)."""
@@ -160,6 +167,13 @@ class Planner:
         #: special-token strings inside documents are plain text (see :mod:`kv_rag.tokens`)
         self.split_special_tokens = split_special_tokens
         self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
+
+    def refresh(self, plan: RequestPlan, system_prompt: str) -> RequestPlan:
+        """``plan`` made again where it had misses, so that pieces stored meanwhile (by a request on the same
+        documents that ran first) are loaded rather than computed and stored a second time."""
+        if not plan.misses or not plan.options.use_cache:
+            return plan
+        return self.plan(plan.prompt, plan.options, system_prompt)
 
     # ------------------------------------------------------------------ tokens and keys
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:

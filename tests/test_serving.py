@@ -142,3 +142,29 @@ def test_fair_lock_serves_waiters_in_order() -> None:
     with lock, lock:  # re-entrant
         assert lock.held()
     assert not lock.held()
+
+
+def test_a_document_asked_about_by_several_threads_at_once_is_computed_once(eng: Engine) -> None:
+    """Each request is planned in its caller's thread, so four threads asking about a new document at the
+    same moment all plan a miss; when the scheduler admits them (one at a time, under the model's lock)
+    the later ones plan again and load what the first stored: one computation, four identical answers."""
+    for round_ in range(3):
+        doc = f"Round {round_}. The ferry to Blue Island leaves from pier {round_ + 4} every morning at six."
+        plan = eng.plan(eng.prompt("Which pier?", [doc]))
+        assert plan.misses  # nothing stored yet
+        barrier = threading.Barrier(4)
+        out: list[object] = []
+
+        def ask(doc: str = doc, barrier: threading.Barrier = barrier, out: list[object] = out) -> None:
+            barrier.wait()
+            out.append(eng.generate("Which pier?", [doc], max_new_tokens=4))
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        caches = sorted(g.documents[0].cache.value for g in out)  # type: ignore[attr-defined]
+        assert caches == ["hit", "hit", "hit", "miss"], caches
+        assert len({tuple(g.token_ids) for g in out}) == 1  # type: ignore[attr-defined]
+        assert not eng.planner.refresh(plan, eng.system_prompt).misses  # the stale plan, made again: all found
