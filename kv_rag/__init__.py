@@ -29,6 +29,7 @@ from .results import CacheStatus, Generation, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
 from .serving import AsyncStream, Stream
 from .store import DiskTier, MemoryTier, Store, Tier
+from .tenancy import Tenant
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "Selector",
     "Store",
     "Stream",
+    "Tenant",
     "Tier",
     "TokenizedPrompt",
     "UnsupportedModelError",

@@ -57,8 +57,15 @@ def _engine(args: argparse.Namespace, **options: Any) -> Any:
     from .engine import Engine
 
     split = not getattr(args, "parse_document_specials", False)
+    tenant = getattr(args, "tenant", None)
     return Engine(
-        args.model, store=args.store, device=args.device, dtype=args.dtype, split_special_tokens=split, **options
+        args.model,
+        store=args.store,
+        device=args.device,
+        dtype=args.dtype,
+        split_special_tokens=split,
+        tenant=tenant,
+        **options,
     )
 
 

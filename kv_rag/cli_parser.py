@@ -48,6 +48,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
+        "--tenant",
+        help="tenant name: artifacts are keyed with the tenant's secret, read from $KV_RAG_TENANT_SECRET, so "
+        "other tenants of a shared store never hit them",
+    )
+    p.add_argument(
         "--parse-document-specials",
         action="store_true",
         help="read special-token strings inside documents (<|im_start|>...) as special tokens; by default "

@@ -8,7 +8,6 @@ with every other live request on the model.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -17,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import models
-from .assemble import Prefill, assemble, assemble_chain
+from . import models, publishing
+from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import SYSTEM_PROMPT
 from .docindex import document_items
@@ -31,6 +30,7 @@ from .runtime import MAX_FAST_TOKENS
 from .selection import Selector
 from .serving import AsyncStream, Job, Scheduler, Sink, Stream
 from .store import Store
+from .tenancy import Tenant, tenant_of
 
 __all__ = ["AsyncStream", "Engine", "Prefill", "Stream"]
 
@@ -61,6 +61,10 @@ class Engine:
             (``<|im_end|>``, ``<|im_start|>system``…) is tokenized as plain text, so a retrieved
             document cannot open chat turns of its own, cached or not. ``False`` parses such strings as
             the special tokens they spell, as ``apply_chat_template`` followed by a plain tokenization does.
+        tenant: a :class:`~kv_rag.tenancy.Tenant` (or a name, the secret in ``$KV_RAG_TENANT_SECRET``):
+            every key is derived with its secret, so other tenants sharing the store never hit (or
+            find) its artifacts; set by the deployment. Documents published with ``public=True`` are
+            shared on purpose.
     """
 
     def __init__(
@@ -77,8 +81,11 @@ class Engine:
         priming: bool | str = False,
         selection: Selector | str | None = None,
         split_special_tokens: bool = True,
+        tenant: Tenant | str | None = None,
     ) -> None:
         Store.check_spec(store)
+        #: whose artifacts this engine reads and writes (keys derived with its secret); ``None``: shared keys
+        self.tenant = tenant_of(tenant)
         if not isinstance(split_special_tokens, bool):
             raise InputError(f"split_special_tokens must be True or False, got {split_special_tokens!r}")
         #: special-token strings inside documents are plain text (``False``: parsed as special tokens)
@@ -151,7 +158,8 @@ class Engine:
             loaded, store = self.loaded, self.store
             with self._init_lock:
                 if self._planner is None:
-                    self._planner = Planner(loaded, store, split_special_tokens=self.split_special_tokens)
+                    split = self.split_special_tokens
+                    self._planner = Planner(loaded, store, split_special_tokens=split, tenant=self.tenant)
         return self._planner
 
     @property
@@ -364,72 +372,27 @@ class Engine:
         sources: Sequence[str] = (),
         system: str | None = None,
         progress: bool = False,
+        public: bool = False,
     ) -> list[PublishReport]:
         """Compute and store each document's KV (right after the system prefix) unless already stored.
 
         With priming on (``Engine(priming=...)``) each document's primed artifact is stored too.
+        ``public``: under a tenant, the documents are shared on purpose (see :meth:`mark_public`).
+        Each report's ``stored`` says whether the store's last tier holds the artifact afterwards.
         """
-        if isinstance(documents, str):
-            documents = [documents]
-        if sources and len(sources) != len(documents):
-            raise InputError(f"sources has {len(sources)} entries for {len(documents)} documents")
-        sys_prompt = self.system_prompt if system is None else system
-        head = chat_frame(self.tokenizer, sys_prompt)[0]
-        exact = self.options.merge(mode=Mode.EXACT)
-        reports: list[PublishReport] = []
-        items = list(enumerate(documents))
-        bar: Any = items
-        if progress:
-            from tqdm.auto import tqdm
+        return publishing.publish(self, documents, sources, system, progress, public)
 
-            bar = tqdm(items, desc="publishing", unit="doc")
-        for i, doc in bar:
-            if not isinstance(doc, str) or not doc.strip():
-                raise InputError(f"documents[{i}] is empty: drop it or give it text")
-            src = sources[i] if sources else f"doc{i}"
-            t0 = time.perf_counter()
-            tp = self.tokenize(Prompt.from_parts(head, (doc,), "", (src,)))
-            pre = self.prefill(tp, options=exact, need_logits=False)
-            rep = pre.segments[-1]
-            if self.priming:
-                self._publish_primed(tp.segments[-1], src, sys_prompt)
-            self.register_documents({doc: src})
-            reports.append(PublishReport(src, rep.key or "", rep.tokens, rep.cache, time.perf_counter() - t0))
-        return [dataclasses.replace(r, stored=self._held(r.key)) for r in reports]
-
-    def _held(self, key: str) -> bool:
-        """Whether the store's last tier holds ``key`` (one that cannot be asked does not)."""
-        try:
-            return bool(key) and key in self.store.durable
-        except OSError:
-            return False
+    def mark_public(self, documents: Sequence[str], *, system: str | None = None) -> None:
+        """Under a tenant, key ``documents`` (in exact mode, placed first) plainly, as every tenant and
+        tenant-less engine does: they are shared on purpose. Every engine that should share them says
+        so (or publishes them with ``public=True``). Without a tenant, nothing changes."""
+        publishing.mark_public(self, documents, system)
 
     def prefetch(self, documents: Sequence[str], *, system: str | None = None) -> None:
         """Copy the stored artifacts of ``documents`` (their own, and the primed ones when priming is on)
         into the store's faster tiers in the background (e.g. disk into pinned and GPU memory), so that
         the request that follows finds them there. Documents not stored are skipped."""
-        texts = [d for d in documents if isinstance(d, str) and d.strip()]
-        keys = [self.document_key(d, system=system) for d in texts]
-        if self.priming:
-            planner = self.planner
-            context = planner.context(self.system_prompt if system is None else system, self.priming)
-            ids = self.loaded.prompt_tokenizer
-            split = self.split_special_tokens
-            keys += [planner.document_key(ids.document(d.strip(), split).ids, context) for d in texts]
-        if keys:
-            self.store.prefetch(keys)
-
-    def _publish_primed(self, doc_ids: tuple[int, ...], source: str, system: str) -> None:
-        """Store the document's primed artifact (computed after the primed context) unless stored."""
-        planner = self.planner
-        context = planner.context(system, self.priming)
-        n = len(context.pieces)
-        chain = planner.chain(
-            (*(p.ids for p in context.pieces), doc_ids), ("text",) * n + (source,), (False,) * n + (True,)
-        )
-        loaded = self.loaded
-        with loaded.lock, torch.inference_mode():
-            assemble_chain(loaded, self.store, chain, need_logits=False)
+        publishing.prefetch(self, documents, system)
 
     # ----------------------------------------------------------------- reference
     def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .options import Mode, RequestOptions
 from .prompt import Prompt, TokenizedPrompt, chat_frame
 from .rope import window_refusal
 from .store import Store
+from .tenancy import Tenant
 
 #: Contexts remembered per planner (one per system prompt and priming text in use).
 _CONTEXTS = 16
@@ -161,9 +162,20 @@ class RequestPlan:
 class Planner:
     """Plans requests for one loaded model and store. Thread-safe (contexts are memoized under the model's lock)."""
 
-    def __init__(self, loaded: LoadedModel, store: Store, split_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: Store,
+        split_special_tokens: bool = True,
+        tenant: Tenant | None = None,
+        public: set[str] | None = None,
+    ) -> None:
         self.loaded = loaded
         self.store = store
+        #: whose keys these are (``None``: plain keys, shared by every engine on the store)
+        self.tenant = tenant
+        #: digests of the documents published as public (shared on purpose under a tenant, exact mode)
+        self.public: set[str] = public if public is not None else set()
         #: special-token strings inside documents are plain text (see :mod:`kv_rag.tokens`)
         self.split_special_tokens = split_special_tokens
         self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
@@ -202,12 +214,17 @@ class Planner:
         pieces: list[Piece] = []
         pos, parent = 0, ""
         looking = locate and cached
-        for i, (seg, src, doc) in enumerate(zip(segments, sources, documents, strict=True)):
+        spans: list[tuple[bytes, str]] = []
+        for i, seg in enumerate(segments):
             got = digests[i] if i < len(digests) else None
             raw, digest = got if got is not None else (token_bytes(seg), "")
-            if cached and seg and not digest:
-                digest = tokens_digest(raw)
+            spans.append((raw, tokens_digest(raw) if cached and seg and not digest else digest))
+        shared = self._shared_pieces([d for _, d in spans], documents)
+        for i, (seg, src, doc) in enumerate(zip(segments, sources, documents, strict=True)):
+            raw, digest = spans[i]
             key = chain_key_of_digest(parent, fp, tok, digest) if cached and seg else ""
+            if key and self.tenant is not None and i >= shared:
+                key = self.tenant.derive(key)
             tier = None
             if looking and key:
                 tier = self.store.locate(key)
@@ -218,6 +235,19 @@ class Planner:
         if locate and cached:
             pieces = self._load_or_compute(pieces)
         return Chain(tuple(pieces), tuple(suffix), located=locate and cached)
+
+    def _shared_pieces(self, digests: Sequence[str], documents: Sequence[bool]) -> int:
+        """How many leading pieces keep plain keys under a tenant: up to the last of the leading documents
+        that were all published as public (none: 0, every key is the tenant's)."""
+        if self.tenant is None:
+            return len(digests)
+        shared = 0
+        for i, (digest, doc) in enumerate(zip(digests, documents, strict=True)):
+            if doc:
+                if digest not in self.public:
+                    break
+                shared = i + 1
+        return shared
 
     def _load_or_compute(self, pieces: list[Piece]) -> list[Piece]:
         """Recompute the stored pieces from the one on where loading them (and the rest of the chain) is
@@ -269,9 +299,11 @@ class Planner:
         return got
 
     def document_key(self, ids: Sequence[int], context: Chain) -> str:
-        """Key of the artifact of a document with ``ids`` computed after ``context``."""
+        """Key of the artifact of a document with ``ids`` computed after ``context`` (stitch and blend; under
+        a tenant, the tenant's: ``context`` is the tenant's too)."""
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
-        return chain_key_of_digest(context.key, fp, tok, tokens_digest(token_bytes(ids)))
+        key = chain_key_of_digest(context.key, fp, tok, tokens_digest(token_bytes(ids)))
+        return self.tenant.derive(key) if self.tenant is not None else key
 
     # ------------------------------------------------------------------ plans
     def plan(self, tp: TokenizedPrompt, options: RequestOptions, system: str) -> RequestPlan:

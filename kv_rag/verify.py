@@ -226,8 +226,11 @@ def _metadata_problem(engine: Engine, art: Artifact) -> str:
         return f"has {art.num_layers} layers, the model has {loaded.num_layers}"
     if m.tokens_digest != tokens_digest(art.token_ids):
         return "its token ids do not match its tokens digest"
-    if chain_key(m.parent, fp, tok, art.token_ids) != m.key:
-        return "its key is not the content address of its parent and tokens"
+    plain = chain_key(m.parent, fp, tok, art.token_ids)
+    tenant = engine.tenant
+    if m.key not in (plain, tenant.derive(plain) if tenant is not None else plain):
+        whose = f" (for tenant {tenant.name})" if tenant is not None else ""
+        return f"its key is not the content address of its parent and tokens{whose}"
     return ""
 
 
@@ -238,7 +241,8 @@ def _context_ids(engine: Engine, parent: str, store: Store) -> list[int]:
     fp, tok = engine.loaded.fingerprint.digest, engine.loaded.tokenizer_digest
     head = chat_frame(engine.tokenizer, engine.system_prompt)[0]
     head_ids = engine.tokenize(Prompt.from_parts(head, (), "")).ids
-    if chain_key("", fp, tok, head_ids) == parent:
+    head_key = chain_key("", fp, tok, head_ids)
+    if parent in (head_key, engine.tenant.derive(head_key) if engine.tenant is not None else head_key):
         return list(head_ids)
     parts: list[list[int]] = []
     key = parent

@@ -78,6 +78,10 @@ class KVRagParams(BaseModel):
     split_special_tokens: bool = True
     """Special-token strings inside documents stay plain text, so a retrieved document cannot open chat
     turns (``False``: they are parsed as the special tokens they spell)."""
+    tenant: Any = Field(default=None, exclude=True, repr=False)
+    """A :class:`kv_rag.Tenant` (or a tenant name, its secret in ``$KV_RAG_TENANT_SECRET``): artifacts are
+    keyed with its secret, so other tenants sharing the store never hit them. Set by the deployment;
+    not serialized."""
 
     _engines: dict[str, Engine] = PrivateAttr(default_factory=dict)
     _engines_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -93,7 +97,7 @@ class KVRagParams(BaseModel):
                 warnings.warn(
                     f"{cls.__name__} ignores unknown argument(s) {', '.join(unknown)}; "
                     "it takes model, store, device, dtype, mode, recompute, priming, selection, temperature, "
-                    "max_tokens, top_p, seed, stop, use_cache, streaming, split_special_tokens",
+                    "max_tokens, top_p, seed, stop, use_cache, streaming, split_special_tokens, tenant",
                     UserWarning,
                     stacklevel=4,
                 )
@@ -181,6 +185,7 @@ class KVRagParams(BaseModel):
             priming=opts.priming,
             selection=opts.selection,
             split_special_tokens=self.split_special_tokens,
+            tenant=self.tenant,
         )
 
     # ------------------------------------------------------------------ requests

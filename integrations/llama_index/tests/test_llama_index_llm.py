@@ -117,3 +117,12 @@ def test_documents_are_data_unless_the_instance_opts_out() -> None:
     """Special-token strings inside documents stay text by default; the opt-out reaches the engine."""
     assert KVRagLLM(store="memory").engine.split_special_tokens is True
     assert KVRagLLM(store="memory", split_special_tokens=False).engine.split_special_tokens is False
+
+
+def test_tenant_reaches_the_engine_and_is_never_serialized() -> None:
+    from kv_rag import Tenant
+
+    tenant = Tenant("acme", b"a-secret-of-sixteen-bytes-or-more")
+    llm = KVRagLLM(store="memory", tenant=tenant)
+    assert llm.engine.tenant is tenant
+    assert "sixteen" not in llm.model_dump_json() and "sixteen" not in repr(llm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -242,3 +243,15 @@ def test_documents_are_data_unless_the_instance_opts_out(cls: type) -> None:
     """Special-token strings inside documents stay text by default; the opt-out reaches the engine."""
     assert cls(store="memory").engine.split_special_tokens is True
     assert cls(store="memory", split_special_tokens=False).engine.split_special_tokens is False
+
+
+@pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
+def test_tenant_reaches_the_engine_and_is_never_serialized(cls: type) -> None:
+    from langchain_core.load import dumpd
+
+    from kv_rag import Tenant
+
+    tenant = Tenant("acme", b"a-secret-of-sixteen-bytes-or-more")
+    model = cls(store="memory", tenant=tenant)
+    assert model.engine.tenant is tenant
+    assert "sixteen" not in json.dumps(dumpd(model), default=str) and "sixteen" not in repr(model)

@@ -91,6 +91,9 @@ class KVRagLLM(LLM):
     seed: int | None = Field(default=None, description="Seed for sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     use_cache: bool = Field(default=True, description="False: neither read nor write the KV store.")
+    tenant: Any = Field(
+        default=None, exclude=True, repr=False, description="A kv_rag.Tenant (or name): keys derived with its secret."
+    )
     split_special_tokens: bool = Field(
         default=True, description="Special-token strings inside documents stay text (False: parsed as special tokens)."
     )
@@ -119,6 +122,7 @@ class KVRagLLM(LLM):
                 priming=opts.priming,
                 selection=opts.selection,
                 split_special_tokens=self.split_special_tokens,
+                tenant=self.tenant,
             )
         self._engine = engine
         if self.watch_retrievals:
