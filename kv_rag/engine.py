@@ -181,7 +181,11 @@ class Engine:
         sources: Sequence[str] = (),
         system: str | None = None,
     ) -> Prompt:
-        """A RAG prompt in the model's chat template: system part, documents, question."""
+        """A RAG prompt in the model's chat template: system part, documents, question. Without ``sources``,
+        a document published (or registered) with a source name is reported under it."""
+        if not sources and documents:
+            known = self.loaded.documents
+            sources = [known.get(d) or f"doc{i}" if isinstance(d, str) else "" for i, d in enumerate(documents)]
         return build_prompt(
             self.tokenizer, question, documents, self.system_prompt if system is None else system, sources
         )

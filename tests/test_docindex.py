@@ -70,3 +70,18 @@ def test_forgotten_documents_are_not_found_and_extra_sources_win() -> None:
         "mine",
     ]
     assert index.chars == sum(len(d) for d in index)
+
+
+def test_reports_name_documents_by_the_source_they_were_published_with() -> None:
+    from tiny import tiny_model
+
+    from kv_rag import Engine
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    engine = Engine(model, tokenizer=tok, store="memory")
+    engine.publish(["The ferry leaves from pier 7."], sources=["ferry.txt"])
+    gen = engine.generate("Which pier?", ["The ferry leaves from pier 7.", "Unpublished text."], max_new_tokens=2)
+    assert [(d.source, d.cache.value) for d in gen.documents] == [("ferry.txt", "hit"), ("doc1", "miss")]
+    mine = engine.prompt("Which pier?", ["The ferry leaves from pier 7."], sources=["mine"])
+    named = engine.generate(mine, max_new_tokens=2)
+    assert named.documents[0].source == "mine"  # given sources win
