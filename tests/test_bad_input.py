@@ -47,5 +47,5 @@ def test_unknown_mode_lists_the_allowed_ones() -> None:
 def test_missing_model_folder(tmp_path) -> None:
     from kv_rag import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="not a local transformers model folder"):
+    with pytest.raises(ModelLoadError, match="neither a local transformers model folder"):
         _ = Engine(str(tmp_path / "nope"), store="memory").loaded

@@ -106,7 +106,7 @@ def test_chunking_splits_long_files(
         (["ask", "q?", "--docs", "BINARY"], "not UTF-8"),
         (["publish", "EMPTY"], "no text found"),
         (["inspect", "deadbeef"], "neither a file nor a key"),
-        (["ask", "q?", "--docs", "DOCS", "--model", "/nonexistent/model"], "not a local transformers model folder"),
+        (["ask", "q?", "--docs", "DOCS", "--model", "/nonexistent/model"], "neither a local transformers model folder"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(
