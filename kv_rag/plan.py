@@ -203,12 +203,15 @@ class Planner:
         cached: bool = True,
         locate: bool = True,
         digests: Sequence[tuple[bytes, str] | None] = (),
+        shared: bool = True,
     ) -> Chain:
         """The chain of ``segments`` from position 0, with keys.
 
         ``cached=False`` gives no keys (a plain prefill). ``locate``: ask the store which tier holds
         each piece, up to the first it does not hold (a chain is loaded up to its first gap).
         ``digests``: segments' int64 bytes and digest where known already (else computed here).
+        ``shared=False``: under a tenant, every key is the tenant's even where the documents are public
+        (the artifacts of stitch and blend, looked up by :meth:`document_key`).
         """
         fp, tok = self.loaded.fingerprint.digest, self.loaded.tokenizer_digest
         pieces: list[Piece] = []
@@ -219,11 +222,11 @@ class Planner:
             got = digests[i] if i < len(digests) else None
             raw, digest = got if got is not None else (token_bytes(seg), "")
             spans.append((raw, tokens_digest(raw) if cached and seg and not digest else digest))
-        shared = self._shared_pieces([d for _, d in spans], documents)
+        plain = self._shared_pieces([d for _, d in spans], documents) if shared else 0
         for i, (seg, src, doc) in enumerate(zip(segments, sources, documents, strict=True)):
             raw, digest = spans[i]
             key = chain_key_of_digest(parent, fp, tok, digest) if cached and seg else ""
-            if key and self.tenant is not None and i >= shared:
+            if key and self.tenant is not None and i >= plain:
                 key = self.tenant.derive(key)
             tier = None
             if looking and key:
@@ -370,6 +373,7 @@ class Planner:
             (*(False for _ in context.pieces), True),
             locate=False,
             digests=(*((p.ids_bytes, "") for p in context.pieces), digest),
+            shared=False,
         )
         doc = miss.pieces[-1]
         tier = self.store.locate(doc.key)

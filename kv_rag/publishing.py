@@ -104,7 +104,7 @@ def _publish_primed(engine: Engine, doc_ids: tuple[int, ...], source: str, syste
     context = planner.context(system, engine.priming)
     n = len(context.pieces)
     chain = planner.chain(
-        (*(p.ids for p in context.pieces), doc_ids), ("text",) * n + (source,), (False,) * n + (True,)
+        (*(p.ids for p in context.pieces), doc_ids), ("text",) * n + (source,), (False,) * n + (True,), shared=False
     )
     loaded = engine.loaded
     with loaded.lock, torch.inference_mode():

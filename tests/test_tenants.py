@@ -148,3 +148,19 @@ def test_cli_tenant_from_the_environment(embedded: object, tmp_path: Path) -> No
     key = json.loads(same.stdout)["docs"][0]["key"]
     ok = run("acme", "acme-secret-0123456789", "verify", key, "--fraction", "0.2")
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+
+
+def test_stitched_documents_are_the_tenants_even_when_public(tiny: tuple) -> None:
+    """Stitch looks a document up under the tenant's key and computes it under that key on a miss (never
+    under the plain keys public documents get in exact mode): the second request hits, another tenant
+    misses."""
+    model, tok = tiny
+    store = Store([MemoryTier()])
+    a = Engine(model, tokenizer=tok, store=store, tenant=A, mode="stitch")
+    a.publish([OTHER], public=True)
+    a.generate(Q, [DOC, OTHER], max_new_tokens=2)
+    again = a.generate(Q, [DOC, OTHER], max_new_tokens=2)
+    assert again.mode == "stitch" and [d.cache.value for d in again.documents] == ["hit", "hit"]
+    b = Engine(model, tokenizer=tok, store=store, tenant=B, mode="stitch")
+    b.mark_public([OTHER])  # public sharing is an exact-mode thing: stitched artifacts stay each tenant's
+    assert [d.cache.value for d in b.generate(Q, [DOC, OTHER], max_new_tokens=2).documents] == ["miss", "miss"]
