@@ -19,8 +19,8 @@ import torch
 from . import models, publishing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
-from .defaults import SYSTEM_PROMPT
-from .docindex import document_items
+from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
+from .docindex import DocumentIndex, document_items
 from .errors import InputError
 from .options import Mode, RequestOptions
 from .plan import Planner, RequestPlan
@@ -86,6 +86,8 @@ class Engine:
         Store.check_spec(store)
         #: whose artifacts this engine reads and writes (keys derived with its secret); ``None``: shared keys
         self.tenant = tenant_of(tenant)
+        # a tenant's known documents are its own (the model's index is shared by every engine on the model)
+        self._own_documents = DocumentIndex() if self.tenant is not None else None
         if not isinstance(split_special_tokens, bool):
             raise InputError(f"split_special_tokens must be True or False, got {split_special_tokens!r}")
         #: special-token strings inside documents are plain text (``False``: parsed as special tokens)
@@ -184,7 +186,7 @@ class Engine:
         """A RAG prompt in the model's chat template: system part, documents, question. Without ``sources``,
         a document published (or registered) with a source name is reported under it."""
         if not sources and documents:
-            known = self.loaded.documents
+            known = self.known_documents
             sources = [known.get(d) or f"doc{i}" if isinstance(d, str) else "" for i, d in enumerate(documents)]
         return build_prompt(
             self.tokenizer, question, documents, self.system_prompt if system is None else system, sources
@@ -196,9 +198,8 @@ class Engine:
         ``documents`` (text -> source, or texts) adds to the documents this process has published
         for this model (see :meth:`publish` and :meth:`register_documents`).
         """
-        loaded = self.loaded
-        with loaded.lock:
-            return locate(text, loaded.documents, documents)
+        with self.loaded.lock:
+            return locate(text, self.known_documents, documents)
 
     def prompt_from_messages(
         self, messages: Sequence[Mapping[str, str]], documents: Mapping[str, str] | Sequence[str] | None = None
@@ -208,7 +209,16 @@ class Engine:
 
     def register_documents(self, documents: Mapping[str, str] | Sequence[str]) -> None:
         """Remember document texts (-> source) so that prompts containing them are split there."""
-        self.loaded.remember_documents(document_items(documents))
+        if self._own_documents is None:
+            self.loaded.remember_documents(document_items(documents))
+            return
+        with self.loaded.lock:
+            self._own_documents.remember(document_items(documents), KNOWN_DOCUMENT_CHARS)
+
+    @property
+    def known_documents(self) -> DocumentIndex:
+        """The documents prompts are split at: the model's (shared by its engines), or a tenant's own."""
+        return self._own_documents if self._own_documents is not None else self.loaded.documents
 
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt``."""

@@ -191,7 +191,8 @@ class Planner:
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
         """Token ids of each segment of ``prompt`` (together: a plain tokenization of its text; documents'
         ids remembered, see :mod:`kv_rag.tokens`)."""
-        return self.loaded.prompt_tokenizer.tokenize(prompt, self.split_special_tokens)
+        scope = self.tenant.scope if self.tenant is not None else ""
+        return self.loaded.prompt_tokenizer.tokenize(prompt, self.split_special_tokens, scope)
 
     def chain(
         self,

@@ -93,7 +93,8 @@ def prefetch(engine: Engine, documents: Sequence[str], system: str | None = None
         context = planner.context(engine.system_prompt if system is None else system, engine.priming)
         ids = engine.loaded.prompt_tokenizer
         split = engine.split_special_tokens
-        keys += [planner.document_key(ids.document(d.strip(), split).ids, context) for d in texts]
+        scope = planner.tenant.scope if planner.tenant is not None else ""
+        keys += [planner.document_key(ids.document(d.strip(), split, scope).ids, context) for d in texts]
     if keys:
         engine.store.prefetch(keys)
 

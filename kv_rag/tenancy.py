@@ -56,6 +56,11 @@ class Tenant:
             raise InputError(f"tenant {name!r}: set its secret in ${variable} (at least {MIN_SECRET_BYTES} bytes)")
         return cls(name, secret.encode())
 
+    @property
+    def scope(self) -> str:
+        """A name for the tenant's own in-process memos (derived from the secret, so unique to it)."""
+        return self.derive("memo")[:16]
+
     def derive(self, key: str) -> str:
         """The tenant's key for the plain artifact key ``key``."""
         msg = f"kv-rag/tenant/1|{self.name}|{key}".encode()

@@ -74,9 +74,9 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any, max_tokens: int = KNOWN_DOCUMENT_TOKENS) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self._docs: OrderedDict[tuple[str, bool], DocumentTokens] = OrderedDict()
+        self._docs: OrderedDict[tuple[str, bool, str], DocumentTokens] = OrderedDict()
         self._held = 0
-        self._bounds: OrderedDict[tuple[str, str, bool], bool] = OrderedDict()
+        self._bounds: OrderedDict[tuple[str, str, bool, str], bool] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"reused": 0, "tokenized": 0, "plain": 0, "pieces": 0}
         self.composable = bool(getattr(tokenizer, "is_fast", False)) and not self._suffix_specials()
@@ -88,10 +88,11 @@ class PromptTokenizer:
         return any(s in text for s in self.specials)
 
     # ------------------------------------------------------------------ documents
-    def document(self, text: str, split_special_tokens: bool = True) -> DocumentTokens:
+    def document(self, text: str, split_special_tokens: bool = True, scope: str = "") -> DocumentTokens:
         """The ids of ``text`` tokenized on its own (remembered); special-token strings in it stay plain
-        text unless ``split_special_tokens`` is false."""
-        memo = (text, split_special_tokens)
+        text unless ``split_special_tokens`` is false. ``scope``: whose memo (a tenant's own: another
+        tenant's request must not find a document already tokenized, a timing signal)."""
+        memo = (text, split_special_tokens, scope)
         with self._lock:
             got = self._docs.get(memo)
             if got is not None:
@@ -114,13 +115,14 @@ class PromptTokenizer:
         return got
 
     # ------------------------------------------------------------------ prompts
-    def tokenize(self, prompt: Prompt, split_special_tokens: bool = True) -> TokenizedPrompt:
+    def tokenize(self, prompt: Prompt, split_special_tokens: bool = True, scope: str = "") -> TokenizedPrompt:
         """Token ids of each segment of ``prompt``; together, a plain tokenization of ``prompt.text`` in
         which special-token strings inside documents are plain text (``split_special_tokens=False``:
         parsed as special tokens, exactly a plain tokenization).
 
         A document's leading and trailing whitespace is tokenized with the text around it (see
         :func:`trim_documents`): the document's own ids, and so its artifact, are those of its text.
+        ``scope``: whose memos are used (see :meth:`document`).
         """
         segs = trim_documents([s for s in prompt.segments if s.text])
         if not segs:
@@ -128,7 +130,7 @@ class PromptTokenizer:
         # documents after the first piece: their remembered ids (they also say whether a document holds
         # special-token strings; before the first piece, or without offsets, the text is searched)
         docs = {
-            i: self.document(s.text, split_special_tokens)
+            i: self.document(s.text, split_special_tokens, scope)
             for i, s in enumerate(segs)
             if s.document and i > 0 and self.composable
         }
@@ -137,7 +139,7 @@ class PromptTokenizer:
                 docs[i].specials if i in docs else s.document and self.has_specials(s.text) for i, s in enumerate(segs)
             )
             if any(data):
-                return self.pieces(segs, docs)
+                return self.pieces(segs, docs, scope)
         if not self.composable:
             return self.plain(prompt)
         text = "".join(seg.text for seg in segs)
@@ -159,11 +161,13 @@ class PromptTokenizer:
             known.append(None)
         for i, b in enumerate(ends[:-1]):  # every piece after the first was tokenized from its own start
             alone = segs[i].document and i > 0
-            if not self._clean(text[max(0, b - WINDOW) : b], text[b : b + WINDOW], alone):
+            if not self._clean(text[max(0, b - WINDOW) : b], text[b : b + WINDOW], alone, scope):
                 return self.plain(prompt)
         return _assemble(tuple(segs), parts, known)
 
-    def pieces(self, segs: Sequence[Segment], docs: dict[int, DocumentTokens] | None = None) -> TokenizedPrompt:
+    def pieces(
+        self, segs: Sequence[Segment], docs: dict[int, DocumentTokens] | None = None, scope: str = ""
+    ) -> TokenizedPrompt:
         """Each segment tokenized on its own, documents with their special-token strings as plain text
         (the text between documents with the start of the next as look-ahead where offsets allow);
         ``docs``: documents' ids known already, by segment index."""
@@ -174,7 +178,7 @@ class PromptTokenizer:
         known: list[DocumentTokens | None] = []
         for i, seg in enumerate(segs):
             if seg.document and i > 0:
-                doc = docs.get(i) or self.document(seg.text)
+                doc = docs.get(i) or self.document(seg.text, True, scope)
                 parts.append(doc.ids)
                 known.append(doc)
                 continue
@@ -225,10 +229,10 @@ class PromptTokenizer:
         cut = _cut(offsets, len(text))
         return None if cut is None else tuple(ids[:cut])
 
-    def _clean(self, a: str, b: str, left_alone: bool) -> bool:
+    def _clean(self, a: str, b: str, left_alone: bool, scope: str = "") -> bool:
         """Whether the window ``a + b`` around a boundary splits at it, ``b`` into exactly its own tokens
         and (``left_alone``) ``a`` into its own too."""
-        memo = (a, b, left_alone)
+        memo = (a, b, left_alone, scope)
         with self._lock:
             got = self._bounds.get(memo)
             if got is not None:

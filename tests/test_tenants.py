@@ -90,26 +90,48 @@ def test_public_documents_are_shared_on_purpose(tiny: tuple) -> None:
 
 
 def test_another_tenant_cannot_tell_a_used_document_by_time(tiny: tuple) -> None:
-    """Tenant A asks about a document; tenant B probes it and documents nobody asked about, interleaved,
-    8 times each: every probe is a miss and the two median TTFTs are within 1.5x of each other, while a
-    hit (the control) is more than 1.5x faster than either."""
+    """Tenant A asks about 8 documents; tenant B then probes each of them and 8 documents of the same
+    length nobody asked about, interleaved, each its first look: every probe is a miss and the two median
+    TTFTs are within 1.5x of each other, while A's own hit (the control) is more than 1.5x faster."""
     model, tok = tiny
     store = Store([MemoryTier()])
     a = Engine(model, tokenizer=tok, store=store, tenant=A)
-    used, unused = DOC * 20, OTHER * 20  # long enough that a hit is clearly faster than a prefill
-    a.generate(Q, [used], max_new_tokens=1)
+    filler = " The shipment in bay twelve is checked on arrival and signed for by the duty clerk."
+
+    def memo(k: int) -> str:  # same length and token count for every k < 10000
+        return f"Memo {k:04d}." + filler * 40
+
+    for i in range(8):
+        a.generate(Q, [memo(i)], max_new_tokens=1)
     probe = Engine(model, tokenizer=tok, store=store, tenant=B)
     times: dict[str, list[float]] = {"used": [], "unused": []}
     for i in range(8):
-        for name, doc in (("used", used), ("unused", f"{unused} ({i})")):
+        for name, doc in (("used", memo(i)), ("unused", memo(1000 + i))):
             gen = probe.generate(Q, [doc], max_new_tokens=1)
             assert gen.documents[0].cache.value == "miss"
             times[name].append(gen.ttft_s)
-            store.tiers[0].delete(probe.document_key(doc))  # B's own copy: every probe is a first look
-    hit = [a.generate(Q, [used], max_new_tokens=1).ttft_s for _ in range(5)]
+    hit = [a.generate(Q, [memo(0)], max_new_tokens=1).ttft_s for _ in range(5)]
     ratio = statistics.median(times["used"]) / statistics.median(times["unused"])
     assert 1 / 1.5 < ratio < 1.5, (ratio, times)
-    assert statistics.median(hit) < statistics.median(times["used"]) / 1.5  # the probe could see a hit
+    assert statistics.median(hit) < statistics.median(times["used"]) / 1.5  # a hit would show
+
+
+def test_a_tenant_finds_nothing_of_another_in_process_memory(tiny: tuple) -> None:
+    """Engines on one model share its tokenizer memo and document index; a tenant's entries are its own:
+    another tenant's first look at a document re-tokenizes it (no faster path to time) and never learns
+    the source name it was published under."""
+    model, tok = tiny
+    store = Store([MemoryTier()])
+    doc = DOC + " This copy is only used here."  # no earlier test of this module has tokenized it
+    a = Engine(model, tokenizer=tok, store=store, tenant=A)
+    a.publish([doc], sources=["merger-memo.txt"])
+    b = Engine(model, tokenizer=tok, store=store, tenant=B)
+    memo = b.loaded.prompt_tokenizer
+    before = dict(memo.stats)
+    gen = b.generate(Q, [doc], max_new_tokens=1)
+    assert memo.stats["tokenized"] == before["tokenized"] + 1 and memo.stats["reused"] == before["reused"]
+    assert gen.documents[0].source == "doc0" and gen.documents[0].cache.value == "miss"
+    assert a.generate(Q, [doc], max_new_tokens=1).documents[0].source == "merger-memo.txt"
 
 
 def test_bad_tenants_are_refused_with_the_argument_named(monkeypatch: pytest.MonkeyPatch) -> None:
