@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": cmd_bench,
             "cost": cmd_cost,
             "verify": cmd_verify,
+            "store": cmd_store,
         }[args.command]
         return handler(args)
     except KVRagError as exc:
@@ -256,6 +257,58 @@ def cmd_cost(args: argparse.Namespace) -> int:
         return 0
     for d in out:
         print(cost.describe(d))
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """``kv-rag store``: list, size and clean the shared tiers (disk, Redis) of a store."""
+    import time
+
+    from .errors import InputError
+    from .store import Store, admin
+
+    tiers = [t for t in Store.open(args.store).tiers if t.name in ("disk", "redis")]
+    if args.action == "ls":
+        rows = admin.entries(tiers)
+        if args.json:
+            _print({"entries": [vars(e) for e in rows], "bytes": sum(e.nbytes for e in rows)})
+            return 0
+        now = time.time()
+        for e in rows:
+            age = f"{(now - e.stored_at) / 3600:8.1f} h ago" if e.stored_at is not None else "       -"
+            print(f"{e.tier:5}  {e.key[:16]}  {e.nbytes / 1e6:9.2f} MB  {age}")
+        print(f"{len(rows)} entries, {sum(e.nbytes for e in rows) / 1e6:.1f} MB")
+    elif args.action == "du":
+        use = admin.usage(tiers)
+        if args.json:
+            _print({"tiers": [vars(u) for u in use]})
+            return 0
+        for u in use:
+            limit = f"of {u.limit / 1e6:.1f} MB" if u.limit else "(no kv-rag limit)"
+            print(f"{u.tier:5}  {u.entries:6d} entries  {u.nbytes / 1e6:9.1f} MB {limit}  {u.where}")
+    elif args.action == "rm":
+        if not args.keys:
+            raise InputError("store rm needs the keys to remove (see kv-rag store ls)")
+        held = {e.key for e in admin.entries(tiers)}
+        gone = []
+        for k in args.keys:
+            match = [h for h in held if h.startswith(k)] if len(k) >= 8 else [k] if k in held else []
+            if len(match) != 1:
+                raise InputError(f"{k!r} names {len(match)} stored artifacts; give a key or a unique prefix (8+)")
+            for t in tiers:
+                t.delete(match[0])
+            gone.append(match[0])
+        _print({"removed": gone}) if args.json else print(f"removed {len(gone)} artifacts")
+    else:
+        if args.action == "prune":
+            if not args.older_than:
+                raise InputError("store prune needs --older-than (7d, 12h, 30m, 3600)")
+            n = admin.prune(tiers, admin.parse_duration(args.older_than))
+        else:
+            if not args.yes:
+                raise InputError("store clear removes every artifact: pass --yes")
+            n = admin.clear(tiers)
+        _print({"removed": n}) if args.json else print(f"removed {n} artifacts")
     return 0
 
 

@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("store", help="what the store holds and how much; remove entries (ls, du, rm, prune, clear)")
+    p.add_argument("action", choices=["ls", "du", "rm", "prune", "clear"], help="what to do")
+    p.add_argument("keys", nargs="*", help="rm: artifact keys, or unique prefixes of 8 characters or more")
+    p.add_argument("--older-than", help="prune: remove what was stored longer ago than this (7d, 12h, 30m, 3600)")
+    p.add_argument("--yes", action="store_true", help="clear: really remove everything")
+    p.add_argument(
+        "--store",
+        help="store folder, or redis://host:port/db (with $KV_RAG_HOME/store) (default: $KV_RAG_HOME/store)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
     p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
     _add_common(p)
     p.add_argument("artifact", help="an artifact file, or a key in the store")

@@ -15,6 +15,7 @@ from ..codec import decode
 from ..defaults import MEMORY_TIER_BYTES, default_store_dir
 from ..errors import ArtifactError, InputError
 from ..estimates import Speeds
+from . import admin
 from .base import Tier
 from .device import GpuTier, PinnedTier
 from .disk import DiskTier
@@ -216,6 +217,23 @@ class Store:
 
     def __contains__(self, key: object) -> bool:
         return any(key in tier for tier in self.tiers)
+
+    # ----------------------------------------------------------------- management (see kv_rag.store.admin)
+    def entries(self) -> list[admin.Entry]:
+        """Every stored artifact of every tier that can list itself (in-process tiers: this process's), newest first."""
+        return admin.entries(self.tiers)
+
+    def usage(self) -> list[admin.TierUsage]:
+        """Entries, bytes and the byte limit of each tier."""
+        return admin.usage(self.tiers)
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete what was stored more than ``older_than_s`` seconds ago; returns how many entries went."""
+        return admin.prune(self.tiers, older_than_s)
+
+    def clear(self) -> int:
+        """Delete everything in every tier; returns how many entries there were."""
+        return admin.clear(self.tiers)
 
     @property
     def durable(self) -> Tier:

@@ -212,6 +212,22 @@ class DiskTier:
             return self._reader.keys() if self._reader is not None else []
         return [k for k in self._cache.iterkeys() if isinstance(k, str)]
 
+    def entries(self) -> list[tuple[str, int, float | None]]:
+        """``(key, bytes, stored at as Unix time)`` of every entry."""
+        sql = "SELECT key, size, store_time FROM Cache WHERE raw = 1"
+        if self._cache is None:
+            rows = self._reader._rows(sql) if self._reader is not None else []
+        else:
+            with self._cache.transact(retry=True):
+                rows = list(self._cache._sql(sql).fetchall())
+        return [(str(k), int(n or 0), float(t) if t is not None else None) for k, n, t in rows if isinstance(k, str)]
+
+    def clear(self) -> None:
+        """Remove every entry (``OSError`` when the folder is read-only)."""
+        if self._cache is None:
+            raise OSError(f"the disk store {self.directory} is read-only ({self.problem})")
+        self._cache.clear(retry=True)
+
     def __contains__(self, key: object) -> bool:
         if self._cache is None:
             return isinstance(key, str) and self._reader is not None and self._reader.path_of(key) is not None

@@ -67,6 +67,11 @@ class MemoryTier:
             if old is not None:
                 self._bytes -= self.footprint(old)
 
+    def entries(self) -> list[tuple[str, int, float | None]]:
+        """``(key, bytes, stored at)`` of every entry (no store time is kept here: ``None``)."""
+        with self._lock:
+            return [(k, self.footprint(a), None) for k, a in self._items.items()]
+
     def clear(self) -> None:
         """Drop everything."""
         with self._lock:

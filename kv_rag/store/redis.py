@@ -203,7 +203,8 @@ class RedisTier:
         version = uuid.uuid4().hex[:16]
         step = self.chunk_bytes
         parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
-        man = json.dumps({"v": version, "n": len(parts), "size": len(data), "xxh": xxhash.xxh3_128(data).hexdigest()})
+        digest = xxhash.xxh3_128(data).hexdigest()
+        man = json.dumps({"v": version, "n": len(parts), "size": len(data), "xxh": digest, "t": round(time.time(), 3)})
         try:
             pipe = self.client.pipeline(transaction=False)
             for i, part in enumerate(parts):
@@ -251,6 +252,24 @@ class RedisTier:
     def chunk_keys(self) -> list[str]:
         """Every chunk key (for consistency checks in tests)."""
         return [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}c:*", count=1000)]
+
+    def entries(self) -> list[tuple[str, int, float | None]]:
+        """``(key, bytes, stored at as Unix time; None for manifests written before it was recorded)``."""
+        out: list[tuple[str, int, float | None]] = []
+        for key in self.keys():
+            man = self.manifest(key)
+            if man is not None:
+                t = man.get("t")
+                out.append((key, int(man.get("size", 0)), float(t) if t is not None else None))
+        return out
+
+    def clear(self) -> None:
+        """Remove every artifact under this tier's prefix (manifests, then chunks)."""
+        for key in self.keys():
+            self.delete(key)
+        names = [k.encode() for k in self.chunk_keys()]
+        for i in range(0, len(names), 1000):
+            self.client.delete(*names[i : i + 1000])
 
     def manifest(self, key: str) -> dict[str, Any] | None:
         """The manifest of ``key`` as a dict, or ``None``."""
