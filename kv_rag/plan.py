@@ -168,14 +168,13 @@ class Planner:
         store: Store,
         split_special_tokens: bool = True,
         tenant: Tenant | None = None,
-        public: set[str] | None = None,
     ) -> None:
         self.loaded = loaded
         self.store = store
         #: whose keys these are (``None``: plain keys, shared by every engine on the store)
         self.tenant = tenant
         #: digests of the documents published as public (shared on purpose under a tenant, exact mode)
-        self.public: set[str] = public if public is not None else set()
+        self.public: set[str] = set()
         #: special-token strings inside documents are plain text (see :mod:`kv_rag.tokens`)
         self.split_special_tokens = split_special_tokens
         self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
