@@ -31,12 +31,17 @@ if TYPE_CHECKING:
     from .decoder import FastDecoder
 
 #: Requests an arena holds, hence the rows of its batched step (``KV_RAG_BATCH_SLOTS``; 1: no batching).
-BATCH_SLOTS = 8
+BATCH_SLOTS = 32
 
 #: Fewest cached rows per split of the batched attention (a request's rows are cut into at most
 #: ``cap // SPLIT_ROWS`` chunks, at most :data:`MAX_SPLITS`).
 SPLIT_ROWS = 512
 MAX_SPLITS = 16
+
+#: Tokens of one batched prefill run (requests x their padded length); longer prompt tails, and
+#: caches longer than :data:`PREFILL_CONTEXT`, are prefilled one request at a time.
+PREFILL_TOKENS = 256
+PREFILL_CONTEXT = 8192
 
 
 def batch_slots() -> int:
@@ -68,6 +73,7 @@ class Arena:
         self.slots: list[Any] = []
         self._step: BatchStep | None = None
         self._refused = False
+        self._prefills: dict[int, BatchPrefill | None] = {}
 
     def buffers(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Slot ``i``'s per-layer K and V buffers ``[1, kv_heads, cap, dim]``."""
@@ -86,6 +92,42 @@ class Arena:
                 warnings.warn(f"kv-rag: batched decode graph unavailable ({exc}); stepping one by one", stacklevel=3)
                 self._refused = True
         return self._step
+
+    def prefill(self, size: int) -> BatchPrefill | None:
+        """The batched prefill graph for ``size`` tokens per request (captured on first use; ``None``
+        without a scratch slot or if capture was refused)."""
+        if self.n < 2:
+            return None
+        if size not in self._prefills:
+            try:
+                self._prefills[size] = BatchPrefill(self, size)
+            except RuntimeError as exc:
+                warnings.warn(f"kv-rag: batched prefill graph unavailable ({exc}); prefilling one by one", stacklevel=3)
+                self._prefills[size] = None
+        return self._prefills[size]
+
+
+def _capture(step: Any, dec: Any, dev: torch.device, mempool: Any) -> tuple[Any, torch.Tensor]:
+    """Warm ``step.body`` up on a side stream (compiles, handles, workspaces; plain functions if the
+    compiled ones fail), then capture it as a CUDA graph: ``(graph, its output)``."""
+    cur = torch.cuda.current_stream(dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        try:
+            step.body()
+        except Exception as exc:
+            kern = dec.kernels()[0]
+            if not kern.compiled:
+                raise
+            warnings.warn(f"kv-rag: compiled layer functions failed ({exc}); using plain ones", stacklevel=5)
+            kern.plain()
+            step.body()
+    cur.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
+        out = step.body()
+    return graph, out
 
 
 class BatchStep:
@@ -114,24 +156,7 @@ class BatchStep:
         self.meta = torch.zeros((4, self.rows), dtype=torch.long, device=dev)
         self.meta.copy_(self._padding(0).to(dev))
         self.pinned = torch.cuda.is_available()
-        cur = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):  # warm-up: compiles, makes handles and workspaces
-            try:
-                self.body()
-            except Exception as exc:
-                kern = dec.kernels()[0]
-                if not kern.compiled:
-                    raise
-                warnings.warn(f"kv-rag: compiled layer functions failed ({exc}); using plain ones", stacklevel=4)
-                kern.plain()
-                self.body()
-        cur.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=arena.pool.mempool, capture_error_mode="thread_local"):
-            self.logits = self.body()
-        self.graph = graph
+        self.graph, self.logits = _capture(self, dec, dev, arena.pool.mempool)
 
     def _padding(self, real: int) -> torch.Tensor:
         """Host ``meta`` with rows ``real..`` as padding: token 0 at position 0, written to distinct rows
@@ -216,6 +241,120 @@ class BatchStep:
         for (_, cache, _), first in zip(items, firsts, strict=True):
             for cl in cache.layers:
                 cl.filled_to(first + 1)
+        return out[:n].clone()
+
+
+class BatchPrefill:
+    """One CUDA graph prefilling up to :attr:`rows` requests of one arena with ``size`` tokens each.
+
+    The last few prompt tokens of several hits (their questions) run as one forward: the weights are
+    read once for all of them. Requests with fewer tokens are padded at their end (the padding
+    tokens are written past the request's rows, which later steps overwrite); missing requests are
+    padding rows in the scratch slot. The graph always runs :attr:`rows` x ``size`` tokens, so a
+    request's arithmetic does not depend on which others share it. Attention: flash's varlen kernel,
+    causal (aligned lower-right), each request over its own slot of the arena.
+
+    Inputs (static, on the device): ``meta`` ``[4, rows * size]`` = token ids, rotary positions, slot
+    index and the cache row each token is written to; ``real`` ``[rows]`` = real tokens per request.
+    Output: float32 logits ``[rows, vocab]`` of each request's last real token.
+    """
+
+    def __init__(self, arena: Arena, size: int) -> None:
+        self.arena = arena
+        self.size = size
+        dec: FastDecoder = arena.pool.dec
+        self.dec = dec
+        dev = arena.pool.device
+        #: requests per run: about PREFILL_TOKENS tokens in all (the matrix products stay memory-bound)
+        self.rows = max(1, min(arena.n, PREFILL_TOKENS // size))
+        self.kv_heads = dec.kv_heads
+        cap, total = arena.cap, arena.k.shape[1]
+        # the arena's layer as varlen keys: token t of slot s, head h at ((s * kv_heads + h) * cap + t) * dim
+        self.flat_len = (total * self.kv_heads - (self.kv_heads - 1)) * cap
+        self.cum_q = torch.arange(0, (self.rows + 1) * size, size, dtype=torch.int32, device=dev)
+        self.end = torch.tensor([total * self.kv_heads * cap], dtype=torch.int32, device=dev)
+        self.offsets = torch.arange(size, device=dev)
+        self.meta = torch.zeros((4, self.rows * size), dtype=torch.long, device=dev)
+        self.real = torch.ones(self.rows, dtype=torch.long, device=dev)
+        self.meta.copy_(self._padding(0)[0].to(dev))
+        self.pinned = torch.cuda.is_available()
+        self.graph, self.logits = _capture(self, dec, dev, arena.pool.mempool)
+
+    def _padding(self, real: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host ``meta`` and ``real`` with rows ``real..`` as padding: token 0 at positions 0.., written
+        to the scratch slot's first rows."""
+        meta = torch.zeros((4, self.rows, self.size), dtype=torch.long)
+        meta[1, real:] = torch.arange(self.size)
+        meta[2, real:] = self.arena.n
+        meta[3, real:] = torch.arange(self.size)
+        return meta.view(4, -1), torch.full((self.rows,), self.size, dtype=torch.long)
+
+    def _keys(self, buf: torch.Tensor) -> torch.Tensor:
+        """An arena layer ``[slots, kv_heads, cap, dim]`` as varlen keys ``[tokens, kv_heads, dim]``."""
+        dim = buf.shape[-1]
+        return buf.as_strided((self.flat_len, self.kv_heads, dim), (dim, self.arena.cap * dim, 1))
+
+    def body(self) -> torch.Tensor:
+        """The prefill: embed, every layer (append + attention), head of each request's last real token."""
+        dec, arena, meta, size = self.dec, self.arena, self.meta, self.size
+        ids, pos, slot, row = meta[0], meta[1], meta[2], meta[3]
+        h, cos, sin = dec.embed(ids.unsqueeze(0), pos.unsqueeze(0))
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, tokens, 1, dim]
+        firsts = meta[:, ::size]  # each request's first token
+        cu_k = torch.cat([(firsts[2] * self.kv_heads * arena.cap).to(torch.int32), self.end])  # each slot's row 0
+        used = (firsts[3] + size).to(torch.int32)  # the request's cached rows and its own tokens
+        last = torch.arange(self.rows, device=ids.device) * size + self.real - 1
+        heads = torch.arange(self.kv_heads, device=ids.device)
+        at = (slot.unsqueeze(1), heads.unsqueeze(0), row.unsqueeze(1))
+        kern, w_pre, w_post, eps = dec.kernels()
+        for i in range(arena.k.shape[0]):
+            if dec.fusable:
+                q, k, v = kern.pre(h, cos, sin, w_pre[i], eps, dec.head_dim)
+            else:
+                q, k, v = dec.pre_rows(i, h, cos, sin)
+            kb, vb = arena.k[i], arena.v[i]
+            kb.index_put_(at, k[0])
+            vb.index_put_(at, v[0])
+            o = torch.ops.aten._flash_attention_forward(
+                q[0], self._keys(kb), self._keys(vb), self.cum_q, cu_k, size, arena.cap, 0.0, True, False,
+                scale=dec.scaling, seqused_k=used,
+            )[0]  # fmt: skip
+            h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
+        return dec.head(h.index_select(1, last))
+
+    def run(self, items: Sequence[tuple[Sequence[int], Any, int]]) -> torch.Tensor:
+        """Logits ``[len(items), vocab]`` of each request's last token: ``(ids, cache, position)`` per
+        request (at most :attr:`rows`, at most ``size`` ids each, every cache on a slot of this arena,
+        with room for ``size`` more rows); the caches are extended by their ids."""
+        n = len(items)
+        if not 0 < n <= self.rows:
+            raise ValueError(f"a batched prefill takes 1..{self.rows} requests, got {n}")
+        meta3, real = self._padding(n)
+        meta = meta3.view(4, self.rows, self.size)
+        firsts = []
+        for j, (ids, cache, pos) in enumerate(items):
+            k = len(ids)
+            if not 0 < k <= self.size:
+                raise ValueError(f"a batched prefill of {self.size} tokens got {k}")
+            first = int(cache.layers[0].length)
+            meta[0, j, :k] = torch.tensor(list(ids))
+            meta[1, j] = pos + torch.arange(self.size)
+            meta[2, j] = cache.slot.index
+            meta[3, j] = first + torch.arange(self.size)
+            real[j] = k
+            firsts.append(first + k)
+        if self.pinned:
+            meta3, real = meta3.pin_memory(), real.pin_memory()
+        self.meta.copy_(meta3, non_blocking=True)
+        self.real.copy_(real, non_blocking=True)
+        if self.dec.replay:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self.body()
+        for (_, cache, _), last in zip(items, firsts, strict=True):
+            for cl in cache.layers:
+                cl.filled_to(last)
         return out[:n].clone()
 
 

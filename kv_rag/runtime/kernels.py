@@ -133,7 +133,10 @@ class Kernels:
         self.compiled = False
         if os.environ.get("KV_RAG_COMPILE", "1").strip() != "0":
             try:
-                opts: dict[str, Any] = {"dynamic": False, "fullgraph": True}
+                # dynamic=None: the first shape compiles static, a second one compiles a kernel whose
+                # token/row counts are symbolic, which then serves every later step size (static
+                # compiles per size were a multi-second stall for each new question length)
+                opts: dict[str, Any] = {"dynamic": None, "fullgraph": True}
                 self.pre = torch.compile(pre, **opts)
                 self.post = torch.compile(post, **opts)
                 self.merge = torch.compile(merge, **opts)

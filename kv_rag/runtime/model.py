@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..layout import block_rows
-from .batch import Arena, batch_slots, move_to_slot
+from .batch import PREFILL_CONTEXT, PREFILL_TOKENS, Arena, batch_slots, move_to_slot
 from .cache import KVCache, Pieces, build_cache, lend_cache
-from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, fast_path_enabled
+from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, bucket_size, fast_path_enabled
 from .pool import StaticPool
 
 
@@ -174,18 +174,28 @@ class ModelRuntime:
         self, pool: StaticPool, items: Sequence[tuple[Sequence[int], Any, int]], device: torch.device
     ) -> torch.Tensor:
         out: list[torch.Tensor | None] = [None] * len(items)
-        groups: dict[int, tuple[Arena, list[int]]] = {}
+        groups: dict[tuple[int, int], tuple[Arena, list[int]]] = {}
         for j, (ids, cache, _) in enumerate(items):
-            arena = self._arena_for(pool, cache) if len(ids) == 1 else None
+            size = 1 if len(ids) == 1 else self._prefill_size(cache, len(ids))
+            arena = self._arena_for(pool, cache, size) if size else None
             if arena is not None:
-                groups.setdefault(id(arena), (arena, []))[1].append(j)
-        for arena, idx in groups.values():
-            step = arena.step()
-            if step is None:
+                groups.setdefault((id(arena), size), (arena, []))[1].append(j)
+        for (_, size), (arena, idx) in groups.items():
+            if size == 1:
+                step = arena.step()
+                if step is not None:
+                    logits = step.run([(items[j][0][0], items[j][1], items[j][2]) for j in idx])
+                    for row, j in enumerate(idx):
+                        out[j] = logits[row]
                 continue
-            logits = step.run([(items[j][0][0], items[j][1], items[j][2]) for j in idx])
-            for row, j in enumerate(idx):
-                out[j] = logits[row]
+            prefill = arena.prefill(size)
+            if prefill is None:
+                continue
+            for at in range(0, len(idx), prefill.rows):
+                part = idx[at : at + prefill.rows]
+                logits = prefill.run([items[j] for j in part])
+                for row, j in enumerate(part):
+                    out[j] = logits[row]
         for j, (ids, cache, start) in enumerate(items):
             if out[j] is None:
                 t = torch.tensor([list(ids)], dtype=torch.long, device=device)
@@ -193,8 +203,17 @@ class ModelRuntime:
         return torch.stack(out)  # type: ignore[arg-type]
 
     @staticmethod
-    def _arena_for(pool: StaticPool, cache: Any) -> Arena | None:
-        """The arena whose batched step can run ``cache`` (a cache on a lent block is moved into one first)."""
+    def _prefill_size(cache: Any, n: int) -> int:
+        """Tokens per request of the batched prefill that runs ``n`` prompt tokens on ``cache`` (0: none;
+        the choice depends on the request alone, never on the others, so answers do not depend on the load)."""
+        if n > PREFILL_TOKENS // 4 or int(cache.layers[0].length) > PREFILL_CONTEXT:
+            return 0
+        return bucket_size(n)
+
+    @staticmethod
+    def _arena_for(pool: StaticPool, cache: Any, size: int = 1) -> Arena | None:
+        """The arena whose batched graphs can run ``size`` tokens on ``cache`` (a cache on a lent block is
+        moved into one first)."""
         slot = getattr(cache, "slot", None)
         if slot is None or batch_slots() < 2:
             return None
@@ -202,14 +221,14 @@ class ModelRuntime:
             layer = cache.layers[0]
             if layer.key_buffer is None or layer.key_buffer.data_ptr() != slot.k_ptr:
                 return None
-            new = pool.acquire(cache, max(int(layer.capacity), int(layer.length) + 1), pool.dtype)
+            new = pool.acquire(cache, max(int(layer.capacity), int(layer.length) + size), pool.dtype)
             if new is None:
                 return None
             move_to_slot(cache, new)
             slot = new
         layer, arena = cache.layers[0], slot.arena
         kb = layer.key_buffer
-        if arena is None or arena.n < 2 or kb is None or kb.data_ptr() != slot.k_ptr or layer.length + 1 > slot.cap:
+        if arena is None or arena.n < 2 or kb is None or kb.data_ptr() != slot.k_ptr or layer.length + size > slot.cap:
             return None
         return arena
 

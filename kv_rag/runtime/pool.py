@@ -18,8 +18,8 @@ A slot can also stand for a block lent by the GPU tier (a cache-shaped block, se
 :mod:`kv_rag.layout`): the cache then uses the tier's block as its buffers, without copying the
 KV, and the slot keeps only the block's addresses and its graphs.
 
-``KV_RAG_STATIC_BYTES`` caps the pool (default: a quarter of the GPU's memory, at most 16 GiB;
-``0`` turns whole-step graphs off); ``KV_RAG_BATCH_SLOTS`` sets the slots per arena (default 8).
+``KV_RAG_STATIC_BYTES`` caps the pool (default: a quarter of the GPU's memory, at most 48 GiB;
+``0`` turns whole-step graphs off); ``KV_RAG_BATCH_SLOTS`` sets the slots per arena (default 32).
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def round_capacity(n: int) -> int:
 
 
 def pool_limit(device: torch.device) -> int:
-    """Bytes the static pool may hold on ``device`` (``KV_RAG_STATIC_BYTES``, else min(16 GiB, 1/4 of the GPU))."""
+    """Bytes the static pool may hold on ``device`` (``KV_RAG_STATIC_BYTES``, else min(48 GiB, 1/4 of the GPU))."""
     env = os.environ.get("KV_RAG_STATIC_BYTES", "").strip()
     if env:
         return int(env)
     total = int(torch.cuda.get_device_properties(device).total_memory)
-    return min(16 << 30, total // 4)
+    return min(48 << 30, total // 4)
 
 
 def cache_buffers(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
