@@ -121,7 +121,8 @@ def merge_rows(o: torch.Tensor, lse: torch.Tensor, rows: int, kv_heads: int, spl
 
 
 class Kernels:
-    """The functions above, compiled with ``torch.compile`` where it works (``KV_RAG_COMPILE=0``: never)."""
+    """The functions above, compiled with ``torch.compile`` where it works (``KV_RAG_COMPILE=0``: never;
+    ``KV_RAG_COMPILE_DYNAMIC=0``: one static compile per shape, as before 2a1e158)."""
 
     def __init__(self) -> None:
         self.pre: Callable[..., Any] = pre
@@ -136,7 +137,8 @@ class Kernels:
                 # dynamic=None: the first shape compiles static, a second one compiles a kernel whose
                 # token/row counts are symbolic, which then serves every later step size (static
                 # compiles per size were a multi-second stall for each new question length)
-                opts: dict[str, Any] = {"dynamic": None, "fullgraph": True}
+                dynamic = None if os.environ.get("KV_RAG_COMPILE_DYNAMIC", "1").strip() != "0" else False
+                opts: dict[str, Any] = {"dynamic": dynamic, "fullgraph": True}
                 self.pre = torch.compile(pre, **opts)
                 self.post = torch.compile(post, **opts)
                 self.merge = torch.compile(merge, **opts)
