@@ -25,7 +25,7 @@ from .fingerprint import ModelFingerprint
 from .options import Mode, RequestOptions
 from .plan import RequestPlan
 from .prompt import Prompt, TokenizedPrompt
-from .results import CacheStatus, Generation, PublishReport, SegmentReport
+from .results import CacheStatus, Generation, MissReason, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
 from .serving import AsyncStream, Stream
 from .store import DiskTier, MemoryTier, Store, Tier
@@ -51,6 +51,7 @@ __all__ = [
     "KVRagError",
     "LeadingSelection",
     "MemoryTier",
+    "MissReason",
     "Mode",
     "ModelFingerprint",
     "ModelLoadError",

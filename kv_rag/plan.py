@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from .errors import ContextLengthError, InputError, UnsupportedModelError
 from .estimates import MARGIN, recompute_reason
 from .fingerprint import chain_key_of_digest, token_bytes, tokens_digest
+from .misses import MissExplainer
 from .models import LoadedModel
 from .options import Mode, RequestOptions
 from .prompt import Prompt, TokenizedPrompt, chat_frame
@@ -54,6 +55,8 @@ class Piece:
     document: bool
     tier: str | None = None
     recompute: str = ""
+    #: why the store did not hold ``key`` when the plan was made (a :mod:`kv_rag.misses` code; empty: it did)
+    missing: str = ""
 
     @property
     def length(self) -> int:
@@ -178,6 +181,8 @@ class Planner:
         #: special-token strings inside documents are plain text (see :mod:`kv_rag.tokens`)
         self.split_special_tokens = split_special_tokens
         self._contexts: OrderedDict[tuple[str, str], Chain] = OrderedDict()
+        #: reason codes for misses
+        self.misses = MissExplainer(store)
 
     def refresh(self, plan: RequestPlan, system_prompt: str) -> RequestPlan:
         """``plan`` made again where it had misses, so that pieces stored meanwhile (by a request on the same
@@ -228,11 +233,14 @@ class Planner:
             key = chain_key_of_digest(parent, fp, tok, digest) if cached and seg else ""
             if key and self.tenant is not None and i >= plain:
                 key = self.tenant.derive(key)
-            tier = None
-            if looking and key:
-                tier = self.store.locate(key)
+            tier, missing = None, ""
+            if key and doc:
+                self.misses.seen(digest, key)
+            if locate and key:
+                tier = self.store.locate(key) if looking else None
+                missing = "" if tier else self.misses.explain(key, digest, doc, after_gap=not looking)
                 looking = tier is not None
-            pieces.append(Piece(tuple(seg), raw, pos, key, parent if key else "", src, doc, tier))
+            pieces.append(Piece(tuple(seg), raw, pos, key, parent if key else "", src, doc, tier, missing=missing))
             parent = key or parent
             pos += len(seg)
         if locate and cached:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .options import Mode
 
-__all__ = ["CacheStatus", "Generation", "Mode", "PublishReport", "SegmentReport"]
+__all__ = ["CacheStatus", "Generation", "MissReason", "Mode", "PublishReport", "SegmentReport"]
 
 
 class CacheStatus(str, Enum):
@@ -21,6 +21,21 @@ class CacheStatus(str, Enum):
     RECOMPUTED = "recomputed"
 
 
+class MissReason(str, Enum):
+    """Why a ``miss`` was not loaded (:attr:`SegmentReport.reason` of a miss; see :mod:`kv_rag.misses`)."""
+
+    #: no tier holds it, and nothing says it was ever stored here
+    ABSENT = "absent"
+    #: a tier of this process dropped it to make room
+    EVICTED = "evicted"
+    #: a tier held it, but it failed its checks and was dropped
+    DAMAGED = "damaged"
+    #: the same document is stored after other preceding text (exact mode)
+    OTHER_CONTEXT = "other_context"
+    #: stored, but a piece before it in the chain missed
+    AFTER_MISS = "after_miss"
+
+
 @dataclass(frozen=True)
 class SegmentReport:
     """One segment of a request (the prefix or a document)."""
@@ -31,7 +46,7 @@ class SegmentReport:
     key: str | None = None
     tier: str | None = None
     document: bool = False
-    #: why a piece found in the store was recomputed
+    #: why a piece found in the store was recomputed; for a miss, its :class:`MissReason` code
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -89,11 +89,24 @@ def artifact_of(loaded: LoadedModel, cache: Any, piece: Piece, start: int | None
     return Artifact(tuple(ks), tuple(vs), torch.tensor(list(piece.ids), dtype=torch.int32), meta).sealed()
 
 
-def report(piece: Piece, status: CacheStatus, tier: str | None = None) -> SegmentReport:
-    """The report of ``piece`` (its key shown unless it was not cached at all; why it was recomputed)."""
+def report(piece: Piece, status: CacheStatus, tier: str | None = None, missing: str = "") -> SegmentReport:
+    """The report of ``piece``: its key (unless it was not cached at all), why it was recomputed, or
+    why it missed (``missing``, else the plan's code; see :mod:`kv_rag.misses`)."""
     key = piece.key if status is not CacheStatus.NONE else None
-    reason = piece.recompute if status is CacheStatus.RECOMPUTED else None
+    reason = None
+    if status is CacheStatus.RECOMPUTED:
+        reason = piece.recompute
+    elif status is CacheStatus.MISS:
+        reason = missing or piece.missing or "absent"
     return SegmentReport(piece.source, piece.length, status, key, tier, piece.document, reason)
+
+
+def load_failure(store: Any, piece: Piece, gap: bool) -> str:
+    """The miss code of a piece the plan found stored but that was not loaded: ``after_miss`` after an
+    earlier gap in its chain, else what removed it (``damaged``, ``evicted``; ``absent``)."""
+    if piece.tier is None:
+        return ""
+    return "after_miss" if gap else store.why_missing(piece.key)
 
 
 def computed_status(piece: Piece) -> CacheStatus:

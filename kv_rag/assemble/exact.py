@@ -17,7 +17,7 @@ from ..plan import Chain
 from ..results import CacheStatus, SegmentReport
 from ..runtime import pieces_of
 from ..store import Store
-from .base import Prefill, acceptor, artifact_of, computed_status, report
+from .base import Prefill, acceptor, artifact_of, computed_status, load_failure, report
 
 
 def assemble_chain(
@@ -93,12 +93,13 @@ def assemble_chain(
                 torch.cuda.synchronize(logits.device)
             loaded.speeds.prefilled(len(rest), time.perf_counter() - t_fwd)
     stored = 0
-    for piece in chain.pieces[first_uncached:]:
+    for n, piece in enumerate(chain.pieces[first_uncached:]):
         status = computed_status(piece)
+        missing = load_failure(store, piece, gap=n > 0)  # before the put below forgets what removed it
         if piece.key:  # a recomputed piece goes only to the tiers in front of the one that holds it
             store.put(piece.key, artifact_of(loaded, cache, piece), above=piece.tier if piece.recompute else None)
             stored += piece.length if status is CacheStatus.MISS else 0
-        reports.append(report(piece, status))
+        reports.append(report(piece, status, missing=missing))
     return Prefill(
         cache=cache,
         logits=logits,

@@ -29,7 +29,7 @@ from ..plan import DocumentPlan, RequestPlan
 from ..results import CacheStatus, SegmentReport
 from ..runtime import cache_layers
 from ..store import Store
-from .base import Prefill, acceptor, computed_status, report
+from .base import Prefill, acceptor, computed_status, load_failure, report
 from .blend import BlendRequest
 from .exact import assemble_chain
 from .geometry import StitchGeometry
@@ -157,11 +157,12 @@ class _Stitcher:
             values = [v.to(self.device, non_blocking=True).unsqueeze(0) for v in hit.artifact.values]
             rep = report(piece, CacheStatus.HIT, hit.tier)
         else:
+            missing = load_failure(self.store, piece, gap=False)  # before the miss chain stores it again
             pre = assemble_chain(self.loaded, self.store, doc.miss, need_logits=False, t0=self.t0)
             keys = [k[:, :, doc.origin :, :] for k, _ in cache_layers(pre.cache)]
             values = [v[:, :, doc.origin :, :] for _, v in cache_layers(pre.cache)]
             stored = pre.stored_tokens
-            rep = report(piece, computed_status(piece))
+            rep = report(piece, computed_status(piece), missing=missing)
         if piece.start != doc.origin:
             rot = self.shifter.rotation(doc.origin, piece.start, piece.length, self.device)
             keys = [self.shifter.shift(k, doc.origin, piece.start, rot) for k in keys]

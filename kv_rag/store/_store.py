@@ -15,7 +15,7 @@ from ..codec import decode
 from ..defaults import MEMORY_TIER_BYTES, default_store_dir
 from ..errors import ArtifactError, InputError
 from ..estimates import Speeds
-from . import admin
+from . import admin, gone
 from .base import Tier
 from .device import GpuTier, PinnedTier
 from .disk import DiskTier
@@ -109,6 +109,7 @@ class Store:
             if accept is not None:
                 why = accept(art)
                 if why is not None:
+                    gone.record(key, "damaged")
                     warnings.warn(
                         f"kv-rag: dropping artifact {key[:12]}… from the {tier.name} tier: {why}; "
                         "it will be recomputed",
@@ -180,6 +181,11 @@ class Store:
                 continue
         return None
 
+    def why_missing(self, key: str) -> str:
+        """Why no tier holds ``key`` (a :class:`~kv_rag.results.MissReason` value): ``evicted`` or
+        ``damaged`` when this process saw a tier drop it (see :mod:`kv_rag.store.gone`), else ``absent``."""
+        return gone.why(key) or "absent"
+
     def put(self, key: str, artifact: Artifact, above: str | None = None) -> None:
         """Write ``artifact`` (sealed with its checksum) to every tier, or (``above``) to the tiers in
         front of the tier of that name (one that holds it already: the faster tiers get a copy).
@@ -189,6 +195,7 @@ class Store:
         (``writable`` false) is skipped silently.
         """
         art = artifact if artifact.meta.checksum else artifact.sealed()
+        gone.forget(key)
         for tier in self.tiers:
             if tier.name == above:
                 break

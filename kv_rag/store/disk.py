@@ -21,6 +21,7 @@ from .. import codec as _codec
 from ..artifact import Artifact
 from ..defaults import DISK_TIER_BYTES
 from ..errors import ArtifactError
+from . import gone as removed
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class DiskTier:
                 return _codec.decode(data, expect_key=key) if data is not None else None
             except ArtifactError as exc:
                 warnings.warn(f"kv-rag: stored artifact {key[:12]}… is unusable ({exc}); recomputing", stacklevel=2)
+                removed.record(key, "damaged")
                 return None
         try:
             data = _read_value(self._cache.get(key, default=None, read=True, retry=True))
@@ -171,7 +173,7 @@ class DiskTier:
     def _evict(self, target: int, keep: str) -> int:
         """Delete the least recently stored entries (never ``keep``; first those no held entry extends)
         until the tier's bytes are at most ``target``; returns how many went."""
-        gone = 0
+        count = 0
         leaf = (
             "SELECT key FROM Cache AS c WHERE NOT (raw = 1 AND key = ?)"
             " AND NOT EXISTS (SELECT 1 FROM Cache AS d WHERE d.tag = c.key) ORDER BY store_time LIMIT 1"
@@ -182,8 +184,9 @@ class DiskTier:
                 row = self._cache._sql(leaf, (keep,)).fetchone() or self._cache._sql(oldest, (keep,)).fetchone()
             if row is None or not self._cache.delete(row[0], retry=True):
                 break
-            gone += 1
-        return gone
+            removed.record(row[0], "evicted")
+            count += 1
+        return count
 
     def _make_room(self, nbytes: int) -> bool:
         """Lower the size limit to what the filesystem holds (with room for ``nbytes`` more) and evict down
@@ -250,6 +253,7 @@ class DiskTier:
     def _drop(self, key: str, why: str) -> None:
         warnings.warn(f"kv-rag: dropping stored artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=3)
         log.warning("dropping artifact %s: %s", key, why)
+        removed.record(key, "damaged")
         with contextlib.suppress(OSError, sqlite3.Error):
             self._cache.delete(key, retry=True)
 

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 from ..artifact import Artifact
 from ..defaults import MEMORY_TIER_BYTES
+from . import gone
 
 
 class MemoryTier:
@@ -55,8 +56,9 @@ class MemoryTier:
             if size > self.max_bytes:
                 return
             while self._items and self._bytes + size > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
+                old_key, evicted = self._items.popitem(last=False)
                 self._bytes -= self.footprint(evicted)
+                gone.record(old_key, "evicted")
             self._items[key] = artifact
             self._bytes += size
 

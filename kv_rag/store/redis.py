@@ -41,6 +41,7 @@ import xxhash
 
 from ..artifact import Artifact
 from ..errors import ArtifactError, InputError
+from . import gone
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ class RedisTier:
     def _drop(self, key: str, why: str) -> None:
         warnings.warn(f"kv-rag: dropping Redis artifact {key[:12]}…: {why}; it will be recomputed", stacklevel=4)
         log.warning("dropping redis artifact %s: %s", key, why)
+        gone.record(key, "damaged")
         try:
             self.delete(key)
         except self._errors():  # pragma: no cover - delete already guards
