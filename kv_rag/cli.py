@@ -276,7 +276,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         now = time.time()
         for e in rows:
             age = f"{(now - e.stored_at) / 3600:8.1f} h ago" if e.stored_at is not None else "       -"
-            print(f"{e.tier:5}  {e.key[:16]}  {e.nbytes / 1e6:9.2f} MB  {age}")
+            print(f"{e.tier:5}  {e.key[:16]}  {e.nbytes / 1e6:9.2f} MB  {age}{'  pinned' if e.pinned else ''}")
         print(f"{len(rows)} entries, {sum(e.nbytes for e in rows) / 1e6:.1f} MB")
     elif args.action == "du":
         use = admin.usage(tiers)
@@ -286,19 +286,23 @@ def cmd_store(args: argparse.Namespace) -> int:
         for u in use:
             limit = f"of {u.limit / 1e6:.1f} MB" if u.limit else "(no kv-rag limit)"
             print(f"{u.tier:5}  {u.entries:6d} entries  {u.nbytes / 1e6:9.1f} MB {limit}  {u.where}")
-    elif args.action == "rm":
+    elif args.action in ("rm", "pin", "unpin"):
         if not args.keys:
-            raise InputError("store rm needs the keys to remove (see kv-rag store ls)")
+            raise InputError(f"store {args.action} needs artifact keys (see kv-rag store ls)")
         held = {e.key for e in admin.entries(tiers)}
-        gone = []
+        done = []
         for k in args.keys:
             match = [h for h in held if h.startswith(k)] if len(k) >= 8 else [k] if k in held else []
             if len(match) != 1:
                 raise InputError(f"{k!r} names {len(match)} stored artifacts; give a key or a unique prefix (8+)")
-            for t in tiers:
-                t.delete(match[0])
-            gone.append(match[0])
-        _print({"removed": gone}) if args.json else print(f"removed {len(gone)} artifacts")
+            if args.action == "rm":
+                for t in tiers:
+                    t.delete(match[0])
+            else:
+                admin.pin(tiers, match[0], on=args.action == "pin")
+            done.append(match[0])
+        verb = {"rm": "removed", "pin": "pinned", "unpin": "unpinned"}[args.action]
+        _print({verb: done}) if args.json else print(f"{verb} {len(done)} artifacts")
     else:
         if args.action == "prune":
             if not args.older_than:

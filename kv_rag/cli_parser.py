@@ -157,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("store", help="what the store holds and how much; remove entries (ls, du, rm, prune, clear)")
-    p.add_argument("action", choices=["ls", "du", "rm", "prune", "clear"], help="what to do")
-    p.add_argument("keys", nargs="*", help="rm: artifact keys, or unique prefixes of 8 characters or more")
-    p.add_argument("--older-than", help="prune: remove what was stored longer ago than this (7d, 12h, 30m, 3600)")
+    p = sub.add_parser(
+        "store", help="what the store holds and how much; remove or pin entries (ls, du, rm, prune, clear, pin, unpin)"
+    )
+    p.add_argument("action", choices=["ls", "du", "rm", "prune", "clear", "pin", "unpin"], help="what to do")
+    p.add_argument("keys", nargs="*", help="rm, pin, unpin: artifact keys, or unique prefixes of 8 characters or more")
+    p.add_argument(
+        "--older-than",
+        help="prune: remove what was stored longer ago than this, except pinned entries (7d, 12h)",
+    )
     p.add_argument("--yes", action="store_true", help="clear: really remove everything")
     p.add_argument(
         "--store",

@@ -86,6 +86,69 @@ def test_kv_rag_store_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert json.loads(run("du", "--json")[1])["tiers"][0]["entries"] == 0
 
 
+def test_pinned_entries_are_never_evicted_nor_pruned(tmp_path: Path) -> None:
+    """Disk (across processes: the pin is in the index) and memory tiers: with room for two, storing a
+    third evicts the oldest unpinned entry; prune spares pinned entries; unpin lets it go again."""
+    one = len(keyed("a" * 64, n=2000).to_bytes())
+    disk = DiskTier(tmp_path / "d")
+    disk._cache.reset("size_limit", int(disk._cache.volume() + 2.5 * one))  # the index's own pages, and two
+    mem = MemoryTier(int(2.5 * keyed("a" * 64, n=2000).nbytes))
+    store = Store([mem, disk])
+    a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    for k in (a, b):
+        store.put(k, keyed(k, n=2000))
+        time.sleep(0.01)
+    assert store.pin(a) == ["memory", "disk"] and store.pin("z" * 64) == []
+    assert DiskTier(tmp_path / "d").pinned_keys() == {a}  # another opener (process) sees the pin
+    store.put(c, keyed(c, n=2000))
+    assert a in disk and b not in disk and c in disk
+    assert mem.get(a) is not None and mem.get(b) is None
+    assert {e.key for e in store.entries() if e.pinned} == {a}
+    assert store.prune(0) == 1 and a in disk and c not in disk  # the disk records store times; a stayed
+    store.pin(a, on=False)
+    for k in (c, d):
+        store.put(k, keyed(k, n=2000))
+        time.sleep(0.01)
+    assert a not in disk and mem.get(a) is None
+
+
+def test_redis_pin_takes_the_artifact_off_its_ttl(redis_server: RedisServer) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flush()
+    tier = RedisTier(redis_server.url, chunk_bytes=1000, ttl_s=3600)
+    k = "p" * 64
+    tier.put(k, keyed(k, n=60))
+    man = tier.manifest(k)
+    assert man is not None
+    names = [tier._mkey(k)] + [tier._ckey(k, man["v"], i) for i in range(man["n"])]
+    assert all(tier.client.ttl(n) > 0 for n in names)
+    assert tier.pin(k) and tier.pinned_keys() == {k}
+    assert all(tier.client.ttl(n) == -1 for n in names)  # no expiry
+    assert tier.get(k) is not None and all(tier.client.ttl(n) == -1 for n in names)  # a read does not renew it
+    tier.put(k, keyed(k, n=60))  # replaced: the new version stays pinned
+    assert tier.pinned_keys() == {k} and tier.client.ttl(tier._mkey(k)) == -1
+    assert tier.pin(k, on=False) and tier.client.ttl(tier._mkey(k)) > 0 and tier.pinned_keys() == set()
+    assert not tier.pin("q" * 64)
+
+
+def test_kv_rag_store_pin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "s"
+    store = Store([DiskTier(folder)])
+    for k in ("g" * 64, "h" * 64):
+        store.put(k, keyed(k))
+    assert main(["store", "pin", "g" * 8, "--store", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"pinned": ["g" * 64]}
+    assert main(["store", "ls", "--store", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("disk   gggg") and line.endswith("pinned") for line in lines)
+    assert not any(line.startswith("disk   hhhh") and line.endswith("pinned") for line in lines)
+    assert main(["store", "unpin", "g" * 8, "--store", str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == "unpinned 1 artifacts"
+    assert main(["store", "pin", "--store", str(folder)]) == 2
+    assert "needs artifact keys" in capsys.readouterr().err
+
+
 def test_durations() -> None:
     assert [parse_duration(t) for t in ("90", "30m", "12h", "7d", "2w", "1.5h")] == [
         90,

@@ -234,8 +234,15 @@ class Store:
         """Entries, bytes and the byte limit of each tier."""
         return admin.usage(self.tiers)
 
+    def pin(self, key: str, on: bool = True) -> list[str]:
+        """Keep ``key`` from eviction in every tier that holds it (``on=False``: let it go again); returns
+        the names of those tiers. Disk pins hold for every process; memory tiers' for this one; Redis
+        pins take the key off its TTL."""
+        return admin.pin(self.tiers, key, on)
+
     def prune(self, older_than_s: float) -> int:
-        """Delete what was stored more than ``older_than_s`` seconds ago; returns how many entries went."""
+        """Delete what was stored more than ``older_than_s`` seconds ago (never a pinned entry); returns
+        how many entries went."""
         return admin.prune(self.tiers, older_than_s)
 
     def clear(self) -> int:

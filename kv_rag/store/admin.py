@@ -22,6 +22,7 @@ class Entry:
     key: str
     nbytes: int
     stored_at: float | None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,21 @@ class TierUsage:
 
 def entries(tiers: list[Any]) -> list[Entry]:
     """Every entry of every tier that can list itself, newest first (unknown times last)."""
-    out = [Entry(t.name, k, n, at) for t in tiers if hasattr(t, "entries") for k, n, at in t.entries()]
+    out = []
+    for t in tiers:
+        if hasattr(t, "entries"):
+            pins = _pins(t)
+            out += [Entry(t.name, k, n, at, k in pins) for k, n, at in t.entries()]
     return sorted(out, key=lambda e: -(e.stored_at or 0.0))
+
+
+def _pins(tier: Any) -> set[str]:
+    return set(tier.pinned_keys()) if hasattr(tier, "pinned_keys") else set()
+
+
+def pin(tiers: list[Any], key: str, on: bool = True) -> list[str]:
+    """Pin ``key`` (``on=False``: unpin) in every tier that holds it and can pin; the names of those tiers."""
+    return [t.name for t in tiers if hasattr(t, "pin") and t.pin(key, on)]
 
 
 def usage(tiers: list[Any]) -> list[TierUsage]:
@@ -62,8 +76,9 @@ def prune(tiers: list[Any], older_than_s: float) -> int:
     for t in tiers:
         if not hasattr(t, "entries"):
             continue
+        pins = _pins(t)
         for key, _, at in t.entries():
-            if at is not None and at <= cutoff:
+            if at is not None and at <= cutoff and key not in pins:
                 t.delete(key)
                 gone += 1
     return gone

@@ -63,6 +63,7 @@ class DiskTier:
     room and tries once more.
     A folder that cannot be written (a read-only mount, no permission) is opened read-only, with
     one warning: its artifacts are still hits, nothing new is stored (:attr:`problem` says why).
+    Pinned entries (:meth:`pin`, kept in the index, so for every process) are never evicted.
     """
 
     name = "disk"
@@ -95,6 +96,8 @@ class DiskTier:
                 stacklevel=2,
             )
             return
+        with self._cache.transact(retry=True):
+            self._cache._sql(_PINS)
         fits = self._cache.volume() + _free_bytes(self.directory)
         if fits < size_limit:
             self._cache.reset("size_limit", max(0, fits))
@@ -174,11 +177,12 @@ class DiskTier:
         """Delete the least recently stored entries (never ``keep``; first those no held entry extends)
         until the tier's bytes are at most ``target``; returns how many went."""
         count = 0
+        unpinned = " AND key NOT IN (SELECT key FROM KvRagPin)"
         leaf = (
-            "SELECT key FROM Cache AS c WHERE NOT (raw = 1 AND key = ?)"
-            " AND NOT EXISTS (SELECT 1 FROM Cache AS d WHERE d.tag = c.key) ORDER BY store_time LIMIT 1"
-        )
-        oldest = "SELECT key FROM Cache WHERE NOT (raw = 1 AND key = ?) ORDER BY store_time LIMIT 1"
+            "SELECT key FROM Cache AS c WHERE NOT (raw = 1 AND key = ?)" + unpinned
+            + " AND NOT EXISTS (SELECT 1 FROM Cache AS d WHERE d.tag = c.key) ORDER BY store_time LIMIT 1"
+        )  # fmt: skip
+        oldest = "SELECT key FROM Cache WHERE NOT (raw = 1 AND key = ?)" + unpinned + " ORDER BY store_time LIMIT 1"
         while self._cache.volume() > max(0, target):
             with self._cache.transact(retry=True):
                 row = self._cache._sql(leaf, (keep,)).fetchone() or self._cache._sql(oldest, (keep,)).fetchone()
@@ -197,9 +201,31 @@ class DiskTier:
         return self._evict(limit - nbytes, "") > 0
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` if present."""
+        """Remove ``key`` if present (and its pin)."""
         if self._cache is not None:
             self._cache.delete(key, retry=True)
+            with self._cache.transact(retry=True):
+                self._cache._sql("DELETE FROM KvRagPin WHERE key = ?", (key,))
+
+    def pin(self, key: str, on: bool = True) -> bool:
+        """Keep ``key`` from eviction (``on=False``: let it go again); ``False`` when the tier does not
+        hold it. ``OSError`` when the folder is read-only."""
+        if self._cache is None:
+            raise OSError(f"the disk store {self.directory} is read-only ({self.problem})")
+        if key not in self:
+            return False
+        sql = "INSERT OR IGNORE INTO KvRagPin (key) VALUES (?)" if on else "DELETE FROM KvRagPin WHERE key = ?"
+        with self._cache.transact(retry=True):
+            self._cache._sql(sql, (key,))
+        return True
+
+    def pinned_keys(self) -> set[str]:
+        """The pinned keys."""
+        sql = "SELECT key FROM KvRagPin"
+        if self._cache is None:
+            return {str(k) for (k,) in self._reader._rows(sql)} if self._reader is not None else set()
+        with self._cache.transact(retry=True):
+            return {str(k) for (k,) in self._cache._sql(sql).fetchall()}
 
     def path_of(self, key: str) -> Path | None:
         """The file that holds ``key``'s bytes, if the entry exists."""
@@ -230,6 +256,8 @@ class DiskTier:
         if self._cache is None:
             raise OSError(f"the disk store {self.directory} is read-only ({self.problem})")
         self._cache.clear(retry=True)
+        with self._cache.transact(retry=True):
+            self._cache._sql("DELETE FROM KvRagPin")
 
     def __contains__(self, key: object) -> bool:
         if self._cache is None:
@@ -256,6 +284,10 @@ class DiskTier:
         removed.record(key, "damaged")
         with contextlib.suppress(OSError, sqlite3.Error):
             self._cache.delete(key, retry=True)
+
+
+#: pinned keys, in diskcache's index (never evicted)
+_PINS = "CREATE TABLE IF NOT EXISTS KvRagPin (key TEXT PRIMARY KEY)"
 
 
 def _read_value(value: Any) -> Any:

@@ -25,6 +25,7 @@ class MemoryTier:
         self._items: OrderedDict[str, Artifact] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._pinned: set[str] = set()
 
     @property
     def nbytes(self) -> int:
@@ -55,16 +56,34 @@ class MemoryTier:
                 self._bytes -= self.footprint(old)
             if size > self.max_bytes:
                 return
-            while self._items and self._bytes + size > self.max_bytes:
-                old_key, evicted = self._items.popitem(last=False)
+            while self._bytes + size > self.max_bytes:
+                old_key = next((k for k in self._items if k not in self._pinned), None)
+                if old_key is None:  # only pinned entries left: this one is not kept
+                    return
+                evicted = self._items.pop(old_key)
                 self._bytes -= self.footprint(evicted)
                 gone.record(old_key, "evicted")
             self._items[key] = artifact
             self._bytes += size
 
+    def pin(self, key: str, on: bool = True) -> bool:
+        """Keep ``key`` from eviction (``on=False``: let it go again); ``False`` when not held here.
+        In this process only."""
+        with self._lock:
+            if key not in self._items:
+                return False
+            (self._pinned.add if on else self._pinned.discard)(key)
+            return True
+
+    def pinned_keys(self) -> set[str]:
+        """The pinned keys."""
+        with self._lock:
+            return set(self._pinned)
+
     def delete(self, key: str) -> None:
         """Drop ``key`` if present."""
         with self._lock:
+            self._pinned.discard(key)
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= self.footprint(old)
@@ -78,6 +97,7 @@ class MemoryTier:
         """Drop everything."""
         with self._lock:
             self._items.clear()
+            self._pinned.clear()
             self._bytes = 0
 
     def __contains__(self, key: object) -> bool:

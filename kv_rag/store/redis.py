@@ -178,7 +178,7 @@ class RedisTier:
                 return None
             names = [self._ckey(key, version, i) for i in range(n)]
             chunks = self.client.mget(names) if names else []
-            if self.ttl_s is not None:
+            if self.ttl_s is not None and not man.get("pin"):
                 self._renew(key, raw, names)
         except self._errors() as exc:
             self._fail("get", exc)
@@ -214,6 +214,8 @@ class RedisTier:
             old = self.client.set(self._mkey(key), man, ex=self.ttl_s, get=True)
             if old is not None:
                 self._expire_version(key, old)
+                if _pinned(old):  # a pinned artifact stays pinned when it is replaced
+                    self.pin(key)
         except self._errors() as exc:
             self._fail("put", exc)
             return
@@ -242,6 +244,39 @@ class RedisTier:
             return False
         self._ok()
         return found
+
+    def pin(self, key: str, on: bool = True) -> bool:
+        """Take ``key``'s manifest and chunks off the TTL (``on=False``: back on it); ``False`` when the
+        tier does not hold it. Pinned keys have no TTL, so a server with ``maxmemory-policy volatile-lru``
+        (or ``volatile-*``) never evicts them; an ``allkeys-*`` policy still may."""
+        try:
+            raw = self.client.get(self._mkey(key))
+            if raw is None:
+                return False
+            try:
+                man = dict(json.loads(raw))
+                n, version = int(man["n"]), str(man["v"])
+            except (ValueError, KeyError, TypeError):
+                return False
+            man["pin"] = bool(on)
+            names = [self._mkey(key)] + [self._ckey(key, version, i) for i in range(n)]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._mkey(key), json.dumps(man), keepttl=True)
+            for name in names:
+                if on or self.ttl_s is None:
+                    pipe.persist(name)
+                else:
+                    pipe.expire(name, self.ttl_s)
+            pipe.execute()
+        except self._errors() as exc:
+            self._fail("pin", exc)
+            return False
+        self._ok()
+        return True
+
+    def pinned_keys(self) -> set[str]:
+        """The pinned keys (scans the manifests)."""
+        return {k for k in self.keys() if (self.manifest(k) or {}).get("pin")}
 
     # ----------------------------------------------------------------- tools
     def keys(self) -> list[str]:
@@ -312,6 +347,14 @@ class RedisTier:
             self.delete(key)
         except self._errors():  # pragma: no cover - delete already guards
             pass
+
+
+def _pinned(raw_manifest: bytes) -> bool:
+    """Whether a raw manifest says its artifact is pinned."""
+    try:
+        return bool(json.loads(raw_manifest).get("pin"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _redact(url: str) -> str:
