@@ -105,7 +105,14 @@ def test_pinned_entries_are_never_evicted_nor_pruned(tmp_path: Path) -> None:
     assert mem.get(a) is not None and mem.get(b) is None
     assert {e.key for e in store.entries() if e.pinned} == {a}
     assert store.prune(0) == 1 and a in disk and c not in disk  # the disk records store times; a stayed
+    store.pin(c, on=True)
+    store.put(c, keyed(c, n=2000))
+    store.pin(c)
+    with pytest.warns(UserWarning, match="pinned entries"):
+        store.put(d, keyed(d, n=2000))  # a and c pinned, no room for d: skipped
+    assert d not in disk and mem.get(d) is None  # both tiers full of pinned entries
     store.pin(a, on=False)
+    store.pin(c, on=False)
     for k in (c, d):
         store.put(k, keyed(k, n=2000))
         time.sleep(0.01)

@@ -166,6 +166,8 @@ class DiskTier:
         for attempt in range(2):
             try:
                 self._evict(int(self._cache.size_limit) - len(data), key)
+                if self._cache.volume() + len(data) > self._cache.size_limit and self.pinned_keys():
+                    raise OSError(errno.EFBIG, "no room left beside the pinned entries (kv-rag store unpin)")
                 self._cache.set(key, data, retry=True, tag=parent or None)
                 return
             except (OSError, sqlite3.Error) as exc:
