@@ -241,6 +241,19 @@ class Engine:
         head = chat_frame(self.tokenizer, self.system_prompt if system is None else system)[0]
         return self.segment_keys(self.tokenize(Prompt.from_parts(head, (document,), "")))[-1]
 
+    def loading_key(self, document: str, options: RequestOptions | None = None) -> str:
+        """Key of the artifact of ``document`` that a request under ``options`` (default: this engine's)
+        loads for it: in stitch and blend its own artifact (after the primed context with ``priming``;
+        the tenant's key), in exact mode the artifact :meth:`publish` stores, which only a prompt
+        with the document right after the system prompt loads (elsewhere the key depends on the
+        text before it: see each request's report)."""
+        opts = options or self.options
+        if opts.mode is Mode.EXACT:
+            return self.document_key(document)
+        head = chat_frame(self.tokenizer, self.system_prompt)[0]
+        ids = self.tokenize(Prompt.from_parts(head, (document,), "")).segments[-1]
+        return self.planner.document_key(ids, self.planner.context(self.system_prompt, opts.priming))
+
     # ----------------------------------------------------------------- requests
     def request_options(self, options: RequestOptions | None = None, **overrides: Any) -> RequestOptions:
         """``options`` (default: this engine's) with ``overrides`` applied, validated (see

@@ -385,6 +385,8 @@ class Planner:
         )
         doc = miss.pieces[-1]
         tier = self.store.locate(doc.key)
+        if tier is None:
+            doc = replace(doc, missing=self.misses.explain(doc.key, digest[1] or "", True, after_gap=False))
         why = ""
         if tier is not None:
             why = (
@@ -393,7 +395,7 @@ class Planner:
                 )
                 or ""
             )
-        piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, tier, why)
+        piece = Piece(seg, doc.ids_bytes, start, doc.key, doc.parent, source, True, tier, why, doc.missing)
         if why:  # computed after its context, then copied into the tiers in front of the one holding it
             miss = replace(miss, pieces=(*miss.pieces[:-1], replace(doc, tier=tier, recompute=why)))
         return DocumentPlan(piece, context.length, moved, miss)

@@ -40,9 +40,11 @@ class KVCacheRetriever(BaseRetriever):
       stored), by default in a background thread that waits until ``llm`` has no request running,
       so that publishing never delays the answer the chain is about to ask for (a pause of
       ``grace_s`` lets that request start first);
-    * records the key of the document's own artifact in ``metadata["kv_rag_key"]`` (and the source
-      name in ``metadata["kv_rag_source"]``). ``page_content`` is not changed, and the wrapped
-      retriever's documents are not modified (the returned documents are copies).
+    * records the key of the artifact a request will load for the document in
+      ``metadata["kv_rag_key"]`` (:meth:`kv_rag.Engine.loading_key`: in stitch and blend its own
+      artifact, primed when ``priming`` is on; in exact mode only when publishing, the published
+      artifact) and the source name in ``metadata["kv_rag_source"]``. ``page_content`` is not
+      changed, and the wrapped retriever's documents are not modified (the returned documents are copies).
 
     In ``exact`` mode a chain reuses the KV of its whole prompt prefix (template text and documents
     in order) from the second question on the same documents: a document's own artifact would not
@@ -105,6 +107,8 @@ class KVCacheRetriever(BaseRetriever):
     # ------------------------------------------------------------------ publishing
     def _publish(self, docs: Sequence[Document]) -> list[Document]:
         engine = self.engine
+        opts = self.llm.default_options()
+        keyed = self.publishes or opts.publishes_documents
         out: list[Document] = []
         todo: list[tuple[str, str, str]] = []
         for i, doc in enumerate(docs):
@@ -113,10 +117,9 @@ class KVCacheRetriever(BaseRetriever):
                 out.append(doc)
                 continue
             src = str(doc.metadata.get(self.source_key) or doc.id or f"doc{i}")
-            key = engine.document_key(text)
-            out.append(
-                Document(page_content=text, metadata={**doc.metadata, KEY_FIELD: key, SOURCE_FIELD: src}, id=doc.id)
-            )
+            key = engine.loading_key(text, opts) if keyed else ""
+            meta = {**doc.metadata, SOURCE_FIELD: src} | ({KEY_FIELD: key} if key else {})
+            out.append(Document(page_content=text, metadata=meta, id=doc.id))
             todo.append((text, src, key))
         engine.register_documents({text: src for text, src, _ in todo})
         if not self.publishes:

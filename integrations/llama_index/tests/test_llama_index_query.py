@@ -94,6 +94,22 @@ def test_retriever_hides_the_key_and_publishes(nodes: list[TextNode], tmp_path: 
     ]
 
 
+def test_kv_rag_key_names_the_artifact_the_request_loads(nodes: list[TextNode]) -> None:
+    """Stitch mode with priming: each node's kv_rag_key is the key the LLM's request reports as the hit
+    it loaded; exact mode without publishing records none."""
+    inner = BM25Retriever.from_defaults(nodes=nodes, similarity_top_k=2)
+    exact = KVCacheRetriever(inner, KVRagLLM(store="memory", watch_retrievals=False))
+    assert all(METADATA_KEY not in n.node.metadata for n in exact.retrieve("context manager __exit__"))
+    llm = KVRagLLM(store="memory", mode="stitch", priming=True, max_new_tokens=2, watch_retrievals=False)
+    warmed = KVCacheRetriever(inner, llm).retrieve("context manager __exit__")
+    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in warmed]
+    prompt = "Context information:\n\n" + "\n\n".join(texts) + "\n\nWhat does __exit__ do?"
+    raw = llm.complete(prompt).raw
+    assert raw is not None
+    want = [("hit", n.node.metadata[METADATA_KEY]) for n in warmed]
+    assert [(d["cache"], d["key"]) for d in raw["kv_rag"]["docs"]] == want
+
+
 def test_streaming_async_and_settings_llm(index: VectorStoreIndex, reference: str, tmp_path: Path) -> None:
     llm = KVRagLLM(store=tmp_path / "store", max_new_tokens=NUM_OUTPUT)
     saved = Settings._llm

@@ -161,6 +161,21 @@ def test_stitch_mode_loads_published_documents_on_the_first_question(bm25: BM25R
     retriever.close()
 
 
+@pytest.mark.parametrize("priming", [False, True])
+def test_kv_rag_key_names_the_artifact_the_request_loads(bm25: BM25Retriever, priming: bool) -> None:
+    """Stitch mode (primed or not): each document's kv_rag_key is the key the chain's request reports as
+    the hit it loaded. Exact mode without publishing records none (no artifact of its own loads)."""
+    exact = KVCacheRetriever(retriever=bm25, llm=ChatKVRag(store="memory"))
+    assert all("kv_rag_key" not in d.metadata for d in exact.invoke(Q1))
+    chat = ChatKVRag(max_tokens=2, store="memory", mode="stitch", priming=priming)
+    retriever = KVCacheRetriever(retriever=bm25, llm=chat, background=False)
+    docs = retriever.invoke(Q1)
+    messages = PROMPT.invoke({"context": format_docs(docs), "question": Q1})
+    report = chat.invoke(messages).response_metadata["kv_rag"]
+    assert [(d["cache"], d["key"]) for d in report["docs"]] == [("hit", d.metadata["kv_rag_key"]) for d in docs]
+    retriever.close()
+
+
 def test_background_publishing_waits_until_the_chat_model_is_idle(bm25: BM25Retriever) -> None:
     chat = ChatKVRag(max_tokens=4, store="memory")
     retriever = KVCacheRetriever(retriever=bm25, llm=chat, grace_s=0.0, publish=True)

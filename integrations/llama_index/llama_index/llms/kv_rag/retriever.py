@@ -18,8 +18,11 @@ class KVCacheRetriever(BaseRetriever):
     For every node, the text a response synthesizer puts into the prompt
     (``node.get_content(metadata_mode=MetadataMode.LLM)``, which includes the metadata lines) is
     registered with ``llm``'s model, so that ``llm`` finds it in any prompt, and (when publishing)
-    its KV is computed once and stored. The artifact key goes into ``node.metadata["kv_rag_key"]``,
-    which is excluded from the LLM and the embedding text, so the text is unchanged. The nodes are
+    its KV is computed once and stored. The key of the artifact a request will load for the node
+    (:meth:`kv_rag.Engine.loading_key`: in stitch and blend the node's own artifact, primed when
+    ``priming`` is on; in exact mode only when publishing, the published artifact) goes into
+    ``node.metadata["kv_rag_key"]``, which is excluded from the LLM and the embedding text, so the
+    text is unchanged. The nodes are
     copies: the wrapped retriever's own nodes are not modified.
 
     Args:
@@ -60,13 +63,16 @@ class KVCacheRetriever(BaseRetriever):
     def warm(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         """Copies of ``nodes`` with their artifact keys in the metadata; register (and publish) their text."""
         engine = self.llm.engine
+        opts = self.llm.default_options()
+        keyed = self.publish or opts.publishes_documents
         out: list[NodeWithScore] = []
         texts: dict[str, str] = {}
         for nws in nodes:
             node = _with_hidden_key(nws.node)
             text = node.get_content(metadata_mode=MetadataMode.LLM)
             if text.strip():
-                node.metadata[METADATA_KEY] = engine.document_key(text)
+                if keyed:
+                    node.metadata[METADATA_KEY] = engine.loading_key(text, opts)
                 texts.setdefault(text, _source(nws))
             out.append(NodeWithScore(node=node, score=nws.score))
         if texts and self.publish:
