@@ -216,6 +216,11 @@ class Engine:
             self._own_documents.remember(document_items(documents), KNOWN_DOCUMENT_CHARS)
 
     @property
+    def _scope(self) -> str:
+        """Whose conversations this engine's requests continue (its tenant's; ``""``: no tenant)."""
+        return self.tenant.scope if self.tenant is not None else ""
+
+    @property
     def known_documents(self) -> DocumentIndex:
         """The documents prompts are split at: the model's (shared by its engines), or a tenant's own."""
         return self._own_documents if self._own_documents is not None else self.loaded.documents
@@ -291,7 +296,9 @@ class Engine:
         loaded = self.loaded
         with loaded.lock, torch.inference_mode():
             plan = self.planner.refresh(plan, self.system_prompt)  # pieces another call stored meanwhile
-            return assemble(loaded, self.store, plan, need_logits=need_logits, reserve=reserve, t0=t0)
+            return assemble(
+                loaded, self.store, plan, need_logits=need_logits, reserve=reserve, t0=t0, scope=self._scope
+            )
 
     def stream(
         self,
@@ -385,7 +392,7 @@ class Engine:
 
         def prepare() -> Prefill:  # in the scheduler's thread, under the model's lock
             fresh = self.planner.refresh(plan, self.system_prompt)
-            return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer)
+            return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer, scope=self._scope)
 
         job = Job(loaded, prepare, options, sink, t0)
         self.scheduler.submit(job)

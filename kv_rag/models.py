@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .conversations import Conversations
 from .defaults import EMBEDDED_MODEL, KNOWN_DOCUMENT_CHARS, models_dir
 from .docindex import DocumentIndex
 from .errors import ModelLoadError, UnsupportedModelError
@@ -56,6 +57,8 @@ class LoadedModel:
     #: document text -> source, for documents published in this process (see Engine.prompt_from_text),
     #: least recently registered first; bounded by :meth:`remember_documents`
     documents: DocumentIndex = field(default_factory=DocumentIndex, repr=False)
+    #: kept KV of finished exact-mode requests, for the next turn of a conversation
+    conversations: Conversations = field(default_factory=Conversations, repr=False)
     #: warnings already shown for this model (each is shown once)
     warned: set[str] = field(default_factory=set, repr=False)
     _fingerprint: ModelFingerprint | None = field(default=None, repr=False)

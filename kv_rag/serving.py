@@ -148,6 +148,8 @@ class Job:
                 options=self.options.describe(),
             )
         )
+        if pre.token_ids:  # exact mode: the next turn of this conversation may start with all of it
+            self.loaded.conversations.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache)
         self.pre = None  # the cache (and a static slot) is free from now on
         return False
 

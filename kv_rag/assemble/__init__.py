@@ -32,16 +32,21 @@ def assemble(
     reserve: int = 0,
     t0: float | None = None,
     defer: int = 0,
+    scope: str = "",
 ) -> Prefill:
     """The KV of ``plan``'s prompt (call with the model's lock held, in inference mode).
 
     ``need_logits``: return the last token's logits; ``reserve``: room for that many generated
     tokens in the cache without reallocating; ``t0``: when the request started (for ``seconds``);
     ``defer``: in exact mode, leave up to that many final tokens to the caller (:attr:`Prefill.pending`).
+    ``scope``: whose conversations an exact-mode request with caching on may continue (a tenant's scope).
     """
     t0 = time.perf_counter() if t0 is None else t0
     if plan.mode is Mode.EXACT:
-        pre = assemble_chain(loaded, store, plan.lead, need_logits=need_logits, reserve=reserve, t0=t0, defer=defer)
+        turns = scope if plan.options.use_cache and need_logits else None
+        pre = assemble_chain(
+            loaded, store, plan.lead, need_logits=need_logits, reserve=reserve, t0=t0, defer=defer, conversation=turns
+        )
         pre.mode = Mode.EXACT
         return pre
     return assemble_stitched(loaded, store, plan, need_logits=need_logits, reserve=reserve, t0=t0)

@@ -40,6 +40,10 @@ class Prefill:
     #: tokens left to run, and the position of the first, when the last forward was deferred (``defer``):
     #: the cache holds everything before them and ``logits`` is ``None`` until the caller runs them
     pending: tuple[tuple[int, ...], int] | None = None
+    #: the prompt's token ids (exact mode), and whose they are (a tenant's scope), for
+    #: :class:`~kv_rag.conversations.Conversations`; empty: the request's KV is not kept
+    token_ids: tuple[int, ...] = ()
+    scope: str = ""
 
 
 def acceptor(loaded: LoadedModel, piece: Piece, start: int) -> Callable[[Artifact], str | None]:

@@ -7,10 +7,11 @@ whole chain before it), so the cache equals a from-scratch prefill's.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from ..artifact import Artifact
+from ..conversations import MIN_TOKENS
 from ..estimates import MIN_PREFILL_TOKENS
 from ..models import LoadedModel
 from ..plan import Chain
@@ -29,6 +30,7 @@ def assemble_chain(
     reserve: int = 0,
     t0: float | None = None,
     defer: int = 0,
+    conversation: str | None = None,
 ) -> Prefill:
     """KV of ``chain`` (call with the model's lock held, in inference mode).
 
@@ -39,32 +41,29 @@ def assemble_chain(
     ``defer``: when the logits are wanted and at most this many tokens are left to run and none of
     them is to be stored, they are not run here but returned as :attr:`Prefill.pending` (the
     scheduler runs them together with other requests' tokens).
+    ``conversation``: a tenant's scope (``""``: none) whose kept turns (:mod:`kv_rag.conversations`) may
+    hold a longer start of the prompt than the store's chain; the longest is loaded instead, and
+    the result carries the prompt's ids for keeping this request's own turn. ``None``: neither.
     """
     t0 = time.perf_counter() if t0 is None else t0
     reports: list[SegmentReport] = []
-    hits: list[Artifact] = []
+    hits: list[Any] = []
     lendable = False
-    first_uncached = len(chain.pieces)
-    for i, piece in enumerate(chain.pieces):
-        if piece.recompute:  # the planner found loading it slower than computing it
-            first_uncached = i
-            break
-        if not piece.key:
-            if piece.length:
-                first_uncached = i
-                break
-            reports.append(report(piece, CacheStatus.NONE))
-            continue
-        look = piece.tier is not None or not chain.located
-        hit = store.get(piece.key, accept=acceptor(loaded, piece, piece.start)) if look else None
-        if hit is None:
-            first_uncached = i
-            break
-        hits.append(hit.artifact)
-        lendable = hit.lendable
-        reports.append(report(piece, CacheStatus.HIT, hit.tier))
-    pos = chain.pieces[first_uncached].start if first_uncached < len(chain.pieces) else chain.length
-    rest: list[int] = [t for p in chain.pieces[first_uncached:] for t in p.ids] + list(chain.suffix)
+    full = chain.ids
+    m, turn = loaded.conversations.match(conversation, full) if conversation is not None else (0, None)
+    m = min(m, len(full) - 1)
+    if turn is not None and m >= _stored_run(chain) + MIN_TOKENS:  # a kept turn holds more than the store
+        first_uncached = next((i for i, p in enumerate(chain.pieces) if p.end > m), len(chain.pieces))
+        for piece in chain.pieces[:first_uncached]:
+            status = CacheStatus.HIT if piece.key else CacheStatus.NONE
+            reports.append(report(piece, status, "conversation" if piece.key else None))
+        hits, pos = [turn.head(m)], m
+    else:
+        first_uncached = _load(loaded, store, chain, hits, reports)
+        lendable = bool(hits) and bool(getattr(hits[-1], "lendable", False))
+        hits = [getattr(h, "artifact", h) for h in hits]
+        pos = chain.pieces[first_uncached].start if first_uncached < len(chain.pieces) else chain.length
+    rest: list[int] = full[pos:]
     drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
     # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
     ids = torch.tensor([rest or chain.ids[-1:]], dtype=torch.long, device=loaded.device)
@@ -110,4 +109,37 @@ def assemble_chain(
         seconds=time.perf_counter() - t0,
         segments=reports,
         pending=pending,
+        token_ids=tuple(full) if conversation is not None else (),
+        scope=conversation or "",
     )
+
+
+def _load(loaded: LoadedModel, store: Store, chain: Chain, hits: list[Any], reports: list[SegmentReport]) -> int:
+    r"""Load ``chain``'s pieces in order into ``hits`` (the store's :class:`~kv_rag.store.Hit`\ s) up to the
+    first the store does not have (or whose artifact does not fit); returns that piece's index."""
+    for i, piece in enumerate(chain.pieces):
+        if piece.recompute:  # the planner found loading it slower than computing it
+            return i
+        if not piece.key:
+            if piece.length:
+                return i
+            reports.append(report(piece, CacheStatus.NONE))
+            continue
+        look = piece.tier is not None or not chain.located
+        hit = store.get(piece.key, accept=acceptor(loaded, piece, piece.start)) if look else None
+        if hit is None:
+            return i
+        hits.append(hit)
+        reports.append(report(piece, CacheStatus.HIT, hit.tier))
+    return len(chain.pieces)
+
+
+def _stored_run(chain: Chain) -> int:
+    """Tokens of the chain's leading pieces the store held when the plan was made (0: not looked up)."""
+    end = 0
+    for piece in chain.pieces if chain.located else ():
+        if piece.key and piece.tier is not None and not piece.recompute:
+            end = piece.end
+        elif piece.length:
+            break
+    return end
