@@ -64,10 +64,6 @@ class ArtifactMeta:
         """Whether a publisher signed it (whether the signature holds: :class:`~kv_rag.signing.TrustPolicy`)."""
         return bool(self.signature)
 
-    def unsigned(self) -> ArtifactMeta:
-        """This metadata without a signature."""
-        return replace(self, **dict.fromkeys(SIGNATURE_FIELDS, ""))
-
     def header(self) -> dict[str, str]:
         """The safetensors header entries of this metadata: the signature, if any, under its own key."""
         core = {k: v for k, v in self.to_dict().items() if k not in SIGNATURE_FIELDS}

@@ -26,8 +26,8 @@ from .errors import InputError
 __all__ = ["SIGNED_FIELDS", "PublisherKey", "SigningKey", "TrustPolicy", "signed_message", "tensor_digest"]
 
 #: The metadata fields a signature covers (with ``tensor_digest``, the tensors themselves).
-SIGNED_FIELDS = ("key", "parent", "model_digest", "tokenizer_digest", "tokens_digest", "dtype", "start", "num_tokens")
-SIGNED_FIELDS += ("tensor_digest",)
+SIGNED_FIELDS: tuple[str, ...] = ("key", "parent", "model_digest", "tokenizer_digest", "tokens_digest", "dtype")
+SIGNED_FIELDS += ("start", "num_tokens", "tensor_digest")
 #: Why :meth:`TrustPolicy.check` refuses an artifact.
 UNSIGNED, UNTRUSTED_KEY, TAMPERED = "unsigned", "signed by an untrusted key", "tampered after signing"
 
@@ -197,7 +197,7 @@ class TrustPolicy:
 
     def __init__(self, trusted: Any) -> None:
         keys: set[bytes] = set()
-        todo = [trusted]
+        todo: list[Any] = [trusted]
         while todo:
             item = todo.pop()
             if isinstance(item, (SigningKey, PublisherKey, str, Path)):
@@ -210,7 +210,7 @@ class TrustPolicy:
         if not keys:
             raise InputError("trust needs at least one public key (a .pub file that kv-rag keygen wrote)")
         #: the trusted public keys (raw bytes)
-        self.keys = frozenset(keys)
+        self.keys: frozenset[bytes] = frozenset(keys)
 
     def check(self, artifact: Artifact, tensors: bool = True) -> str | None:
         """``None`` when ``artifact`` may be loaded, else why not: ``"unsigned"``, ``"signed by an untrusted
