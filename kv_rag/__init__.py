@@ -28,6 +28,7 @@ from .prompt import Prompt, TokenizedPrompt
 from .results import CacheStatus, Generation, MissReason, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
 from .serving import AsyncStream, Stream
+from .signing import PublisherKey, SigningKey, TrustPolicy
 from .store import DiskTier, MemoryTier, Store, Tier
 from .tenancy import Tenant
 
@@ -58,15 +59,18 @@ __all__ = [
     "Prefill",
     "Prompt",
     "PublishReport",
+    "PublisherKey",
     "RequestOptions",
     "RequestPlan",
     "SegmentReport",
     "Selector",
+    "SigningKey",
     "Store",
     "Stream",
     "Tenant",
     "Tier",
     "TokenizedPrompt",
+    "TrustPolicy",
     "UnsupportedModelError",
     "__version__",
 ]

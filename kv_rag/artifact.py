@@ -3,6 +3,9 @@
 The checksum (xxh3-128 over every tensor's bytes, in a fixed order) is written into the metadata
 and verified by :meth:`Artifact.from_bytes`; a mismatch, a truncated file, another format version
 or a missing field raises :class:`~kv_rag.errors.ArtifactError`, which callers treat as a miss.
+The checksum finds damage, not forgery: anyone can re-seal it. A publisher's signature
+(:mod:`kv_rag.signing`) is kept apart in the safetensors header (``kv_rag_sig``), so kv-rag versions
+that predate signing still read signed artifacts, and unsigned artifacts read as before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from .errors import ArtifactError
 
 FORMAT_VERSION = 1
 _META_KEY = "kv_rag"
+_SIG_KEY = "kv_rag_sig"
+#: The metadata fields a signature adds (:mod:`kv_rag.signing`), stored under their own header entry.
+SIGNATURE_FIELDS = ("signer", "signature", "tensor_digest")
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,29 @@ class ArtifactMeta:
     source: str = ""
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
+    #: the publisher's Ed25519 public key (raw, base64); empty: unsigned (see :mod:`kv_rag.signing`)
+    signer: str = ""
+    #: the publisher's signature (base64) over the tensor digest and the fields that place the KV
+    signature: str = ""
+    #: cryptographic digest of every tensor's bytes (``sha256:<hex>``), covered by the signature
+    tensor_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
         return asdict(self)
+
+    @property
+    def signed(self) -> bool:
+        """Whether a publisher signed it (whether the signature holds: :class:`~kv_rag.signing.TrustPolicy`)."""
+        return bool(self.signature)
+
+    def header(self) -> dict[str, str]:
+        """The safetensors header entries of this metadata: the signature, if any, under its own key."""
+        core = {k: v for k, v in self.to_dict().items() if k not in SIGNATURE_FIELDS}
+        out = {_META_KEY: json.dumps(core, sort_keys=True)}
+        if self.signed:
+            out[_SIG_KEY] = json.dumps({k: getattr(self, k) for k in SIGNATURE_FIELDS}, sort_keys=True)
+        return out
 
 
 @dataclass(frozen=True)
@@ -86,7 +111,7 @@ class Artifact:
         """Safetensors bytes with the metadata (and checksum) in the header."""
         art = self if self.meta.checksum else self.sealed()
         tensors = {name: t.detach().contiguous().cpu() for name, t in art._tensors().items()}
-        return st_save(tensors, metadata={_META_KEY: json.dumps(art.meta.to_dict(), sort_keys=True)})
+        return st_save(tensors, metadata=art.meta.header())
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
@@ -98,6 +123,7 @@ class Artifact:
         try:
             header = _read_header(data)
             raw = json.loads(_kv_rag_meta(header))
+            raw.update(_signature_fields(header))
             tensors = _load_tensors(data, header)
         except ArtifactError:
             raise
@@ -188,6 +214,15 @@ def _kv_rag_meta(header: dict[str, Any]) -> str:
     if not isinstance(meta, dict) or _META_KEY not in meta:
         raise ArtifactError("not a kv-rag artifact (no kv_rag metadata)")
     return str(meta[_META_KEY])
+
+
+def _signature_fields(header: dict[str, Any]) -> dict[str, str]:
+    """The signature fields of a parsed safetensors header (none when unsigned)."""
+    sig = (header.get("__metadata__") or {}).get(_SIG_KEY)
+    if sig is None:
+        return {}
+    fields = json.loads(sig)
+    return {k: str(fields.get(k, "")) for k in SIGNATURE_FIELDS}
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

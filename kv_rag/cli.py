@@ -1,4 +1,4 @@
-"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify (arguments: :mod:`kv_rag.cli_parser`)."""
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify, store, keygen (see :mod:`.cli_parser`)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": cmd_verify,
             "store": cmd_store,
             "install-model": cmd_install_model,
+            "keygen": cmd_keygen,
         }[args.command]
         return handler(args)
     except KVRagError as exc:
@@ -67,6 +68,8 @@ def _engine(args: argparse.Namespace, **options: Any) -> Any:
         dtype=args.dtype,
         split_special_tokens=split,
         tenant=tenant,
+        sign_key=getattr(args, "sign_key", None),
+        trust=getattr(args, "trust", None) or None,
         **options,
     )
 
@@ -82,6 +85,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     docs = read_documents(args.paths)
     engine = _engine(args)
+    if engine.trust is not None and engine.signer is None:
+        raise InputError("publish --trust without --sign-key stores nothing (it would refuse it): pass --sign-key too")
     with warnings.catch_warnings():  # a read-only store is this command's error, not a warning besides it
         warnings.simplefilter("ignore")
         durable = engine.store.durable
@@ -327,11 +332,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.artifact)
     if path.is_file():
         art = Artifact.from_bytes(path.read_bytes())  # ArtifactError (damaged, not an artifact) -> exit 2
+    elif engine.trust is not None:  # read it as stored, then say why it is refused
+        art = engine.store.inspect(args.artifact)[0]
     else:
         hit = engine.store.get(args.artifact)
         if hit is None:
             raise InputError(f"{args.artifact!r} is neither an artifact file nor a key in the store")
         art = hit.artifact
+    refused = engine.trust.check(art) if engine.trust is not None else None
+    if refused:
+        _print({"ok": False, "reason": f"untrusted: {refused}"}) if args.json else print(
+            f"FAILED: untrusted: {refused}"
+        )
+        return 1
     rep = verify_artifact(engine, art, fraction=args.fraction, window=args.window, seed=args.seed)
     if args.json:
         _print({**rep.to_dict(), "detects_16_token_span": rep.detection_probability(16)})
@@ -356,6 +369,17 @@ def cmd_install_model(args: argparse.Namespace) -> int:
     cmd = install_command()
     print(shlex.join(cmd), flush=True)
     return 0 if args.dry_run else subprocess.call(cmd)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """``kv-rag keygen OUT``: a new publisher key pair, OUT (private, mode 0600) and OUT.pub."""
+    from .signing import SigningKey
+
+    key = SigningKey.generate()
+    pub = key.save(args.out)
+    print(f"wrote {args.out} (private key, mode 0600: keep it secret; kv-rag publish --sign-key {args.out})")
+    print(f"wrote {pub} (public key: consumers pass --trust {pub}); key {key.public_key.b64}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .defaults import MAX_NEW_TOKENS
 
-DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify."
+DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify, store, keygen."
 
 
 class _Help(argparse.HelpFormatter):
@@ -60,6 +60,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_signing(p: argparse.ArgumentParser, sign: bool = True) -> None:
+    if sign:
+        p.add_argument(
+            "--sign-key", metavar="FILE", help="sign every artifact stored with this private key (kv-rag keygen)"
+        )
+    p.add_argument(
+        "--trust",
+        metavar="FILE",
+        action="append",
+        help="load only artifacts signed by this public key (repeatable; with --sign-key, that key too); any "
+        "other is a miss (untrusted) and is recomputed",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from . import __version__
@@ -73,15 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="publish the bundled corpus and answer questions with and without the cache")
     _add_common(p)
+    _add_signing(p)
     p.add_argument("--max-new-tokens", type=int, default=48)
 
     p = sub.add_parser("publish", help="compute and store the KV cache of text files")
     _add_common(p)
+    _add_signing(p)
     p.add_argument("paths", nargs="+", help="text or markdown files, or folders of them")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in tokens; 0 keeps each file whole")
 
     p = sub.add_parser("ask", help="answer a question from documents, reusing their KV caches")
     _add_common(p)
+    _add_signing(p)
     p.add_argument("question")
     p.add_argument("--docs", nargs="+", required=True, help="text or markdown files, or folders of them")
     p.add_argument("--k", type=int, default=1, help="number of chunks to retrieve (BM25)")
@@ -178,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="spot-check an untrusted artifact by recomputing random windows of it")
     _add_common(p)
+    _add_signing(p, sign=False)
     p.add_argument("artifact", help="an artifact file, or a key in the store")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of the artifact's windows to recompute")
     p.add_argument("--window", type=int, default=16, help="tokens per recomputed window")
     p.add_argument("--seed", type=int, help="seed of the window choice (default: random)")
+
+    p = sub.add_parser("keygen", help="make a publisher key pair for signed artifacts")
+    p.add_argument("out", help="private key file to write (mode 0600); the public key goes to OUT.pub")
     return parser

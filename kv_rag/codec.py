@@ -14,7 +14,8 @@ written with different codecs and :func:`decode` reads them all:
   (head, token) row (absmax / 127); about 0.27x the float32 size. Decoding dequantizes to the
   artifact's dtype and re-seals the artifact, so the returned KV is *not* the computed KV: answers
   may differ from a full prefill (the benchmark reports how often greedy tokens agree). The stored
-  bytes carry an xxh3-64 checksum of their own, verified before decoding.
+  bytes carry an xxh3-64 checksum of their own, verified before decoding. A publisher's signature
+  is not kept (it covers the computed KV, not the quantized one): int8 entries read as unsigned.
 
 Any damage (bad magic payload, truncated frame, checksum mismatch) raises
 :class:`~kv_rag.errors.ArtifactError`, which the disk tier treats as a miss.
@@ -33,7 +34,7 @@ import xxhash
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .artifact import Artifact, ArtifactMeta
+from .artifact import SIGNATURE_FIELDS, Artifact, ArtifactMeta
 from .errors import ArtifactError, InputError
 
 #: Codec names accepted by :func:`encode` and by ``DiskTier(codec=...)``.
@@ -167,7 +168,7 @@ def encode_int8(artifact: Artifact) -> bytes:
             q, s = quantize_int8(t.detach().cpu())
             tensors[f"{name}.{i}.q"] = q.contiguous()
             tensors[f"{name}.{i}.s"] = s.contiguous()
-    meta = json.dumps(artifact.meta.to_dict(), sort_keys=True)
+    meta = json.dumps({k: v for k, v in artifact.meta.to_dict().items() if k not in SIGNATURE_FIELDS}, sort_keys=True)
     body = st_save(tensors, metadata={"kv_rag_int8": meta})
     return _INT8_HEAD.pack(MAGIC_INT8, xxhash.xxh3_64_intdigest(body)) + body
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import models, publishing
+from . import models, publishing, signing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
@@ -65,6 +65,11 @@ class Engine:
             every key is derived with its secret, so other tenants sharing the store never hit (or
             find) its artifacts; set by the deployment. Documents published with ``public=True`` are
             shared on purpose.
+        sign_key: a :class:`~kv_rag.signing.SigningKey` or its file: every artifact the engine stores is
+            signed (publish and misses alike).
+        trust: public keys or their files (a list), or a :class:`~kv_rag.signing.TrustPolicy`: every
+            artifact loaded from any tier must be signed by one of them (or by ``sign_key``), intact; any
+            other is skipped as a miss (``untrusted``) and recomputed. See docs/store.md.
     """
 
     def __init__(
@@ -82,10 +87,17 @@ class Engine:
         selection: Selector | str | None = None,
         split_special_tokens: bool = True,
         tenant: Tenant | str | None = None,
+        sign_key: Any = None,
+        trust: Any = None,
     ) -> None:
         Store.check_spec(store)
+        #: signs every artifact this engine stores (``None``: unsigned)
+        self.signer = signing.signer_of(sign_key)
+        #: whose signatures the artifacts this engine loads must carry (``None``: any artifact, signed or not)
+        self.trust = signing.trust_of(trust, self.signer)
         #: whose artifacts this engine reads and writes (keys derived with its secret); ``None``: shared keys
         self.tenant = tenant_of(tenant)
+        self._scope = self.tenant.scope if self.tenant is not None else ""  # whose conversations it continues
         # a tenant's known documents are its own (the model's index is shared by every engine on the model)
         self._own_documents = DocumentIndex() if self.tenant is not None else None
         if not isinstance(split_special_tokens, bool):
@@ -98,6 +110,8 @@ class Engine:
         self._dtype = dtype
         self._store_spec: str | Path | None = None if isinstance(store, Store) else store
         self._store: Store | None = store if isinstance(store, Store) else None
+        if self._store is not None:
+            self._store.secure(self.signer, self.trust)
         self.system_prompt = system_prompt
         #: the defaults of every request
         self.options = RequestOptions.make(mode=mode, recompute=recompute, priming=priming, selection=selection)
@@ -143,7 +157,9 @@ class Engine:
             device = self._store_device()  # may load the model: outside the (non-reentrant) lock
             with self._init_lock:
                 if self._store is None:
-                    self._store = Store.open(self._store_spec, device=device)
+                    opened = Store.open(self._store_spec, device=device)
+                    opened.secure(self.signer, self.trust)
+                    self._store = opened
         return self._store
 
     def _store_device(self) -> str:
@@ -214,11 +230,6 @@ class Engine:
             return
         with self.loaded.lock:
             self._own_documents.remember(document_items(documents), KNOWN_DOCUMENT_CHARS)
-
-    @property
-    def _scope(self) -> str:
-        """Whose conversations this engine's requests continue (its tenant's; ``""``: no tenant)."""
-        return self.tenant.scope if self.tenant is not None else ""
 
     @property
     def known_documents(self) -> DocumentIndex:

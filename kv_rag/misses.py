@@ -6,6 +6,8 @@ Codes (:class:`kv_rag.results.MissReason`):
 - ``evicted``: a tier of this process dropped it to make room;
 - ``damaged``: a tier held it, but it failed its checks (corrupt, truncated, foreign, mismatched)
   and was dropped;
+- ``untrusted``: a tier held it, but the store requires trust (``Engine(trust=...)``) and it is
+  unsigned, signed by an untrusted key, or tampered with after signing; it was skipped, not deleted;
 - ``other_context``: the same document is stored, but after other preceding text (in exact mode a
   document's artifact is valid only after the same text before it; see docs/concepts.md);
 - ``after_miss``: the artifact is stored, but a piece before it in the chain missed, so it was

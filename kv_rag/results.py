@@ -30,6 +30,9 @@ class MissReason(str, Enum):
     EVICTED = "evicted"
     #: a tier held it, but it failed its checks and was dropped
     DAMAGED = "damaged"
+    #: a tier held it, but trust is required and it is unsigned, signed by an untrusted key or tampered
+    #: with after signing (kept in the tier: another consumer may trust its publisher)
+    UNTRUSTED = "untrusted"
     #: the same document is stored after other preceding text (exact mode)
     OTHER_CONTEXT = "other_context"
     #: stored, but a piece before it in the chain missed

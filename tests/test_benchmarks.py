@@ -51,6 +51,7 @@ SMOKE = {
         *("{py}", "{script}", "--tiny", "--device", "cpu", "--out", "{tmp}/exactness.json"),
     ],
     "verify/verify_bench.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/verify.json"],
+    "signing/sign_bench.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/sign.json"],
     "serving/serving_bench.py": [
         *("{py}", "{script}", "--tiny", "--device", "cpu", "--no-langchain-batch"),
         *("--out", "{tmp}/serving.json"),
@@ -69,6 +70,7 @@ WRITES = {
     "gpu/gpu_profile.py": "gpu_profile.json",
     "gpu/gpu_embedded_exactness.py": "exactness.json",
     "verify/verify_bench.py": "verify.json",
+    "signing/sign_bench.py": "sign.json",
     "serving/serving_bench.py": "serving.json",
 }
 

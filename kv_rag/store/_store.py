@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..artifact import Artifact
 from ..codec import decode
@@ -44,16 +45,41 @@ class Store:
     ``get`` walks the tiers in order and copies a hit into the faster tiers above it; ``put``
     writes through to every tier. ``accept`` (optional) is asked about every found artifact: an
     artifact it rejects is deleted from the tier it came from and the walk goes on (a miss).
+
+    ``signer`` (a :class:`~kv_rag.signing.SigningKey`) signs every artifact ``put`` stores; with
+    ``trust`` (a :class:`~kv_rag.signing.TrustPolicy`) every artifact ``get`` finds must pass it: one
+    that does not is skipped, *not* deleted (other consumers of a shared tier may trust its
+    publisher), and the walk goes on. In-process tiers (memory, pinned, GPU) hold only what this
+    store checked or computed: there the signature is checked, the tensors are not hashed again.
+    With ``trust`` and no ``signer`` nothing is stored (it would be refused on the next read).
     """
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    def __init__(self, tiers: Sequence[Tier], *, signer: Any = None, trust: Any = None) -> None:
         if not tiers:
             raise InputError("a Store needs at least one tier")
         self.tiers: list[Tier] = list(tiers)
+        #: signs every artifact :meth:`put` stores (``None``: stored unsigned)
+        self.signer = signer
+        #: what every artifact :meth:`get` finds must pass (``None``: unsigned artifacts load too)
+        self.trust = trust
         #: measured load speed of each tier (bytes per second, including checks and copies up)
         self.speeds = Speeds()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetch_lock = threading.Lock()
+
+    def secure(self, signer: Any = None, trust: Any = None) -> None:
+        """Sign what is stored with ``signer`` and require ``trust`` of what is loaded (an engine's
+        ``sign_key`` and ``trust``; ``None`` leaves each as it is). Raises :class:`InputError` when
+        this store already signs or trusts otherwise: engines that differ need stores of their own."""
+        for name, value in (("signer", signer), ("trust", trust)):
+            held = getattr(self, name)
+            if value is not None and held is not None and held != value:
+                raise InputError(
+                    f"this Store already has another {name} (an engine's sign_key/trust): give each engine "
+                    "that signs or trusts differently a Store of its own"
+                )
+        self.signer = signer if signer is not None else self.signer
+        self.trust = trust if trust is not None else self.trust
 
     @staticmethod
     def check_spec(store: object) -> None:
@@ -97,6 +123,7 @@ class Store:
 
         ``accept`` returns ``None`` to accept or a reason string to reject.
         """
+        refused = False
         for i, tier in enumerate(self.tiers):
             t0 = time.perf_counter()
             try:
@@ -106,6 +133,15 @@ class Store:
                 continue
             if art is None:
                 continue
+            if self.trust is not None:
+                why = self.trust.check(art, tensors=not isinstance(tier, MemoryTier))
+                if why is not None:  # kept: another consumer may trust its publisher
+                    refused = True
+                    warnings.warn(
+                        f"kv-rag: skipping artifact {key[:12]}… in the {tier.name} tier: {why}; it will be recomputed",
+                        stacklevel=2,
+                    )
+                    continue
             if accept is not None:
                 why = accept(art)
                 if why is not None:
@@ -126,6 +162,8 @@ class Store:
             if i:  # the top tier lends what it holds: nothing to measure
                 self.speeds.loaded(tier.name, art.nbytes, time.perf_counter() - t0)
             return Hit(art, tier.name, lendable=bool(getattr(tier, "lends_blocks", False)))
+        if refused:
+            gone.record(key, "untrusted")
         return None
 
     def prefetch(self, keys: Sequence[str]) -> Future[int]:
@@ -182,8 +220,9 @@ class Store:
         return None
 
     def why_missing(self, key: str) -> str:
-        """Why no tier holds ``key`` (a :class:`~kv_rag.results.MissReason` value): ``evicted`` or
-        ``damaged`` when this process saw a tier drop it (see :mod:`kv_rag.store.gone`), else ``absent``."""
+        """Why no tier holds ``key`` (a :class:`~kv_rag.results.MissReason` value): ``evicted``,
+        ``damaged`` or ``untrusted`` when this process saw a tier drop it or this store refuse it
+        (see :mod:`kv_rag.store.gone`), else ``absent``."""
         return gone.why(key) or "absent"
 
     def put(self, key: str, artifact: Artifact, above: str | None = None) -> None:
@@ -192,9 +231,14 @@ class Store:
 
         A tier whose write fails with ``OSError`` (full disk, lost connection) is skipped with a
         warning: the artifact stays in the other tiers and the request goes on. A read-only tier
-        (``writable`` false) is skipped silently.
+        (``writable`` false) is skipped silently. With a ``signer`` the artifact is signed first;
+        with ``trust`` and no ``signer`` nothing is written (see the class docstring).
         """
         art = artifact if artifact.meta.checksum else artifact.sealed()
+        if self.signer is not None:
+            art = self.signer.sign(art)
+        elif self.trust is not None:
+            return
         gone.forget(key)
         for tier in self.tiers:
             if tier.name == above:

@@ -2,7 +2,8 @@
 
 A miss carries a reason code (:class:`kv_rag.results.MissReason`). The tiers record here, by key,
 what removed an artifact: ``evicted`` (dropped to make room) or ``damaged`` (found but failing its
-checks, then dropped); :meth:`kv_rag.store.Store.why_missing` reads it back. The record is per
+checks, then dropped); the store records ``untrusted`` (found, failing its trust policy, skipped);
+:meth:`kv_rag.store.Store.why_missing` reads it back. The record is per
 process and bounded (the oldest entries go first): an artifact another process evicted, or one
 removed long ago, is reported as ``absent``.
 """
