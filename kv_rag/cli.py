@@ -349,7 +349,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _print({**rep.to_dict(), "detects_16_token_span": rep.detection_probability(16)})
     else:
-        print(f"{'OK' if rep.ok else 'FAILED'}: {rep.reason}")
+        print(f"{'OK' if rep.ok else 'FAILED'}: {rep.reason}\n  first layer: {rep.first_layer}")
         print(
             f"  {rep.windows_checked}/{rep.windows_total} windows of {rep.window} tokens, "
             f"{rep.context_tokens} context tokens recomputed; cost {rep.cost_fraction:.0%} of a full prefill "

@@ -4,7 +4,9 @@ In exact mode, when a request ends, the KV of its prompt and of the answer it ge
 (per loaded model, per tenant, in memory, bounded by bytes, least recently used first). A later
 prompt that starts with the same tokens (the same conversation with a new message appended, as
 LangChain message histories and LlamaIndex chat engines build them) loads the longest such start
-and prefills only what follows. The match is on token ids, so what is loaded was computed from
+and prefills only what follows. Only a continuation is loaded: the new prompt must go on past the
+kept turn's prompt into its answer (a prompt asked again is served by the store as before). The
+match is on token ids, so what is loaded was computed from
 exactly the same tokens at the same positions: the same KV a full prefill computes (as any exact
 hit). A kept turn that a longer one extends is dropped (the longer one holds it).
 
@@ -37,11 +39,13 @@ def conversation_bytes() -> int:
 
 @dataclass(frozen=True)
 class Turn:
-    """A kept prompt-and-answer: its token ids and per-layer keys and values ``[kv_heads, n, dim]``."""
+    """A kept prompt-and-answer: its token ids, per-layer keys and values ``[kv_heads, n, dim]``, and how
+    many of the ids were its prompt."""
 
     ids: torch.Tensor
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+    prompt: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -50,7 +54,7 @@ class Turn:
 
     def head(self, n: int) -> Turn:
         """Its first ``n`` tokens (views)."""
-        return Turn(self.ids[:n], tuple(k[:, :n] for k in self.keys), tuple(v[:, :n] for v in self.values))
+        return Turn(self.ids[:n], tuple(k[:, :n] for k in self.keys), tuple(v[:, :n] for v in self.values), self.prompt)
 
 
 class Conversations:
@@ -63,8 +67,9 @@ class Conversations:
         self._next = 0
         self._lock = threading.Lock()
 
-    def keep(self, scope: str, ids: Sequence[int], cache: Any) -> None:
-        """Keep the KV ``cache`` holds for ``ids`` (its first ``len(ids)`` rows) under ``scope`` (a tenant)."""
+    def keep(self, scope: str, ids: Sequence[int], cache: Any, prompt: int = 0) -> None:
+        """Keep the KV ``cache`` holds for ``ids`` (its first ``len(ids)`` rows) under ``scope`` (a tenant);
+        the first ``prompt`` ids were the request's prompt, the rest its answer."""
         layers = list(cache.layers)
         n = min(len(ids), int(layers[0].keys.shape[-2])) if layers else 0
         if n < MIN_TOKENS or self.max_bytes <= 0:
@@ -76,7 +81,7 @@ class Conversations:
             return
         keys = tuple(layer.keys[0, :, :n].clone() for layer in layers)
         values = tuple(layer.values[0, :, :n].clone() for layer in layers)
-        turn = Turn(torch.tensor(list(ids[:n]), dtype=torch.long), keys, values)
+        turn = Turn(torch.tensor(list(ids[:n]), dtype=torch.long), keys, values, prompt)
         with self._lock:
             for k in [k for k, (s, t) in self._turns.items() if s == scope and _starts(turn.ids, t.ids)]:
                 self._bytes -= self._turns.pop(k)[1].nbytes  # held by the new, longer turn
@@ -87,7 +92,8 @@ class Conversations:
                 self._bytes -= self._turns.popitem(last=False)[1][1].nbytes
 
     def match(self, scope: str, ids: Sequence[int]) -> tuple[int, Turn | None]:
-        """The longest start of ``ids`` a kept turn of ``scope`` holds: ``(tokens, the turn)`` (0, ``None``: none)."""
+        """The longest start of ``ids`` a kept turn of ``scope`` holds, among the turns ``ids`` continue (it
+        goes on past their prompt): ``(tokens, the turn)`` (0, ``None``: none)."""
         if not self._turns or len(ids) < MIN_TOKENS:
             return 0, None
         want = torch.tensor(list(ids), dtype=torch.long)
@@ -97,7 +103,7 @@ class Conversations:
                 if s != scope:
                     continue
                 m = _common(turn.ids, want)
-                if m > best:
+                if m > best and m > turn.prompt:
                     best, found = m, k
             if found is None or best < MIN_TOKENS:
                 return 0, None

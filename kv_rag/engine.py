@@ -29,6 +29,7 @@ from .results import Generation, PublishReport
 from .runtime import MAX_FAST_TOKENS
 from .selection import Selector
 from .serving import AsyncStream, Job, Scheduler, Sink, Stream
+from .spotcheck import first_layer_problem
 from .store import Store
 from .tenancy import Tenant, tenant_of
 
@@ -70,6 +71,8 @@ class Engine:
         trust: public keys or their files (a list), or a :class:`~kv_rag.signing.TrustPolicy`: every
             artifact loaded from any tier must be signed by one of them (or by ``sign_key``), intact; any
             other is skipped as a miss (``untrusted``) and recomputed. See docs/store.md.
+        spot_check: check every artifact loaded from a tier outside this process (disk, Redis) on first
+            use: its first layer's KV against its own token ids (:func:`kv_rag.verify.first_layer_problem`).
     """
 
     def __init__(
@@ -89,12 +92,14 @@ class Engine:
         tenant: Tenant | str | None = None,
         sign_key: Any = None,
         trust: Any = None,
+        spot_check: bool = False,
     ) -> None:
         Store.check_spec(store)
         #: signs every artifact this engine stores (``None``: unsigned)
         self.signer = signing.signer_of(sign_key)
         #: whose signatures the artifacts this engine loads must carry (``None``: any artifact, signed or not)
         self.trust = signing.trust_of(trust, self.signer)
+        self._inspect = (lambda art: first_layer_problem(self.loaded, art)) if spot_check else None
         #: whose artifacts this engine reads and writes (keys derived with its secret); ``None``: shared keys
         self.tenant = tenant_of(tenant)
         self._scope = self.tenant.scope if self.tenant is not None else ""  # whose conversations it continues
@@ -111,7 +116,7 @@ class Engine:
         self._store_spec: str | Path | None = None if isinstance(store, Store) else store
         self._store: Store | None = store if isinstance(store, Store) else None
         if self._store is not None:
-            self._store.secure(self.signer, self.trust)
+            self._store.secure(self.signer, self.trust, self._inspect)
         self.system_prompt = system_prompt
         #: the defaults of every request
         self.options = RequestOptions.make(mode=mode, recompute=recompute, priming=priming, selection=selection)
@@ -158,7 +163,7 @@ class Engine:
             with self._init_lock:
                 if self._store is None:
                     opened = Store.open(self._store_spec, device=device)
-                    opened.secure(self.signer, self.trust)
+                    opened.secure(self.signer, self.trust, self._inspect)
                     self._store = opened
         return self._store
 
@@ -263,12 +268,7 @@ class Engine:
         the tenant's key), in exact mode the artifact :meth:`publish` stores, which only a prompt
         with the document right after the system prompt loads (elsewhere the key depends on the
         text before it: see each request's report)."""
-        opts = options or self.options
-        if opts.mode is Mode.EXACT:
-            return self.document_key(document)
-        head = chat_frame(self.tokenizer, self.system_prompt)[0]
-        ids = self.tokenize(Prompt.from_parts(head, (document,), "")).segments[-1]
-        return self.planner.document_key(ids, self.planner.context(self.system_prompt, opts.priming))
+        return publishing.loading_key(self, document, options or self.options)
 
     # ----------------------------------------------------------------- requests
     def request_options(self, options: RequestOptions | None = None, **overrides: Any) -> RequestOptions:

@@ -63,6 +63,15 @@ def publish(
     return [dataclasses.replace(r, stored=_held(engine, r.key)) for r in reports]
 
 
+def loading_key(engine: Engine, document: str, options: Any) -> str:
+    """What :meth:`Engine.loading_key` returns (``options``: the request's :class:`~kv_rag.options.RequestOptions`)."""
+    if options.mode is Mode.EXACT:
+        return engine.document_key(document)
+    head = chat_frame(engine.tokenizer, engine.system_prompt)[0]
+    ids = engine.tokenize(Prompt.from_parts(head, (document,), "")).segments[-1]
+    return engine.planner.document_key(ids, engine.planner.context(engine.system_prompt, options.priming))
+
+
 def mark_public(engine: Engine, documents: Sequence[str], system: str | None = None) -> None:
     """:meth:`Engine.mark_public`: the documents' ids digests (as a request tokenizes them) join the
     planner's public set."""

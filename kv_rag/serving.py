@@ -149,7 +149,7 @@ class Job:
             )
         )
         if pre.token_ids:  # exact mode: the next turn of this conversation may start with all of it
-            self.loaded.conversations.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache)
+            self.loaded.conversations.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
         self.pre = None  # the cache (and a static slot) is free from now on
         return False
 

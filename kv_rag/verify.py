@@ -3,6 +3,9 @@
 The checksum only proves that the bytes are the ones the publisher sealed; a dishonest or broken
 publisher can seal wrong KV. :func:`verify_artifact` checks what the KV *is*:
 
+0. First layer, at every position (:mod:`kv_rag.spotcheck`): its keys and values are those of the
+   artifact's own token ids at its positions (they depend on nothing else), for about one layer's
+   projections. Any forgery inconsistent with its token ids there is caught with certainty.
 1. Metadata: model and tokenizer digests equal this engine's; the key equals the content address
    ``chain_key(parent, model, tokenizer, token_ids)``; the layer count and shapes fit the model.
 2. Context: the tokens before the artifact (its parent chain: for a published document, the
@@ -39,6 +42,7 @@ from .errors import InputError
 from .fingerprint import chain_key, tokens_digest
 from .prompt import Prompt, chat_frame
 from .runtime import build_cache, cache_layers
+from .spotcheck import RTOL, first_layer_problem
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,7 +54,6 @@ WINDOW = 16
 FRACTION = 0.1
 #: A window fails when some layer's max |recomputed - stored| exceeds this times the layer's max |stored|
 #: (fp32: honest windows measure below 1e-5 relative on SmolLM2; half precision needs about 2e-2).
-RTOL = {"torch.float32": 1e-3, "torch.float16": 3e-2, "torch.bfloat16": 6e-2}
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class VerifyReport:
     cost_fraction: float
     seconds: float
     windows: list[WindowCheck] = field(default_factory=list)
+    #: the first layer's check at every position (:mod:`kv_rag.spotcheck`): what it found
+    first_layer: str = ""
 
     def detection_probability(self, span_tokens: int) -> float:
         """Lower bound on catching a tampered span of ``span_tokens`` tokens with this plan."""
@@ -138,6 +143,8 @@ def verify_artifact(
     windows = plan_windows(m.num_tokens, fraction, window, random.Random(seed))
     n_win = math.ceil(m.num_tokens / window)
 
+    layer0 = "not checked"
+
     def report(ok: bool, reason: str, ctx: int = 0, checks: list[WindowCheck] | None = None) -> VerifyReport:
         checked = sum(c.end - c.start for c in checks or [])
         return VerifyReport(
@@ -154,11 +161,20 @@ def verify_artifact(
             cost_fraction=(ctx + checked) / max(1, ctx + m.num_tokens),
             seconds=time.perf_counter() - t0,
             windows=checks or [],
+            first_layer=layer0,
         )
 
     why = _metadata_problem(engine, artifact)
     if why:
         return report(False, why)
+    t_layer0 = time.perf_counter()
+    wrong = first_layer_problem(loaded, artifact)
+    if loaded.runtime.decoder is None:
+        layer0 = f"not checked ({loaded.name}'s architecture has no fast decoder)"
+    else:
+        layer0 = wrong or f"matches at all {m.num_tokens} positions ({time.perf_counter() - t_layer0:.3f} s)"
+    if wrong:
+        return report(False, f"first layer: {wrong}")
     ctx_ids = _context_ids(engine, m.parent, store if store is not None else engine.store)
     if len(ctx_ids) != m.start:
         return report(False, f"the artifact says it starts at {m.start} but its parent chain has {len(ctx_ids)} tokens")

@@ -67,9 +67,10 @@ def test_the_kept_turns_are_bounded_and_a_longer_turn_replaces_its_start() -> No
 
     conv = Conversations(max_bytes=3 * (3 * 2 * 2 * 100 * 4 * 4))  # three 100-token turns (3 layers, K and V)
     ids = list(range(100))
-    conv.keep("", ids[:40], Cache(40))
-    conv.keep("", ids, Cache(100))  # extends the first: it replaces it
+    conv.keep("", ids[:40], Cache(40), prompt=30)
+    conv.keep("", ids, Cache(100), prompt=80)  # extends the first: it replaces it
     assert len(conv) == 1 and conv.match("", [*ids, 7])[0] == 100 and conv.match("x", ids)[0] == 0
+    assert conv.match("", ids[:80])[0] == 0  # the same prompt again is not a continuation
     for start in (1000, 2000, 3000):
         conv.keep("", list(range(start, start + 100)), Cache(100))
     assert len(conv) == 3 and conv.match("", ids)[0] == 0  # the oldest went

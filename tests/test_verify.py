@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -128,3 +129,54 @@ def test_cli_json_report(engine: Engine, tmp_path: Path, capsys: pytest.CaptureF
     assert out["ok"] and out["windows_total"] == 4 and out["windows_checked"] == 1
     assert 0 < out["cost_fraction"] < 1 and out["detects_16_token_span"] == pytest.approx(0.25)
     assert torch.equal(art.token_ids, Artifact.from_bytes(f.read_bytes()).token_ids)
+
+
+def _rolled(art: Artifact, shift: int = 1) -> Artifact:
+    """A re-sealed forgery: the same token ids with every layer's KV moved along by ``shift`` tokens
+    (each token carries another token's KV, as when one document's KV is sold under another's ids)."""
+    keys = tuple(torch.roll(k, shift, dims=1) for k in art.keys)
+    values = tuple(torch.roll(v, shift, dims=1) for v in art.values)
+    meta = dataclasses.replace(art.meta, checksum="")
+    return dataclasses.replace(art, keys=keys, values=values, meta=meta).sealed()
+
+
+def test_the_first_layer_is_checked_at_every_position(engine: Engine) -> None:
+    """Honest: matches. KV of other tokens, or scaled first-layer values: caught with certainty, at a
+    1% window fraction. Tampering confined to a deeper layer is not the first layer's to see."""
+    from kv_rag.spotcheck import first_layer_problem
+
+    art = _published(engine, 160)
+    assert first_layer_problem(engine.loaded, art) is None
+    ok = verify_artifact(engine, art, fraction=0.01, seed=0)
+    assert ok.ok and ok.first_layer.startswith(f"matches at all {art.meta.num_tokens} positions")
+    for bad in (_rolled(art), tamper(art, 0, 0, art.meta.num_tokens, 1.01)):
+        rep = verify_artifact(engine, bad, fraction=0.01, seed=0)
+        assert not rep.ok and rep.reason.startswith("first layer:") and not rep.windows
+    assert first_layer_problem(engine.loaded, tamper(art, 5, 40, 8, 1.05)) is None
+
+
+def test_engine_spot_check_refuses_a_forgery_from_disk(engine: Engine, tmp_path: Path) -> None:
+    """Engine(spot_check=True): a forged artifact in the disk tier is a miss (damaged) on first use, and
+    the answer is a full prefill's; without it the forgery loads."""
+    from kv_rag.store import DiskTier, MemoryTier, Store
+
+    doc = "The ferry to the island leaves from pier 7 at noon. " * 6
+    q = "Which pier does the ferry leave from?"
+    folder = tmp_path / "shared"
+    Engine(None, store=Store([DiskTier(folder)])).publish([doc])
+    disk = DiskTier(folder)
+    key = engine.document_key(doc)
+    art = disk.get(key)
+    assert art is not None
+    disk.put_bytes(key, _rolled(art).to_bytes())
+
+    def ask(spot: bool) -> tuple[str, str | None, list[int]]:
+        eng = Engine(None, store=Store([MemoryTier(), DiskTier(folder)]), spot_check=spot)
+        with pytest.warns(UserWarning) if spot else contextlib.nullcontext():
+            gen = eng.generate(q, [doc], max_new_tokens=8)
+        return gen.documents[0].cache.value, gen.documents[0].reason, gen.token_ids
+
+    assert ask(False)[:2] == ("hit", None)  # unchecked: the forgery is used
+    cache, reason, tokens = ask(True)
+    ref = engine.generate(q, [doc], max_new_tokens=8, use_cache=False).token_ids
+    assert (cache, reason) == ("miss", "damaged") and tokens == ref

@@ -20,10 +20,46 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from kv_rag import Artifact, Engine
 from kv_rag.bench import document_of_length, provenance, results_dir
 from kv_rag.verify import detection_probability, verify_artifact
+
+
+def resealed(art: Artifact, keys: Any, values: Any) -> Artifact:
+    """``art`` with other KV, re-sealed (a dishonest publisher fixes the checksum)."""
+    meta = dataclasses.replace(art.meta, checksum="")
+    return dataclasses.replace(art, keys=tuple(keys), values=tuple(values), meta=meta).sealed()
+
+
+def kinds(art: Artifact, rng: random.Random) -> dict[str, Artifact]:
+    """One forgery of each kind the issue names, at a random place."""
+    import torch
+
+    n, mid = art.meta.num_tokens, art.num_layers // 2
+    i, j = rng.sample(range(n), 2)
+    swap = [t.clone() for t in art.keys], [t.clone() for t in art.values]
+    for ts in swap:
+        for t in ts:
+            t[:, [i, j]] = t[:, [j, i]]  # two tokens' KV exchanged in every layer
+    layer = list(art.keys), list(art.values)
+    layer[1][mid] = layer[1][mid] * 1.1  # one layer's values, every token
+    head = list(art.keys), [t.clone() for t in art.values]
+    head[1][mid][rng.randrange(head[1][mid].shape[0])] *= 1.1  # one KV head of one layer, every token
+    scaled = [t * 1.01 for t in art.keys], [t * 1.01 for t in art.values]
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    noise = (
+        [torch.randn(t.shape, generator=gen) * t.std() for t in art.keys],
+        [torch.randn(t.shape, generator=gen) * t.std() for t in art.values],
+    )  # KV of the right shape and scale from elsewhere (another model's), under this model's name
+    return {
+        "two tokens' KV swapped (all layers)": resealed(art, *swap),
+        "one layer's values x1.1 (middle layer, all tokens)": resealed(art, *layer),
+        "one KV head x1.1 (middle layer, all tokens)": resealed(art, *head),
+        "all keys and values x1.01": resealed(art, *scaled),
+        "another model's KV (same shapes and scale)": resealed(art, *noise),
+    }
 
 
 def tamper(art: Artifact, layer: int, start: int, length: int, scale: float) -> Artifact:
@@ -78,7 +114,25 @@ def main() -> None:
                 "bound_256": detection_probability(args.tokens, 16, rep.windows_checked, 256),
             }
         )
+    from kv_rag.spotcheck import first_layer_problem
+
+    t0 = time.perf_counter()
+    for _ in range(5):
+        first_layer_problem(engine.loaded, art)
+    first_layer_s = (time.perf_counter() - t0) / 5
     rng = random.Random(0)
+    by_kind: dict[str, dict[str, Any]] = {}
+    for trial in range(max(1, args.trials // 4)):
+        for name, bad in kinds(art, rng).items():
+            row = by_kind.setdefault(
+                name, {"kind": name, "fraction": 0.1, "trials": 0, "caught": 0, "by_first_layer": 0}
+            )
+            rep = verify_artifact(engine, bad, fraction=0.1, seed=trial)
+            row["trials"] += 1
+            row["caught"] += not rep.ok
+            row["by_first_layer"] += rep.reason.startswith("first layer:")
+    for row in by_kind.values():
+        row["caught_rate"] = row["caught"] / row["trials"]
     detect = []
     last = art.num_layers - 1
     for layer, span in ((last, 16), (last, 64), (min(10, last), 16)):
@@ -106,6 +160,9 @@ def main() -> None:
         "context_tokens": art.meta.start,
         "full_prefill_s": prefill_s,
         "cost": cost,
+        "first_layer_check_s": first_layer_s,
+        "first_layer_check_over_prefill_time": first_layer_s / prefill_s,
+        "kinds": list(by_kind.values()),
         "detection": detect,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),

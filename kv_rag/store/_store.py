@@ -62,12 +62,15 @@ class Store:
         self.signer = signer
         #: what every artifact :meth:`get` finds must pass (``None``: unsigned artifacts load too)
         self.trust = trust
+        #: a check of artifacts found outside the in-process tiers (an engine's ``spot_check``):
+        #: returns a reason to drop one, or ``None``
+        self.spot_check: Callable[[Artifact], str | None] | None = None
         #: measured load speed of each tier (bytes per second, including checks and copies up)
         self.speeds = Speeds()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetch_lock = threading.Lock()
 
-    def secure(self, signer: Any = None, trust: Any = None) -> None:
+    def secure(self, signer: Any = None, trust: Any = None, spot_check: Any = None) -> None:
         """Sign what is stored with ``signer`` and require ``trust`` of what is loaded (an engine's
         ``sign_key`` and ``trust``; ``None`` leaves each as it is). Raises :class:`InputError` when
         this store already signs or trusts otherwise: engines that differ need stores of their own."""
@@ -80,6 +83,7 @@ class Store:
                 )
         self.signer = signer if signer is not None else self.signer
         self.trust = trust if trust is not None else self.trust
+        self.spot_check = spot_check if spot_check is not None else self.spot_check
 
     @staticmethod
     def check_spec(store: object) -> None:
@@ -144,6 +148,8 @@ class Store:
                     continue
             if accept is not None:
                 why = accept(art)
+                if why is None and self.spot_check is not None and not isinstance(tier, MemoryTier):
+                    why = self.spot_check(art)  # first use from a tier outside this process
                 if why is not None:
                     gone.record(key, "damaged")
                     warnings.warn(
