@@ -347,15 +347,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     rep = verify_artifact(engine, art, fraction=args.fraction, window=args.window, seed=args.seed)
     if args.json:
-        _print({**rep.to_dict(), "detects_16_token_span": rep.detection_probability(16)})
+        _print({**rep.to_dict(), "detects_16_token_span": rep.detection_probability(16), "catches": rep.catches()})
     else:
-        print(f"{'OK' if rep.ok else 'FAILED'}: {rep.reason}\n  first layer: {rep.first_layer}")
-        print(
-            f"  {rep.windows_checked}/{rep.windows_total} windows of {rep.window} tokens, "
-            f"{rep.context_tokens} context tokens recomputed; cost {rep.cost_fraction:.0%} of a full prefill "
-            f"(in tokens), {rep.seconds:.2f} s; a tampered span of {rep.window} tokens is caught with "
-            f"probability >= {rep.detection_probability(rep.window):.0%}"
-        )
+        print(rep.summary())
     return 0 if rep.ok else 1
 
 

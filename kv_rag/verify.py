@@ -91,6 +91,35 @@ class VerifyReport:
         """Lower bound on catching a tampered span of ``span_tokens`` tokens with this plan."""
         return detection_probability(self.num_tokens, self.window, self.windows_checked, span_tokens)
 
+    def catches(self) -> dict[str, float]:
+        """The chance that a check like this one catches each kind of tampering (the measured rates behind
+        them: benchmarks/verify/README.md). Forgeries that do not fit their token ids in the first layer
+        (another token's or another model's KV, scaled values) fail the first-layer check; a change to a
+        whole layer or head shows in every window; a span confined to deeper layers only in the windows
+        that hold it (or follow it): the bound."""
+        first = 1.0 if self.first_layer.startswith("matches") else 0.0
+        return {
+            "another token's or model's KV, or scaled values (first layer)": first,
+            "a whole layer or KV head changed (every window)": 1.0 if self.windows_checked else 0.0,
+            f"a span of {self.window} tokens in deeper layers (at least)": self.detection_probability(self.window),
+            f"a span of {4 * self.window} tokens in deeper layers (at least)": self.detection_probability(
+                4 * self.window
+            ),
+        }
+
+    def summary(self) -> str:
+        """What ``kv-rag verify`` prints."""
+        lines = [f"{'OK' if self.ok else 'FAILED'}: {self.reason}", f"  first layer: {self.first_layer}"]
+        lines.append(
+            f"  {self.windows_checked}/{self.windows_total} windows of {self.window} tokens, "
+            f"{self.context_tokens} context tokens recomputed; cost {self.cost_fraction:.0%} of a full prefill "
+            f"(in tokens), {self.seconds:.2f} s"
+        )
+        if self.ok:
+            lines.append("  this check catches, with probability:")
+            lines += [f"    {p:4.0%}  {kind}" for kind, p in self.catches().items()]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
         return asdict(self)

@@ -149,6 +149,7 @@ def test_the_first_layer_is_checked_at_every_position(engine: Engine) -> None:
     assert first_layer_problem(engine.loaded, art) is None
     ok = verify_artifact(engine, art, fraction=0.01, seed=0)
     assert ok.ok and ok.first_layer.startswith(f"matches at all {art.meta.num_tokens} positions")
+    assert list(ok.catches().values())[:2] == [1.0, 1.0] and "this check catches" in ok.summary()
     for bad in (_rolled(art), tamper(art, 0, 0, art.meta.num_tokens, 1.01)):
         rep = verify_artifact(engine, bad, fraction=0.01, seed=0)
         assert not rep.ok and rep.reason.startswith("first layer:") and not rep.windows
