@@ -32,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
-        help="store folder for the disk tier, 'memory', or redis://host:port/db for a shared Redis "
-        "behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
+        help="store folder for the disk tier, 'memory', or redis://host:port/db (a cluster: redis+cluster://host:port) "
+        "for a shared Redis behind memory and $KV_RAG_HOME/store (default: $KV_RAG_HOME/store)",
     )
     p.add_argument(
         "--model",

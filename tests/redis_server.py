@@ -26,9 +26,11 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process; :meth:`stop` kills it, :meth:`start` brings it back on the same port."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.directory = directory
+        #: more server arguments (a cluster node's)
+        self.extra = extra
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -56,6 +58,7 @@ class RedisServer:
                 "no",
                 "--protected-mode",
                 "no",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -101,7 +101,8 @@ class Store:
         """A store from a short spec.
 
         ``None``: memory in front of the default disk folder (``$KV_RAG_HOME/store``);
-        ``"memory"``: memory only; ``"redis://host:port/db"`` (or ``rediss://``): memory, then the
+        ``"memory"``: memory only; ``"redis://host:port/db"`` (or ``rediss://``; ``redis+cluster://host:port``
+        for a Redis Cluster, any node): memory, then the
         default disk folder, then that shared Redis (see :class:`~kv_rag.store.redis.RedisTier`);
         any other string or path: memory in front of that disk folder.
         With a CUDA ``device``, "memory" is a :class:`GpuTier` in front of a :class:`PinnedTier`.
@@ -113,7 +114,9 @@ class Store:
         )
         if spec is not None and str(spec) == "memory":
             return cls(front)
-        if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
+        if isinstance(spec, str) and spec.startswith(
+            ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
+        ):
             from .redis import RedisTier
 
             return cls([*front, DiskTier(default_store_dir()), RedisTier(spec)])

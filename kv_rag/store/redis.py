@@ -25,6 +25,13 @@ requests answer from the local tiers or by prefill; a warning says so once per o
 
 Safety: thread-safe (the client's connection pool) and shared by any number of processes and
 machines; concurrent ``put`` of the same key is last-writer-wins, each writer's artifact whole.
+
+Redis Cluster (``redis+cluster://host:port``, any node; redis-py's cluster client): an artifact's
+manifest and chunks carry the artifact key as a hash tag (``{prefix}m:{{key}}``,
+``{prefix}c:{{key}}:{version}:{i}``), so they live in one slot, on one node: the ``MGET`` and the
+pipelines above stay single-node, and a reader never mixes versions. Artifacts spread over the
+nodes by key. A node that fails is a miss for the artifacts it held (the breaker opens for the tier,
+as for a single server), never a wrong answer.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class RedisTier:
             raise InputError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         if ttl_s is not None and ttl_s < 1:
             raise InputError(f"ttl_s must be >= 1 second or None, got {ttl_s}")
+        #: a Redis Cluster (``redis+cluster://``): keys carry hash tags, the client is redis-py's cluster client
+        self.cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
         self.url = url
         self.prefix = prefix
         self.chunk_bytes = chunk_bytes
@@ -102,12 +111,14 @@ class RedisTier:
                         raise InputError(
                             "a redis:// store needs the redis client: pip install 'kv-rag[redis]'"
                         ) from exc
-                    self._client = redis.Redis.from_url(
-                        self.url,
-                        socket_timeout=self._timeout_s,
-                        socket_connect_timeout=self._timeout_s,
-                        retry_on_timeout=False,
-                    )
+                    opts = {"socket_timeout": self._timeout_s, "socket_connect_timeout": self._timeout_s}
+                    if self.cluster:
+                        from redis.cluster import RedisCluster
+
+                        plain = self.url.replace("+cluster://", "://", 1)
+                        self._client = RedisCluster.from_url(plain, **opts)
+                    else:
+                        self._client = redis.Redis.from_url(self.url, retry_on_timeout=False, **opts)
         return self._client
 
     @property
@@ -139,14 +150,17 @@ class RedisTier:
     def _errors(self) -> tuple[type[BaseException], ...]:
         import redis
 
-        return (redis.RedisError, OSError)
+        return (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
     # ----------------------------------------------------------------- keys
+    def _tag(self, key: str) -> str:
+        return f"{{{key}}}" if self.cluster else key
+
     def _mkey(self, key: str) -> str:
-        return f"{self.prefix}m:{key}"
+        return f"{self.prefix}m:{self._tag(key)}"
 
     def _ckey(self, key: str, version: str, i: int) -> str:
-        return f"{self.prefix}c:{key}:{version}:{i}"
+        return f"{self.prefix}c:{self._tag(key)}:{version}:{i}"
 
     # ----------------------------------------------------------------- Tier protocol
     def get(self, key: str) -> Artifact | None:
@@ -283,7 +297,8 @@ class RedisTier:
         """Every artifact key with a manifest (scans; for tools and tests)."""
         pat = f"{self.prefix}m:*"
         start = len(self.prefix) + 2
-        return [k.decode()[start:] for k in self.client.scan_iter(match=pat, count=1000)]
+        keys = [k.decode()[start:] for k in self.client.scan_iter(match=pat, count=1000)]
+        return [k[1:-1] for k in keys] if self.cluster else keys
 
     def chunk_keys(self) -> list[str]:
         """Every chunk key (for consistency checks in tests)."""
