@@ -56,6 +56,7 @@ SMOKE = {
         *("{py}", "{script}", "--tiny", "--device", "cpu", "--no-langchain-batch"),
         *("--out", "{tmp}/serving.json"),
     ],
+    "soak/soak.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/soak.json"],
 }
 
 #: the JSON each smoke run writes (relative to {tmp}); ``None``: the script prints only
@@ -72,6 +73,7 @@ WRITES = {
     "verify/verify_bench.py": "verify.json",
     "signing/sign_bench.py": "sign.json",
     "serving/serving_bench.py": "serving.json",
+    "soak/soak.py": "soak.json",
 }
 
 
