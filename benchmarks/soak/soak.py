@@ -9,7 +9,9 @@ counts requests, wrong answers, hits per tier, misses per reason, and the faults
 - a disk tier with a small size limit in the publisher, so that it evicts all the time (the "full
   disk" of a small filesystem, without mounting one).
 
-Bounded in requests (``--requests``) and time (``--max-s``); loopback Redis only. Writes ``--out``.
+The readers keep nothing in memory, so every hit is read from the disk folder or Redis, where the
+faults are. Bounded in requests (``--requests``) and time (``--max-s``); loopback Redis only.
+Writes ``--out``.
 
     python benchmarks/soak/soak.py --requests 1000 --out OUT.json
     python benchmarks/soak/soak.py --tiny --out /tmp/soak.json      # smoke run
@@ -45,11 +47,11 @@ QUESTIONS = [f"What is the answer about {what}?" for what, _ in FACTS]
 NEW = 6
 
 
-def _store(folder: str, redis_url: str, disk_limit: int | None = None) -> Any:
+def _store(folder: str, redis_url: str, disk_limit: int | None = None, memory: int = 64 << 20) -> Any:
     from kv_rag.store import DiskTier, MemoryTier, RedisTier, Store
 
     disk = DiskTier(folder) if disk_limit is None else DiskTier(folder, size_limit=disk_limit)
-    return Store([MemoryTier(64 << 20), disk, RedisTier(redis_url, retry_s=1.0, timeout_s=1.0)])
+    return Store([MemoryTier(memory), disk, RedisTier(redis_url, retry_s=1.0, timeout_s=1.0)])
 
 
 def reader(idx: int, folder: str, redis_url: str, refs: dict[str, list[int]], log: str, stop_at: float) -> None:
@@ -60,7 +62,8 @@ def reader(idx: int, folder: str, redis_url: str, refs: dict[str, list[int]], lo
     torch.set_num_threads(1)
     from kv_rag import Engine
 
-    eng = Engine(None, store=_store(folder, redis_url), device="cpu", dtype="float32")
+    # no room in memory: every hit is read (and checked) from the disk folder or Redis, where the faults are
+    eng = Engine(None, store=_store(folder, redis_url, memory=0), device="cpu", dtype="float32")
     rng = random.Random(idx)
     with open(log, "a") as out:
         while time.time() < stop_at:
