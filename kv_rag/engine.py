@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import models, publishing, signing
+from . import constrain, models, publishing, signing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
@@ -400,12 +400,13 @@ class Engine:
         # the last prompt tokens of an exact hit run in the scheduler's shared step
         defer = MAX_FAST_TOKENS if loaded.runtime.decoder is not None else 0
         reserve = options.generation.max_new_tokens
+        guide = constrain.guide(loaded, options.generation)  # a bad schema or grammar raises here
 
         def prepare() -> Prefill:  # in the scheduler's thread, under the model's lock
             fresh = self.planner.refresh(plan, self.system_prompt)
             return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer, scope=self._scope)
 
-        job = Job(loaded, prepare, options, sink, t0)
+        job = Job(loaded, prepare, options, sink, t0, guide=guide)
         self.scheduler.submit(job)
         return job
 
