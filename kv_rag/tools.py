@@ -27,6 +27,17 @@ from .errors import InputError
 
 #: How the fallback prompt asks the model to call a tool.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+#: The default cap on strings without ``maxLength`` in forced calls and structured output (characters):
+#: a small model's repetitive string then ends inside the token budget, so the answer completes.
+MAX_STRING_CHARS = 160
+#: "Any JSON object" for JSON mode, as a Lark grammar (llguidance's syntax): flat values, keys of at most 40
+#: plain characters, strings capped as :func:`closed_schema` caps them (a small model's answer then ends).
+JSON_OBJECT_GRAMMAR = f"""
+start: "{{" (pair ("," pair){{0,7}})? "}}"
+pair: KEY ":" value
+KEY: /"[A-Za-z0-9_ .-]{{1,40}}"/
+value: %json {{"type": ["string", "number", "boolean", "null"], "maxLength": {MAX_STRING_CHARS}}}
+"""
 #: ``tool_choice`` values besides a tool's name.
 CHOICES = ("auto", "none", "any", "required")
 
@@ -79,16 +90,40 @@ def arguments_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def call_schema(tools: Sequence[Mapping[str, Any]], choice: str | None) -> dict[str, Any] | None:
+def closed_schema(schema: Mapping[str, Any], max_chars: int | None = MAX_STRING_CHARS) -> dict[str, Any]:
+    """``schema`` with ``additionalProperties: false`` on every object that lists ``properties`` and does
+    not say otherwise, and ``maxLength: max_chars`` on every string type without a ``maxLength`` (``None``:
+    no cap), ``$defs`` included. A constrained answer then holds only the named fields and ends inside a
+    token budget; a valid answer of the closed schema is a valid answer of ``schema``."""
+
+    def close(node: Any) -> Any:
+        if isinstance(node, list):
+            return [close(n) for n in node]
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: close(v) for k, v in node.items()}
+        if isinstance(out.get("properties"), Mapping) and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        if max_chars is not None and out.get("type") == "string" and not {"maxLength", "enum", "const"} & set(out):
+            out["maxLength"] = max_chars
+        return out
+
+    return dict(close(schema))
+
+
+def call_schema(
+    tools: Sequence[Mapping[str, Any]], choice: str | None, max_chars: int | None = MAX_STRING_CHARS
+) -> dict[str, Any] | None:
     """JSON schema of one call (``{"name": ..., "arguments": {...}}``) of the tool named ``choice``, or of
-    any tool for ``"any"``; ``None`` when the model may answer in text (``None``, ``"auto"``, ``"none"``)."""
+    any tool for ``"any"``; ``None`` when the model may answer in text (``None``, ``"auto"``, ``"none"``).
+    The arguments' schema is :func:`closed_schema` (``max_chars`` caps its strings)."""
     if choice is None or choice in ("auto", "none") or not tools:
         return None
     chosen = [t for t in tools if choice == "any" or tool_name(t) == choice]
     variants = [
         {
             "type": "object",
-            "properties": {"name": {"const": tool_name(t)}, "arguments": arguments_schema(t)},
+            "properties": {"name": {"const": tool_name(t)}, "arguments": closed_schema(arguments_schema(t), max_chars)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
