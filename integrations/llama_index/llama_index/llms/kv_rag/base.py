@@ -20,10 +20,12 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM, default_completion_to_prompt
+from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
 from kv_rag import AsyncStream, Engine, Generation, Mode, Prompt, RequestOptions, Store
 from kv_rag.defaults import MAX_NEW_TOKENS
+from kv_rag.tools import closed_schema
 
 from ._watch import watch_retrievals
 
@@ -43,6 +45,9 @@ CALL_OPTIONS = (
     "seed",
     "stop",
 )
+#: Per-call constraints (grammar-constrained decoding, ``pip install 'kv-rag[structured]'``): a JSON schema
+#: (dict) or a Lark grammar; :meth:`KVRagLLM.structured_predict` passes the output class's schema.
+CONSTRAINT_OPTIONS = ("json_schema", "grammar")
 
 
 class KVRagLLM(LLM):
@@ -204,7 +209,38 @@ class KVRagLLM(LLM):
         """
         if "max_tokens" in kwargs:  # the OpenAI spelling, which some callers pass
             kwargs = {**kwargs, "max_new_tokens": kwargs.pop("max_tokens")}
-        return {"options": self.default_options().merge(**{k: v for k, v in kwargs.items() if k in CALL_OPTIONS})}
+        names = (*CALL_OPTIONS, *CONSTRAINT_OPTIONS)
+        return {"options": self.default_options().merge(**{k: v for k, v in kwargs.items() if k in names})}
+
+    # ----------------------------------------------------------------- structured output
+    def _structured_kwargs(self, output_cls: type[Any], llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """``llm_kwargs`` with the output class's JSON schema as the decoding constraint (objects closed to
+        their fields, strings capped: :func:`kv_rag.tools.closed_schema`)."""
+        return {"json_schema": closed_schema(output_cls.model_json_schema()), **(llm_kwargs or {})}
+
+    def structured_predict(
+        self,
+        output_cls: type[Any],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        """An instance of ``output_cls`` (a pydantic class) from ``prompt``: LlamaIndex's text-completion
+        program (the prompt plus the schema, the answer parsed), decoded under the class's JSON schema so
+        that the answer always parses and validates."""
+        kwargs = self._structured_kwargs(output_cls, llm_kwargs)
+        return super().structured_predict(output_cls, prompt, kwargs, **prompt_args)
+
+    async def astructured_predict(
+        self,
+        output_cls: type[Any],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        """:meth:`structured_predict` for coroutines."""
+        kwargs = self._structured_kwargs(output_cls, llm_kwargs)
+        return await super().astructured_predict(output_cls, prompt, kwargs, **prompt_args)
 
     # ----------------------------------------------------------------- completion
     @llm_completion_callback()
