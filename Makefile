@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LC)/pyproject.toml $(LLAMA)/pyproject.toml | $(PY)
 	touch $@
 
 $(DSTAMP): $(STAMP) pyproject.toml $(LC)/pyproject.toml $(LLAMA)/pyproject.toml
-	$(PIP) install -e '.[dev,redis,sign]'
+	$(PIP) install -e '.[dev,redis,sign,structured]'
 	$(PIP) install -e '$(LC)[test]'
 	$(PIP) install torch==2.13.0 -e '$(LLAMA)[test]'
 	touch $@

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .constrain import schema_text
 from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode. ``temperature == 0`` is greedy; ``seed`` makes sampling repeatable."""
+    """How to decode. ``temperature == 0`` is greedy; ``seed`` makes sampling repeatable.
+
+    ``json_schema`` (a dict, kept as its JSON text) or ``grammar`` (a Lark grammar, llguidance's syntax)
+    constrains the answer token by token (see :mod:`kv_rag.constrain`; needs ``kv-rag[structured]``).
+    """
 
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    json_schema: Mapping[str, Any] | str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -32,6 +39,17 @@ class GenerationSettings:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise InputError(f"grammar must be a non-empty Lark grammar text; got {self.grammar!r}")
+        if self.json_schema is not None and self.grammar is not None:
+            raise InputError("pass json_schema or grammar, not both")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the answer is kept to a JSON schema or a grammar."""
+        return self.json_schema is not None or self.grammar is not None
 
 
 class Sampler:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import models, publishing, signing
+from . import constrain, models, publishing, signing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
@@ -223,10 +224,14 @@ class Engine:
             return locate(text, self.known_documents, documents)
 
     def prompt_from_messages(
-        self, messages: Sequence[Mapping[str, str]], documents: Mapping[str, str] | Sequence[str] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        documents: Mapping[str, str] | Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
-        """Chat messages rendered with the model's chat template, split at known documents."""
-        return self.prompt_from_text(render_messages(self.tokenizer, messages), documents)
+        """Chat messages rendered with the model's chat template (``tools``: see :mod:`kv_rag.tools`),
+        split at known documents (inside tool results too)."""
+        return self.prompt_from_text(render_messages(self.tokenizer, messages, tools), documents)
 
     def register_documents(self, documents: Mapping[str, str] | Sequence[str]) -> None:
         """Remember document texts (-> source) so that prompts containing them are split there."""
@@ -250,12 +255,7 @@ class Engine:
         (an empty segment has the key of the chain before it)."""
         n = len(tp.segments)
         chain = self.planner.chain(tp.segments, ["text"] * n, [False] * n, locate=False)
-        keys: list[str] = []
-        parent = ""
-        for piece in chain.pieces:
-            parent = piece.key or parent
-            keys.append(parent)
-        return keys
+        return list(accumulate((p.key for p in chain.pieces), lambda parent, key: key or parent, initial=""))[1:]
 
     def document_key(self, document: str, *, system: str | None = None) -> str:
         """Key of ``document``'s artifact right after the system prefix (what :meth:`publish` stores)."""
@@ -400,12 +400,13 @@ class Engine:
         # the last prompt tokens of an exact hit run in the scheduler's shared step
         defer = MAX_FAST_TOKENS if loaded.runtime.decoder is not None else 0
         reserve = options.generation.max_new_tokens
+        guide = constrain.guide(loaded, options.generation)  # a bad schema or grammar raises here
 
         def prepare() -> Prefill:  # in the scheduler's thread, under the model's lock
             fresh = self.planner.refresh(plan, self.system_prompt)
             return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer, scope=self._scope)
 
-        job = Job(loaded, prepare, options, sink, t0)
+        job = Job(loaded, prepare, options, sink, t0, guide=guide)
         self.scheduler.submit(job)
         return job
 

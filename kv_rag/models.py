@@ -69,6 +69,8 @@ class LoadedModel:
     _prompt_tokenizer: PromptTokenizer | None = field(default=None, repr=False)
     #: the model's :class:`~kv_rag.serving.Scheduler` (made by the first engine that generates on it)
     scheduler: Any = field(default=None, repr=False)
+    #: llguidance's view of the tokenizer, for constrained decoding (built by :mod:`kv_rag.constrain` once)
+    constraint_tokenizer: Any = field(default=None, repr=False)
     #: the model's measured prefill speed (tokens per second), for load-or-recompute decisions
     speeds: Speeds = field(default_factory=Speeds, repr=False)
 

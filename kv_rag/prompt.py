@@ -14,6 +14,7 @@ from typing import Any
 
 from .docindex import DocumentIndex, choose, document_items, find_occurrences
 from .errors import InputError
+from .tools import template_takes_tools, with_fallback_tools
 
 _SENTINEL = "\x00KVRAG_USER\x00"
 DOCUMENT_SEPARATOR = "\n\n"
@@ -135,17 +136,35 @@ def chat_frame(tokenizer: Any, system: str) -> tuple[str, str]:
     return (system + "\n\n" if system else ""), "\nAnswer:"
 
 
-def render_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
-    """Chat messages (``role``/``content``) as prompt text, ending with the assistant's generation prompt.
+def render_messages(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+) -> str:
+    """Chat messages (``role``/``content``, and ``tool_calls``, ``tool_call_id``, ``name`` where given) as
+    prompt text, ending with the assistant's generation prompt.
 
+    ``tools`` (OpenAI-style dicts) go through the chat template when it takes them; otherwise they are
+    listed in the system message and calls in the history written out (:func:`kv_rag.tools.with_fallback_tools`).
     Without a chat template: ``role: content`` lines and a final ``assistant:``.
     """
     if not messages:
         raise InputError("messages is empty: pass at least one message with role and content")
-    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    msgs = [_message(m) for m in messages]
     if getattr(tokenizer, "chat_template", None):
+        if template_takes_tools(tokenizer):
+            extra = {"tools": list(tools)} if tools else {}
+            return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra))
+        msgs = with_fallback_tools(msgs, tools or ())
         return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    msgs = with_fallback_tools(msgs, tools or ())
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+
+
+def _message(m: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": str(m["role"]), "content": str(m.get("content") or "")}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if m.get(key):
+            out[key] = m[key]
+    return out
 
 
 def build_prompt(

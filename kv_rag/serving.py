@@ -65,6 +65,8 @@ class Job:
     sink: Sink
     t0: float
     cancelled: bool = False
+    #: the request's :class:`~kv_rag.constrain.Guide` (grammar-constrained decoding), or ``None``
+    guide: Any = None
     pre: Prefill | None = None
     tokens: list[int] = field(default_factory=list)
     ttft: float = 0.0
@@ -105,17 +107,21 @@ class Job:
             raise RuntimeError("accept() before admit()")
         if self._budget <= 0:
             return self._end()
-        tid = sampler(logits.reshape(-1))
+        guide = self.guide
+        row = logits.reshape(-1) if guide is None else guide.mask(logits.reshape(-1))
+        tid = sampler(row)
         if self.ttft == 0.0:
             self.ttft = time.perf_counter() - self.t0
         if tid in self.loaded.eos_ids:
             self.finish = "stop"
             return self._end()
         self.tokens.append(tid)
+        if guide is not None:
+            guide.advance(tid)
         piece = text.push(tid)
         if piece:
             self.sink.piece(piece)
-        if text.stopped:
+        if text.stopped or (guide is not None and guide.finished):  # a finished grammar admits only the end
             self.finish = "stop"
             return self._end()
         if len(self.tokens) >= self._budget:

@@ -21,13 +21,15 @@ from kv_rag import Engine, Generation, Mode, Prompt, RequestOptions, Store
 from kv_rag.defaults import EMBEDDED_MODEL
 from kv_rag.errors import InputError
 from kv_rag.models import is_embedded
+from kv_rag.tools import call_schema, check_choice
 
 #: Request options a call (``invoke``, ``stream``, ``bind``...) may pass besides ``stop``; the core checks them.
 OPTION_ARGUMENTS = frozenset(
     {"max_tokens", "temperature", "top_p", "seed", "mode", "recompute", "priming", "selection", "use_cache"}
+    | {"json_schema", "grammar"}
 )
-#: Every argument a call may pass besides ``stop``.
-CALL_ARGUMENTS = OPTION_ARGUMENTS | {"documents", "model"}
+#: Every argument a call may pass besides ``stop`` (``tools`` and ``tool_choice`` come from ``bind_tools``).
+CALL_ARGUMENTS = OPTION_ARGUMENTS | {"documents", "model", "tools", "tool_choice"}
 
 #: Constructor arguments that other providers need and a local model ignores without a warning
 #: (LangChain's standard tests pass them to every chat model).
@@ -212,6 +214,11 @@ class KVRagParams(BaseModel):
         overrides = {k: v for k, v in kwargs.items() if k in OPTION_ARGUMENTS and k != "max_tokens"}
         if "max_tokens" in kwargs:
             overrides["max_new_tokens"] = kwargs["max_tokens"]
+        tools = list(kwargs.get("tools") or ())
+        choice = check_choice(tools, kwargs.get("tool_choice")) if tools else None
+        forced = call_schema(tools, choice)
+        if forced is not None:  # a call is required: decode under the schema of a valid call
+            overrides["json_schema"] = forced
         options = self.default_options().merge(**overrides, stop=tuple(dict.fromkeys(s for s in stops if s)))
         return Request(
             activity=self._activity,
@@ -219,6 +226,7 @@ class KVRagParams(BaseModel):
             model_name=self._check_model(model) if model is not None else self.model,
             options=options,
             documents=_doc_texts(documents),
+            tools=tools if tools and choice != "none" else None,
         )
 
     def ls_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -274,6 +282,8 @@ class Request:
     model_name: str
     options: RequestOptions
     documents: dict[str, str] | list[str] | None
+    #: OpenAI-style tools offered to the model (rendered in the prompt; calls parsed from the answer)
+    tools: list[dict[str, Any]] | None = None
 
     def generate(self, prompt: Prompt) -> Generation:
         """The whole answer."""

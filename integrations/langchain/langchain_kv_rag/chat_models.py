@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.base import LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.messages.tool import tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from kv_rag import Generation, Prompt
 from kv_rag.errors import InputError
+from kv_rag.tools import JSON_OBJECT_GRAMMAR, check_choice, closed_schema, parse_tool_calls
 
 from ._base import KVRagParams, Request, response_metadata, usage_metadata
 
@@ -36,6 +46,13 @@ class ChatKVRag(KVRagParams, BaseChatModel):
     ``input_token_details``: ``cache_read`` (prompt tokens loaded from the store) and
     ``cache_creation`` (prompt tokens prefilled and stored). ``response_metadata["kv_rag"]`` has the
     per-document report (``hit`` / ``miss`` / ``none``), TTFT and prefill time.
+
+    Tools and structured output: :meth:`bind_tools` renders the tools with the model's chat template
+    (or, when the template takes none, lists them in the system message) and parses calls from the
+    answer into ``AIMessage.tool_calls``; a required or named ``tool_choice`` decodes under the JSON
+    schema of a valid call, so even a small model emits one. :meth:`with_structured_output` decodes
+    under the schema itself (``method="json_schema"``, the default), so the answer always parses and
+    validates. Both need ``pip install 'kv-rag[structured]'`` (llguidance) when decoding is constrained.
 
     Example:
         .. code-block:: python
@@ -70,18 +87,90 @@ class ChatKVRag(KVRagParams, BaseChatModel):
         params.update(self.ls_params(stop, kwargs))  # type: ignore[typeddict-item]
         return params
 
+    # ------------------------------------------------------------------ tools and structured output
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """This model with ``tools`` offered on every call.
+
+        ``tool_choice``: ``None`` or ``"auto"`` (the model decides; calls are parsed from its answer),
+        ``"none"`` (tools not shown), ``"any"`` / ``"required"`` (one call of any tool) or a tool's name
+        (one call of that tool). The last two decode under the JSON schema of a valid call.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        check_choice(formatted, tool_choice)  # a bad choice fails here, not at the first call
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """A runnable whose output is ``schema``'s instance (a pydantic class) or a dict (a TypedDict or a
+        JSON-schema dict).
+
+        ``method="json_schema"`` (default): the answer is decoded under ``schema``'s JSON schema, so it
+        always parses and validates. ``"function_calling"``: a forced call of a tool named after
+        ``schema`` (LangChain's default implementation on :meth:`bind_tools`). ``"json_mode"``: any flat
+        JSON object (:data:`kv_rag.tools.JSON_OBJECT_GRAMMAR`; say in the prompt which keys you want).
+        Strings without ``maxLength`` are capped at :data:`kv_rag.tools.MAX_STRING_CHARS` characters and
+        objects closed to their listed fields (:func:`kv_rag.tools.closed_schema`), so that the answer ends
+        inside the token budget. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``. ``strict`` is
+        accepted and ignored: constrained decoding is always strict.
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw)
+        if method not in ("json_schema", "json_mode"):
+            raise ValueError(f"method must be json_schema, function_calling or json_mode; got {method!r}")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        constraint = (
+            {"json_schema": closed_schema(convert_to_json_schema(schema))}
+            if method == "json_schema"
+            else {"grammar": JSON_OBJECT_GRAMMAR}
+        )
+        llm = self.bind(
+            **constraint,
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+        )
+        parser: Runnable[Any, Any] = (
+            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            if pydantic
+            else JsonOutputParser()
+        )
+        if not include_raw:
+            return llm | parser
+        assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | assign.with_fallbacks([fallback], exception_key="parsing_error")
+
     # ------------------------------------------------------------------ plumbing
     def _prompt(self, req: Request, messages: Sequence[BaseMessage]) -> Prompt:
-        return req.engine.prompt_from_messages(to_chat_dicts(messages), req.documents)
+        return req.engine.prompt_from_messages(to_chat_dicts(messages), req.documents, req.tools)
 
-    def _result(self, gen: Generation, req: Request) -> ChatResult:
-        message = AIMessage(
-            content=gen.text,
+    def _message(self, gen: Generation, req: Request) -> AIMessage:
+        content, calls = parse_tool_calls(gen.text) if req.tools else (gen.text, [])
+        return AIMessage(
+            content=content,
+            tool_calls=[tool_call(name=c.name, args=c.arguments, id=c.id) for c in calls],
             usage_metadata=usage_metadata(gen),
             response_metadata=response_metadata(gen, req.model_name),
         )
+
+    def _result(self, gen: Generation, req: Request) -> ChatResult:
         return ChatResult(
-            generations=[ChatGeneration(message=message, generation_info={"finish_reason": gen.finish_reason})],
+            generations=[
+                ChatGeneration(message=self._message(gen, req), generation_info={"finish_reason": gen.finish_reason})
+            ],
             llm_output={"model_name": req.model_name},
         )
 
@@ -93,6 +182,18 @@ class ChatKVRag(KVRagParams, BaseChatModel):
             chunk_position="last",
         )
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": gen.finish_reason})
+
+    def _chunks(self, gen: Generation, req: Request) -> list[ChatGenerationChunk]:
+        """With tools, the whole answer at the end: its text and its calls, then the usage."""
+        content, calls = parse_tool_calls(gen.text)
+        chunks = [
+            tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False), id=c.id, index=i)
+            for i, c in enumerate(calls)
+        ]
+        return [
+            ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=chunks)),
+            self._last_chunk(gen, req),
+        ]
 
     # ------------------------------------------------------------------ LangChain hooks
     def _generate(
@@ -117,8 +218,10 @@ class ChatKVRag(KVRagParams, BaseChatModel):
         req = self.request(stop, kwargs)
         for item in req.stream(self._prompt(req, messages)):
             if isinstance(item, Generation):
-                yield self._last_chunk(item, req)
+                yield from self._chunks(item, req) if req.tools else [self._last_chunk(item, req)]
                 return
+            if req.tools:  # a call is parsed from the whole answer
+                continue
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager:
                 run_manager.on_llm_new_token(item, chunk=chunk)
@@ -148,20 +251,34 @@ class ChatKVRag(KVRagParams, BaseChatModel):
         prompt = await asyncio.to_thread(self._prompt, req, messages)
         async for item in req.astream(prompt):
             if isinstance(item, Generation):
-                yield self._last_chunk(item, req)
+                for last in self._chunks(item, req) if req.tools else [self._last_chunk(item, req)]:
+                    yield last
                 return
+            if req.tools:  # a call is parsed from the whole answer
+                continue
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager:
                 await run_manager.on_llm_new_token(item, chunk=chunk)
             yield chunk
 
 
-def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as ``role``/``content`` dicts for the chat template (text only)."""
-    out: list[dict[str, str]] = []
+def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as chat-template dicts: ``role``/``content`` (text only), an AI message's
+    ``tool_calls`` (OpenAI style) and a tool message's ``tool_call_id`` and ``name``."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = m.role if isinstance(m, ChatMessage) else _ROLES.get(m.type, m.type)
-        out.append({"role": role, "content": _text(m, i)})
+        d: dict[str, Any] = {"role": role, "content": _text(m, i)}
+        if isinstance(m, AIMessage) and m.tool_calls:
+            d["tool_calls"] = [
+                {"id": c.get("id"), "type": "function", "function": {"name": c["name"], "arguments": c["args"]}}
+                for c in m.tool_calls
+            ]
+        if isinstance(m, ToolMessage):
+            d["tool_call_id"] = m.tool_call_id
+            if m.name:
+                d["name"] = m.name
+        out.append(d)
     return out
 
 

@@ -1,8 +1,9 @@
 """LangChain's standard integration tests, run against the embedded SmolLM2-135M-Instruct on the CPU.
 
 Every test passes or is an expected failure whose reason is a limitation of a small local
-text-only model. Tool calling and structured output are declared (``has_tool_calling``), so those
-tests do run and fail the way a user would see it: ``bind_tools`` raises ``NotImplementedError``.
+text-only model. Tool calls and structured answers always parse and validate (decoding is constrained
+to their schema); the tests marked below need a judgment the 135M model lacks (the right value, calling
+a tool unprompted, every key of a free-form JSON answer).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.retrievers import BaseRetriever
@@ -23,15 +25,45 @@ from langchain_kv_rag import ChatKVRag, KVCacheRetriever
 
 from .conftest import bm25_retriever, corpus_chunks
 
-TOOLS = "SmolLM2-135M-Instruct has no tool-calling format, so ChatKVRag does not implement bind_tools"
-STRUCTURED = "structured output needs tool calling or constrained JSON decoding, which ChatKVRag does not implement"
+#: Tests that decode a whole tool call or structured answer: they run with room for it (the suite's 10
+#: tokens keep the plain-text tests fast; a call such as {"name":"magic_function","arguments":{"input":3}}
+#: alone is ~20 tokens, and a constrained answer cut short does not parse).
+ROOMY = frozenset(
+    {
+        "test_tool_calling",
+        "test_tool_calling_async",
+        "test_bind_runnables_as_tools",
+        "test_tool_message_histories_string_content",
+        "test_tool_message_histories_list_content",
+        "test_tool_choice",
+        "test_tool_calling_with_no_arguments",
+        "test_tool_message_error_status",
+        "test_structured_few_shot_examples",
+        "test_agent_loop",
+        "test_unicode_tool_call_integration",
+        "test_structured_output",
+        "test_structured_output_async",
+        "test_structured_output_pydantic_2_v1",
+        "test_structured_output_optional_param",
+        "test_json_mode",
+    }
+)
+ROOMY_TOKENS = 128
+WRONG_VALUE = (
+    "SmolLM2-135M emits a valid magic_function call (decoding is forced to the call's schema) but not the "
+    "value the question names (input=100 for 'magic_function(3)')"
+)
+NO_AUTO_CALL = (
+    "SmolLM2-135M does not call a tool with tool_choice='auto' (it answers in text; a named tool_choice calls)"
+)
+JSON_MODE_KEYS = (
+    "json_mode constrains the answer to any JSON object, and SmolLM2-135M writes only the first of the keys the "
+    "prompt asks for (method='json_schema', the default, constrains the keys)"
+)
 NO_NETWORK = "needs {what} input (fetched over the network by the test); SmolLM2-135M-Instruct reads text only"
 
-#: A document for the cache-read check (real text from the bundled corpus).
-_DOC_SOURCE = "for-statement.md#0"
-
-not_implemented = pytest.mark.xfail(reason=TOOLS, raises=NotImplementedError, strict=True)
-no_structured = pytest.mark.xfail(reason=STRUCTURED, raises=NotImplementedError, strict=True)
+#: Documents for the cache-read checks, invoke and stream (real text from the bundled corpus).
+_DOC_SOURCES = {False: "for-statement.md#0", True: "try-statement.md#0"}
 
 
 def _tiny_model_dir(path: Path) -> str:
@@ -105,9 +137,14 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
         return self._asked[stream]
 
     def _ask_twice_now(self, stream: bool) -> tuple[AIMessage, AIMessage]:
-        doc = next(d.page_content for d in corpus_chunks() if d.metadata["source"] == _DOC_SOURCE)
         chat = ChatKVRag(max_tokens=2, store="memory")
-        messages = [SystemMessage(f"Answer from this document:\n\n{doc}"), HumanMessage("What does else do?")]
+        # the invoke and stream pairs read different documents: the model keeps a finished exact-mode prompt's KV
+        # for the next turn of a conversation (docs/concepts.md#conversations), so a prompt that starts as the
+        # other pair's did would read that KV instead of creating it
+        source = _DOC_SOURCES[stream]
+        doc = next(d.page_content for d in corpus_chunks() if d.metadata["source"] == source)
+        question = "What does else do?"
+        messages = [SystemMessage(f"Answer from this document:\n\n{doc}"), HumanMessage(question)]
 
         def ask() -> AIMessage:
             if not stream:
@@ -132,70 +169,30 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
         assert details["cache_creation"] > 0 and details["cache_read"] == 0
         return first
 
-    # ------------------------------------------------------------------ limitations
-    @not_implemented
+    # ------------------------------------------------------------------ tools and structured output
+    @pytest.fixture
+    def model(self, request: Any) -> BaseChatModel:  # type: ignore[override]
+        """The suite's model; tool and structured-output tests get room for a whole call (see ROOMY)."""
+        extra = getattr(request, "param", None) or {}
+        params = {**self.standard_chat_model_params, **self.chat_model_params, **extra}
+        if request.node.originalname in ROOMY:
+            params["max_tokens"] = ROOMY_TOKENS
+        return self.chat_model_class(**params)
+
+    # ------------------------------------------------------------------ the model's judgment
+    @pytest.mark.xfail(reason=WRONG_VALUE, raises=AssertionError, strict=False)
     def test_tool_calling(self, model: BaseChatModel) -> None:
         super().test_tool_calling(model)
 
-    @not_implemented
+    @pytest.mark.xfail(reason=WRONG_VALUE, raises=AssertionError, strict=False)
     async def test_tool_calling_async(self, model: BaseChatModel) -> None:
         await super().test_tool_calling_async(model)
 
-    @not_implemented
-    def test_bind_runnables_as_tools(self, model: BaseChatModel) -> None:
-        super().test_bind_runnables_as_tools(model)
-
-    @not_implemented
-    def test_tool_message_histories_string_content(self, model: BaseChatModel, my_adder_tool: Any) -> None:
-        super().test_tool_message_histories_string_content(model, my_adder_tool)
-
-    @not_implemented
-    def test_tool_message_histories_list_content(self, model: BaseChatModel, my_adder_tool: Any) -> None:
-        super().test_tool_message_histories_list_content(model, my_adder_tool)
-
-    @not_implemented
-    def test_tool_choice(self, model: BaseChatModel) -> None:
-        super().test_tool_choice(model)
-
-    @not_implemented
-    def test_tool_calling_with_no_arguments(self, model: BaseChatModel) -> None:
-        super().test_tool_calling_with_no_arguments(model)
-
-    @not_implemented
-    def test_tool_message_error_status(self, model: BaseChatModel, my_adder_tool: Any) -> None:
-        super().test_tool_message_error_status(model, my_adder_tool)
-
-    @not_implemented
-    def test_structured_few_shot_examples(self, model: BaseChatModel, my_adder_tool: Any) -> None:
-        super().test_structured_few_shot_examples(model, my_adder_tool)
-
-    @not_implemented
+    @pytest.mark.xfail(reason=NO_AUTO_CALL, raises=AssertionError, strict=False)
     def test_agent_loop(self, model: BaseChatModel) -> None:
         super().test_agent_loop(model)
 
-    @not_implemented
-    def test_unicode_tool_call_integration(self, model: BaseChatModel) -> None:
-        super().test_unicode_tool_call_integration(model)
-
-    @no_structured
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model: BaseChatModel, schema_type: str) -> None:
-        super().test_structured_output(model, schema_type)  # type: ignore[arg-type]
-
-    @no_structured
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model: BaseChatModel, schema_type: str) -> None:
-        await super().test_structured_output_async(model, schema_type)  # type: ignore[arg-type]
-
-    @no_structured
-    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @no_structured
-    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
-        super().test_structured_output_optional_param(model)
-
-    @no_structured
+    @pytest.mark.xfail(reason=JSON_MODE_KEYS, raises=OutputParserException, strict=False)
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
 
@@ -218,10 +215,6 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=NO_NETWORK.format(what="PDF tool-message"), run=False)
     def test_pdf_tool_message(self, model: BaseChatModel) -> None:
         super().test_pdf_tool_message(model)
-
-    @pytest.mark.xfail(reason="Anthropic-style inputs are tool_use blocks and images: " + TOOLS, run=False)
-    def test_anthropic_inputs(self, model: BaseChatModel) -> None:
-        super().test_anthropic_inputs(model)
 
     @pytest.mark.xfail(
         reason="benchmarks replayed HTTP responses (VCR cassettes); a local model makes no HTTP calls", run=False

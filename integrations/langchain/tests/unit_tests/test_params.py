@@ -142,8 +142,12 @@ def test_messages_become_chat_template_dicts() -> None:
     assert to_chat_dicts(msgs) == [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "ab"},
-        {"role": "assistant", "content": "c"},
-        {"role": "tool", "content": "d"},
+        {
+            "role": "assistant",
+            "content": "c",
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}],
+        },
+        {"role": "tool", "content": "d", "tool_call_id": "1"},
         {"role": "critic", "content": "e"},
     ]
 

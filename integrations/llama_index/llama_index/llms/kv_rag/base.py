@@ -19,11 +19,15 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.llm import LLM, default_completion_to_prompt
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
+from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import MetadataMode, NodeWithScore
+from llama_index.core.types import PydanticProgramMode
 
 from kv_rag import AsyncStream, Engine, Generation, Mode, Prompt, RequestOptions, Store
 from kv_rag.defaults import MAX_NEW_TOKENS
+from kv_rag.tools import call_schema, check_choice, closed_schema, parse_tool_calls
 
 from ._watch import watch_retrievals
 
@@ -43,9 +47,12 @@ CALL_OPTIONS = (
     "seed",
     "stop",
 )
+#: Per-call constraints (grammar-constrained decoding, ``pip install 'kv-rag[structured]'``): a JSON schema
+#: (dict) or a Lark grammar; :meth:`KVRagLLM.structured_predict` passes the output class's schema.
+CONSTRAINT_OPTIONS = ("json_schema", "grammar")
 
 
-class KVRagLLM(LLM):
+class KVRagLLM(FunctionCallingLLM):
     """A LlamaIndex LLM that reuses the published KV caches of documents found in its prompts.
 
     Any prompt LlamaIndex builds (any synthesizer, any template) is split at every verbatim
@@ -60,6 +67,11 @@ class KVRagLLM(LLM):
     Every response carries ``raw["usage"]`` in the OpenAI shape (``prompt_tokens``,
     ``completion_tokens``, ``total_tokens``, ``prompt_tokens_details.cached_tokens``), the same dict
     in ``additional_kwargs``, and the full kv-rag report in ``raw["kv_rag"]`` (TTFT, per-document hits).
+
+    Tools (a :class:`FunctionCallingLLM`): ``chat_with_tools``, ``predict_and_call`` and agents render the
+    tools with the model's chat template (or list them in the system message) and parse calls from the
+    answer; ``tool_required=True`` (or ``tool_choice="any"`` or a tool's name) decodes under the JSON
+    schema of a valid call (``pip install 'kv-rag[structured]'``), and so does ``structured_predict``.
 
     Args:
         model: ``None`` for the embedded SmolLM2-135M-Instruct, a local transformers model folder, or a
@@ -165,6 +177,7 @@ class KVRagLLM(LLM):
             context_window=self.context_window or self._engine.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=self.is_chat_model,
+            is_function_calling_model=True,
             model_name=self._engine.model_name,
         )
 
@@ -193,8 +206,8 @@ class KVRagLLM(LLM):
             return self._engine.prompt_from_messages([*messages, {"role": "user", "content": prompt}])
         return self._engine.prompt_from_text(prompt)
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
-        return self._engine.prompt_from_messages([{"role": _role(m), "content": m.content or ""} for m in messages])
+    def _chat_prompt(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        return self._engine.prompt_from_messages([_message(m) for m in messages], None, tools)
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``options=`` for the engine: this LLM's settings with the call's request options on top.
@@ -204,7 +217,79 @@ class KVRagLLM(LLM):
         """
         if "max_tokens" in kwargs:  # the OpenAI spelling, which some callers pass
             kwargs = {**kwargs, "max_new_tokens": kwargs.pop("max_tokens")}
-        return {"options": self.default_options().merge(**{k: v for k, v in kwargs.items() if k in CALL_OPTIONS})}
+        names = (*CALL_OPTIONS, *CONSTRAINT_OPTIONS)
+        options = {k: v for k, v in kwargs.items() if k in names}
+        tools = kwargs.get("tools")
+        if tools:  # from chat_with_tools: a required or named choice decodes under a valid call's schema
+            forced = call_schema(tools, check_choice(tools, kwargs.get("tool_choice")))
+            if forced is not None:
+                options["json_schema"] = forced
+        return {"options": self.default_options().merge(**options)}
+
+    # ----------------------------------------------------------------- tools
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat`` arguments: the messages, the tools as OpenAI dicts, and the choice (``tool_required``:
+        ``"any"``)."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(
+                user_msg if isinstance(user_msg, ChatMessage) else ChatMessage(role="user", content=user_msg)
+            )
+        specs = [t.metadata.to_openai_tool() for t in tools]
+        choice = tool_choice if tool_choice is not None else ("any" if tool_required else "auto")
+        return {"messages": messages, "tools": specs, "tool_choice": choice, **kwargs}
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The calls parsed from the answer (``additional_kwargs["tool_calls"]``)."""
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"Expected at least one tool call, but got 0 tool calls: {response.message.content!r}")
+        return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
+
+    # ----------------------------------------------------------------- structured output
+    def _structured_kwargs(self, output_cls: type[Any], llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """``llm_kwargs``, with the output class's JSON schema as the decoding constraint (objects closed to
+        their fields, strings capped: :func:`kv_rag.tools.closed_schema`) where LlamaIndex runs its
+        text-completion program; its function-calling program (the default) forces a call already."""
+        if self.pydantic_program_mode is PydanticProgramMode.DEFAULT:
+            return dict(llm_kwargs or {})
+        return {"json_schema": closed_schema(output_cls.model_json_schema()), **(llm_kwargs or {})}
+
+    def structured_predict(
+        self,
+        output_cls: type[Any],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        """An instance of ``output_cls`` (a pydantic class) from ``prompt``, always valid: LlamaIndex's
+        function-calling program (a forced call of a tool named after the class), or with another
+        ``pydantic_program_mode`` its text-completion program decoded under the class's JSON schema."""
+        kwargs = self._structured_kwargs(output_cls, llm_kwargs)
+        return super().structured_predict(output_cls, prompt, kwargs, **prompt_args)
+
+    async def astructured_predict(
+        self,
+        output_cls: type[Any],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        """:meth:`structured_predict` for coroutines."""
+        kwargs = self._structured_kwargs(output_cls, llm_kwargs)
+        return await super().astructured_predict(output_cls, prompt, kwargs, **prompt_args)
 
     # ----------------------------------------------------------------- completion
     @llm_completion_callback()
@@ -252,41 +337,45 @@ class KVRagLLM(LLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """The assistant's reply, the messages rendered with the model's chat template."""
-        gen = self._engine.generate(self._chat_prompt(messages), **self._call_kwargs(kwargs))
-        return _chat(gen.text, gen.text, gen)
+        tools = kwargs.get("tools")
+        gen = self._engine.generate(self._chat_prompt(messages, tools), **self._call_kwargs(kwargs))
+        return _chat(gen.text, gen.text, gen, bool(tools))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """The reply piece by piece; the last response carries the usage."""
-        p = self._chat_prompt(messages)
+        tools = kwargs.get("tools")
+        p = self._chat_prompt(messages, tools)
         call = self._call_kwargs(kwargs)
 
         def gen() -> ChatResponseGen:
             text = ""
             for delta, result in _with_result(self._engine.stream(p, **call)):
                 text += delta
-                yield _chat(text, delta, result)
+                yield _chat(text, delta, result, bool(tools))
 
         return gen()
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """:meth:`chat` with the model in a worker thread."""
-        p = await asyncio.to_thread(self._chat_prompt, messages)
+        tools = kwargs.get("tools")
+        p = await asyncio.to_thread(self._chat_prompt, messages, tools)
         gen = await self._engine.agenerate(p, **self._call_kwargs(kwargs))
-        return _chat(gen.text, gen.text, gen)
+        return _chat(gen.text, gen.text, gen, bool(tools))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         """:meth:`stream_chat` as an async generator (the model runs in a worker thread)."""
-        p = await asyncio.to_thread(self._chat_prompt, messages)
+        tools = kwargs.get("tools")
+        p = await asyncio.to_thread(self._chat_prompt, messages, tools)
         call = self._call_kwargs(kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
             async for delta, result in _awith_result(self._engine.astream(p, **call)):
                 text += delta
-                yield _chat(text, delta, result)
+                yield _chat(text, delta, result, bool(tools))
 
         return gen()
 
@@ -315,9 +404,15 @@ def _completion(text: str, delta: str, gen: Generation | None) -> CompletionResp
     return CompletionResponse(text=text, delta=delta, raw=raw or None, additional_kwargs=extra)
 
 
-def _chat(text: str, delta: str, gen: Generation | None) -> ChatResponse:
+def _chat(text: str, delta: str, gen: Generation | None, tools: bool = False) -> ChatResponse:
+    """A chat response; with ``tools``, the last one (``gen`` given) carries the calls parsed from the answer
+    in ``additional_kwargs["tool_calls"]`` (``id``, ``name``, ``arguments``) and the text left around them."""
     raw, extra = _raw(gen)
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+    kwargs: dict[str, Any] = {}
+    if tools and gen is not None:
+        text, calls = parse_tool_calls(text)
+        kwargs["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=text, additional_kwargs=kwargs)
     return ChatResponse(message=message, delta=delta, raw=raw or None, additional_kwargs=extra)
 
 
@@ -339,6 +434,21 @@ async def _awith_result(stream: AsyncStream) -> AsyncIterator[tuple[str, Generat
             yield held, None
         held = piece
     yield held or "", stream.result
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A chat-template dict: role and text; an assistant's parsed calls and a tool result's call id."""
+    out: dict[str, Any] = {"role": _role(m), "content": m.content or ""}
+    calls = m.additional_kwargs.get("tool_calls")
+    if calls and isinstance(calls, list):
+        out["tool_calls"] = [
+            {"id": c.get("id"), "type": "function", "function": {"name": c["name"], "arguments": c.get("arguments")}}
+            for c in calls
+            if isinstance(c, dict) and "name" in c
+        ]
+    if m.additional_kwargs.get("tool_call_id"):
+        out["tool_call_id"] = m.additional_kwargs["tool_call_id"]
+    return out
 
 
 def _role(message: ChatMessage) -> str:
