@@ -52,7 +52,7 @@ class ArtifactMeta:
     signer: str = ""
     #: the publisher's signature (base64) over the tensor digest and the fields that place the KV
     signature: str = ""
-    #: cryptographic digest of every tensor's bytes (``sha256:<hex>``), covered by the signature
+    #: cryptographic digest of the tensors as stored (``blake3:<hex>``, :mod:`kv_rag.digest`), covered by the signature
     tensor_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,11 +114,14 @@ class Artifact:
         return st_save(tensors, metadata=art.meta.header())
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview, expect_key: str | None = None, checksum: bool = True
+    ) -> Artifact:
         """Parse and verify bytes written by :meth:`to_bytes`.
 
         Raises :class:`ArtifactError` (a miss) on truncation, a bad checksum, a foreign format
-        or a key other than ``expect_key``.
+        or a key other than ``expect_key``. ``checksum=False`` leaves the checksum to the caller, who
+        verifies the tensors otherwise (a signature's digest of the same bytes).
         """
         try:
             header = _read_header(data)
@@ -143,7 +146,7 @@ class Artifact:
             raise ArtifactError(f"artifact metadata or tensors incomplete: {exc}") from exc
         if expect_key is not None and meta.key != expect_key:
             raise ArtifactError(f"artifact holds key {meta.key[:12]}…, expected {expect_key[:12]}…")
-        actual = _checksum(tensors)
+        actual = _checksum(tensors) if checksum else meta.checksum
         if actual != meta.checksum:
             raise ArtifactError(f"artifact checksum mismatch: stored {meta.checksum}, computed {actual}")
         if int(token_ids.numel()) != meta.num_tokens or any(k.shape[-2] != meta.num_tokens for k in keys):

@@ -65,14 +65,15 @@ def encode(artifact: Artifact, codec: str = "none", level: int = 3) -> bytes:
     return compress(data, level) if codec == "zstd" else data
 
 
-def decode(data: bytes | bytearray | memoryview, expect_key: str | None = None) -> Artifact:
-    """The artifact held by stored bytes written with any codec. Raises :class:`ArtifactError` on damage."""
+def decode(data: bytes | bytearray | memoryview, expect_key: str | None = None, checksum: bool = True) -> Artifact:
+    """The artifact held by stored bytes written with any codec. Raises :class:`ArtifactError` on damage.
+    ``checksum=False``: see :meth:`Artifact.from_bytes` (plain safetensors only; the others check theirs)."""
     magic = bytes(data[:4])
     if magic == MAGIC_INT8:
         return decode_int8(data, expect_key)
     if magic == MAGIC_ZSTD:
-        data = decompress(data)
-    return Artifact.from_bytes(data, expect_key=expect_key)
+        return Artifact.from_bytes(decompress(data), expect_key=expect_key)
+    return Artifact.from_bytes(data, expect_key=expect_key, checksum=checksum)
 
 
 def codec_of(data: bytes) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import digest
 from .artifact import Artifact, ArtifactMeta
 from .errors import InputError
 
@@ -53,18 +54,31 @@ def _tensor_sha(item: tuple[str, torch.Tensor]) -> bytes:
     return h.digest()
 
 
-def tensor_digest(artifact: Artifact, threads: int | None = None) -> str:
-    """``sha256:<hex>`` of the tensors (token ids, every layer's keys, then values): each one's name, dtype, shape
-    and bytes hashed alone (in ``threads`` threads; default up to 4 from 8 MiB on), then their digests in order."""
+def _sha256_digest(artifact: Artifact) -> str:
+    """The first kind of digest (``sha256:``, kv-rag 0.1 signatures): each tensor's name, dtype, shape
+    and bytes hashed alone, then their digests in order. Still verified; no longer written."""
     layers = (("k", artifact.keys), ("v", artifact.values))
     items = [("token_ids", artifact.token_ids), *((f"{n}.{i}", t) for n, ts in layers for i, t in enumerate(ts))]
-    n = threads if threads is not None else min(4, os.cpu_count() or 1) if artifact.nbytes >= 8 << 20 else 1
+    n = min(4, os.cpu_count() or 1) if artifact.nbytes >= 8 << 20 else 1
     if n > 1:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="kv-rag-digest") as pool:
             parts = list(pool.map(_tensor_sha, items))
     else:
         parts = [_tensor_sha(item) for item in items]
     return "sha256:" + hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def tensor_digest(artifact: Artifact) -> str:
+    """``blake3:<hex>``: the digest (:mod:`kv_rag.digest`) of ``artifact``'s tensors as they are stored
+    (serialized here; a tier that reads stored bytes computes it while reading)."""
+    found = digest.of_bytes(artifact.to_bytes())
+    assert found is not None  # to_bytes writes safetensors
+    return found
+
+
+def _digest_like(artifact: Artifact, recorded: str) -> str:
+    """``artifact``'s digest of the kind ``recorded`` is."""
+    return _sha256_digest(artifact) if recorded.startswith("sha256:") else tensor_digest(artifact)
 
 
 def signed_message(meta: ArtifactMeta) -> bytes:
@@ -212,12 +226,14 @@ class TrustPolicy:
         #: the trusted public keys (raw bytes)
         self.keys: frozenset[bytes] = frozenset(keys)
 
-    def check(self, artifact: Artifact, tensors: bool = True) -> str | None:
+    def check(self, artifact: Artifact, tensors: bool = True, stored_digest: str | None = None) -> str | None:
         """``None`` when ``artifact`` may be loaded, else why not: ``"unsigned"``, ``"signed by an untrusted
         key"`` or ``"tampered after signing"`` (signature invalid, or the tensors no longer match its digest).
 
         ``tensors=False`` leaves out hashing the tensors (for tensors held in this process since they were
         checked or computed); the signature over the metadata and the recorded digest is checked all the same.
+        ``stored_digest``: the digest of the stored bytes ``artifact`` was decoded from, computed while a
+        tier read them (:class:`kv_rag.digest.ReadHasher`); it stands for hashing the tensors again.
         """
         m = artifact.meta
         if not m.signature:
@@ -227,7 +243,11 @@ class TrustPolicy:
             return UNTRUSTED_KEY
         if not PublisherKey(raw).verify(signed_message(m), m.signature):
             return TAMPERED
-        if tensors and tensor_digest(artifact) != m.tensor_digest:
+        if not tensors:
+            return None
+        if stored_digest is not None and m.tensor_digest.startswith(digest.PREFIX):
+            return None if stored_digest == m.tensor_digest else TAMPERED
+        if _digest_like(artifact, m.tensor_digest) != m.tensor_digest:
             return TAMPERED
         return None
 

@@ -253,3 +253,52 @@ def test_inspect_finds_a_key_held_only_in_redis(
     assert info["key"] == "c" * 64 and info["num_tokens"] == 40 and info["where"] == "redis tier (key)"
     assert main(["inspect", "d" * 64, "--store", server.url]) == 2
     assert "tiers: memory, disk, redis" in capsys.readouterr().err
+
+
+def test_forged_pier_in_redis_is_refused_under_trust(server: RedisServer, embedded: object, tmp_path: Path) -> None:
+    """Issue 18: the forged "pier 2" artifact (A's metadata and signature, B's KV, checksum re-sealed)
+    written into Redis by another process is an ``untrusted`` miss when trust is required, and the
+    answer is the full prefill's; the signed original loads (its digest taken from the Redis bytes)."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("blake3")
+    from kv_rag import SigningKey
+
+    ferry_a, ferry_b = "The ferry leaves from pier 7.", "The ferry leaves from pier 2."
+    question = "Which pier does the ferry leave from?"
+    key = SigningKey.generate()
+
+    def engine(**kw: object) -> Engine:
+        return Engine(None, store=Store([MemoryTier(), RedisTier(server.url)]), device="cpu", dtype="float32", **kw)
+
+    reports = engine(sign_key=key).publish([ferry_a, ferry_b])
+    redis_tier = RedisTier(server.url)
+    a, b = (redis_tier.get(r.key) for r in reports)
+    assert a is not None and b is not None and a.meta.signed
+    full = engine().generate(question, [ferry_a], max_new_tokens=10, use_cache=False)
+    gen = engine(trust=[key.public_key]).generate(question, [ferry_a], max_new_tokens=10)
+    assert [(d.cache.value, d.reason) for d in gen.documents] == [("hit", None)]
+    assert gen.token_ids == full.token_ids
+
+    forged = dataclasses.replace(a, keys=b.keys, values=b.values).sealed()
+    (tmp_path / "forged.kv").write_bytes(forged.to_bytes())
+    subprocess.run(  # written from another process, as an attacker with write access would
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kv_rag.store import RedisTier; "
+            "RedisTier(sys.argv[1]).put_bytes(sys.argv[2], open(sys.argv[3], 'rb').read())",
+            server.url,
+            reports[0].key,
+            str(tmp_path / "forged.kv"),
+        ],
+        check=True,
+    )
+    naive = engine().generate(question, [ferry_a], max_new_tokens=10)
+    assert naive.documents[0].cache.value == "hit" and naive.token_ids != full.token_ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = engine(trust=[key.public_key]).generate(question, [ferry_a], max_new_tokens=10)
+    assert [(d.cache.value, d.reason) for d in gen.documents] == [("miss", "untrusted")]
+    assert any("tampered after signing" in str(w.message) for w in caught)
+    assert gen.token_ids == full.token_ids
+    assert reports[0].key in redis_tier  # kept: another consumer may trust its publisher

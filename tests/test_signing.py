@@ -4,6 +4,7 @@ forged "pier 7 -> pier 2" artifact refused as an ``untrusted`` miss and recomput
 from __future__ import annotations
 
 import dataclasses
+import json
 import stat
 import warnings
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 import torch
 from test_artifact import make_artifact
 
-from kv_rag import Artifact, Engine, InputError, MissReason, PublisherKey, SigningKey, TrustPolicy
+from kv_rag import Artifact, Engine, InputError, MissReason, PublisherKey, SigningKey, TrustPolicy, digest
 from kv_rag.cli import main
 from kv_rag.models import LoadedModel
 from kv_rag.signing import tensor_digest
 from kv_rag.store import DiskTier, MemoryTier, Store
 
 pytest.importorskip("cryptography")
+pytest.importorskip("blake3")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,11 @@ def test_what_the_signature_covers(key: SigningKey) -> None:
     trust = TrustPolicy([key.public_key])
     assert trust.check(signed) is None
     assert signed.meta.signed and signed.meta.tensor_digest == tensor_digest(art)
-    assert tensor_digest(art, threads=2) == tensor_digest(art, threads=1)
+    hasher = digest.ReadHasher()  # the digest a tier takes while reading, fed in uneven pieces
+    data = memoryview(bytearray(signed.to_bytes()))
+    for got in (3, 8, 20, 500, len(data) - 7, len(data)):
+        hasher.advance(data, got)
+    assert hasher.result() == digest.of_bytes(data) == tensor_digest(art)
     back = Artifact.from_bytes(signed.to_bytes(), expect_key=art.meta.key)  # kept through the bytes
     assert back.meta == signed.meta and trust.check(back) is None
 
@@ -130,6 +136,62 @@ def test_store_trust_skips_without_deleting(key: SigningKey, tmp_path: Path) -> 
     assert strict.get(k).tier == "memory"  # type: ignore[union-attr]
     with pytest.raises(InputError, match="another trust"):
         strict.secure(trust=TrustPolicy([SigningKey.generate()]))
+
+
+def _swap_layers(data: bytes) -> bytes:
+    """``data`` with the byte ranges of ``v.0`` and ``v.1`` swapped in its header and the checksum in its
+    metadata re-sealed to match: the data section is byte for byte the same, the tensors are not."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["v.0"]["data_offsets"], header["v.1"]["data_offsets"] = (
+        header["v.1"]["data_offsets"],
+        header["v.0"]["data_offsets"],
+    )
+
+    def packed(h: dict[str, object]) -> bytes:
+        text = json.dumps(h, separators=(",", ":")).encode()
+        return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+    moved = Artifact.from_bytes(packed(header), checksum=False)
+    meta = json.loads(header["__metadata__"]["kv_rag"])
+    meta["checksum"] = moved.checksum()
+    header["__metadata__"]["kv_rag"] = json.dumps(meta, sort_keys=True)
+    return packed(header)
+
+
+def test_a_trusted_disk_load_checks_the_bytes_it_read(key: SigningKey, tmp_path: Path) -> None:
+    """Under trust the disk tier hashes the stored bytes while reading them, with no checksum pass:
+    intact signed bytes load; a flipped byte is damage (dropped); tensors moved about in the header,
+    the checksum re-sealed, the data section unchanged, is forgery (kept and refused)."""
+    art = make_artifact(n=6, layers=3)
+    k = art.meta.key
+    trust = TrustPolicy([key])
+    signed_bytes = key.sign(art).to_bytes()
+
+    def load(data: bytes) -> tuple[Store, DiskTier, object]:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        DiskTier(folder).put_bytes(k, data)
+        disk = DiskTier(folder)
+        store = Store([MemoryTier(), disk], trust=trust)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            return store, disk, store.get(k)
+
+    store, disk, hit = load(signed_bytes)
+    assert hit is not None and torch.equal(hit.artifact.values[1], art.values[1])  # type: ignore[attr-defined]
+    got, stored = disk.get_digested(k)
+    assert got is not None and stored == got.meta.tensor_digest and trust.check(got, stored_digest=stored) is None
+
+    flipped = bytearray(signed_bytes)
+    flipped[-5] ^= 0x40  # in the last tensor's bytes
+    store, disk, hit = load(bytes(flipped))
+    assert hit is None and k not in disk and store.why_missing(k) == MissReason.DAMAGED
+
+    swapped = _swap_layers(signed_bytes)
+    moved = Artifact.from_bytes(swapped)  # the checksum passes
+    assert torch.equal(moved.values[0], art.values[1]) and not torch.equal(moved.values[0], art.values[0])
+    store, disk, hit = load(swapped)
+    assert hit is None and k in disk and store.why_missing(k) == MissReason.UNTRUSTED
 
 
 FERRY_A = "The ferry leaves from pier 7."
@@ -180,3 +242,21 @@ def test_forged_pier_is_an_untrusted_miss(embedded: LoadedModel, key: SigningKey
     again = engine(trust=[key.public_key, own.public_key]).generate(QUESTION, [FERRY_A], max_new_tokens=10)
     assert [(d.cache.value, d.reason) for d in again.documents] == [("hit", None)]
     assert again.token_ids == full.token_ids
+
+
+def test_the_read_hasher_works_in_a_forked_child(key: SigningKey, tmp_path: Path) -> None:
+    """The hashing thread is started again in a child forked after the parent used it (no hang)."""
+    import multiprocessing
+
+    art = make_artifact(n=6, layers=3)
+    DiskTier(tmp_path / "s").put(art.meta.key, key.sign(art))
+    assert DiskTier(tmp_path / "s").get_digested(art.meta.key)[1] is not None  # the parent's pool is up
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        found = pool.apply_async(_digest_in_child, (str(tmp_path / "s"), art.meta.key)).get(timeout=60)
+    assert found == art.meta.key and found is not None
+
+
+def _digest_in_child(folder: str, k: str) -> str | None:
+    art, stored = DiskTier(folder).get_digested(k)
+    return art.meta.key if art is not None and stored == art.meta.tensor_digest else None

@@ -133,15 +133,19 @@ class Store:
         refused = False
         for i, tier in enumerate(self.tiers):
             t0 = time.perf_counter()
-            try:
-                art = tier.get(key)
+            digested = self.trust is not None and hasattr(tier, "get_digested")
+            try:  # under trust, the digest a signature covers is taken while the bytes are read
+                art, stored = tier.get_digested(key) if digested else (tier.get(key), None)  # type: ignore[attr-defined]
             except OSError as exc:
                 _warn_skip(tier, "read", key, exc)
                 continue
             if art is None:
                 continue
             if self.trust is not None:
-                why = self.trust.check(art, tensors=not isinstance(tier, MemoryTier))
+                why = self.trust.check(art, tensors=not isinstance(tier, MemoryTier), stored_digest=stored)
+                if why is not None and stored is not None and art.checksum() != art.meta.checksum:
+                    self._damaged(tier, key, "its tensors fail their checksum")  # damage, not forgery
+                    continue
                 if why is not None:  # kept: another consumer may trust its publisher
                     refused = True
                     warnings.warn(
@@ -154,13 +158,7 @@ class Store:
                 if why is None and self.spot_check is not None and not isinstance(tier, MemoryTier):
                     why = self.spot_check(art)  # first use from a tier outside this process
                 if why is not None:
-                    gone.record(key, "damaged")
-                    warnings.warn(
-                        f"kv-rag: dropping artifact {key[:12]}… from the {tier.name} tier: {why}; "
-                        "it will be recomputed",
-                        stacklevel=2,
-                    )
-                    self._delete_from(tier, key)
+                    self._damaged(tier, key, why)
                     continue
             # copy up nearest first; in-process tiers hand on their own copy (pinned -> GPU), and the
             # caller gets the top tier's copy, so nothing is moved twice
@@ -174,6 +172,15 @@ class Store:
         if refused:
             gone.record(key, "untrusted")
         return None
+
+    def _damaged(self, tier: Tier, key: str, why: str) -> None:
+        """Drop ``key`` from ``tier`` as damaged, with a warning."""
+        gone.record(key, "damaged")
+        warnings.warn(
+            f"kv-rag: dropping artifact {key[:12]}… from the {tier.name} tier: {why}; it will be recomputed",
+            stacklevel=3,
+        )
+        self._delete_from(tier, key)
 
     def prefetch(self, keys: Sequence[str]) -> Future[int]:
         """Copy ``keys`` up into the faster tiers in a background thread (one per store), so that a request

@@ -18,6 +18,7 @@ import diskcache
 import torch
 
 from .. import codec as _codec
+from .. import digest as _digest
 from ..artifact import Artifact
 from ..defaults import DISK_TIER_BYTES
 from ..errors import ArtifactError
@@ -115,29 +116,38 @@ class DiskTier:
 
     def get(self, key: str) -> Artifact | None:
         """The verified artifact under ``key`` or ``None`` (damaged entries are dropped with a warning)."""
+        return self._get(key, None)[0]
+
+    def get_digested(self, key: str) -> tuple[Artifact | None, str | None]:
+        """The artifact under ``key`` (or ``None``) and the digest of its stored bytes
+        (:mod:`kv_rag.digest`), hashed in a second thread while they are read; ``None`` for another
+        codec. The checksum is left to the caller, who checks that digest against a signature instead."""
+        return self._get(key, _digest.ReadHasher())
+
+    def _get(self, key: str, hasher: _digest.ReadHasher | None) -> tuple[Artifact | None, str | None]:
         if self._cache is None:
             data = self._reader.get(key) if self._reader is not None else None
             try:
-                return _codec.decode(data, expect_key=key) if data is not None else None
+                return _decoded(data, key, hasher) if data is not None else (None, None)
             except ArtifactError as exc:
-                warnings.warn(f"kv-rag: stored artifact {key[:12]}… is unusable ({exc}); recomputing", stacklevel=2)
+                warnings.warn(f"kv-rag: stored artifact {key[:12]}… is unusable ({exc}); recomputing", stacklevel=3)
                 removed.record(key, "damaged")
-                return None
+                return None, None
         try:
-            data = _read_value(self._cache.get(key, default=None, read=True, retry=True))
+            data = _read_value(self._cache.get(key, default=None, read=True, retry=True), hasher)
         except (OSError, ValueError, sqlite3.Error) as exc:
             self._drop(key, f"unreadable ({exc})")
-            return None
+            return None, None
         if data is None:
-            return None
+            return None, None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             self._drop(key, f"holds {type(data).__name__}, not artifact bytes")
-            return None
+            return None, None
         try:
-            return _codec.decode(data, expect_key=key)
+            return _decoded(data, key, hasher)
         except ArtifactError as exc:
             self._drop(key, str(exc))
-            return None
+            return None, None
 
     def get_bytes(self, key: str) -> bytes | None:
         """The raw stored bytes under ``key`` (unverified), or ``None``."""
@@ -292,13 +302,30 @@ class DiskTier:
 _PINS = "CREATE TABLE IF NOT EXISTS KvRagPin (key TEXT PRIMARY KEY)"
 
 
-def _read_value(value: Any) -> Any:
+def _decoded(
+    data: bytes | bytearray | memoryview, key: str, hasher: _digest.ReadHasher | None
+) -> tuple[Artifact, str | None]:
+    """Decode ``data`` (and the digest ``hasher`` took of it; then the checksum is left to the caller)."""
+    if hasher is None:
+        return _codec.decode(data, expect_key=key), None
+    if hasher.seen != len(data):  # not read through the hasher (kept inline in SQLite, or read-only)
+        hasher = _digest.ReadHasher()
+        hasher.advance(memoryview(data), len(data))
+    found = hasher.result() if _codec.codec_of(bytes(data[:4])) == "none" else None
+    return _codec.decode(data, expect_key=key, checksum=found is None), found
+
+
+#: Bytes read per call while a digest is taken (the hashing thread works on one piece while the next is read).
+_READ_PIECE = 8 << 20
+
+
+def _read_value(value: Any, hasher: _digest.ReadHasher | None = None) -> Any:
     """The bytes of a diskcache value read with ``read=True``.
 
-    A file is read whole, in one call, into an uninitialised buffer and returned as a writable
-    ``memoryview``: the artifact's tensors are views of it, so the bytes land in memory once
-    (a ``bytearray`` would be zero-filled first, and ``bytes`` would have to be copied into
-    tensors). Anything else (a value kept inline in SQLite) is returned as it is.
+    A file is read whole into an uninitialised buffer and returned as a writable ``memoryview``: the
+    artifact's tensors are views of it, so the bytes land in memory once (a ``bytearray`` would be
+    zero-filled first, and ``bytes`` would have to be copied into tensors). With ``hasher``, in pieces,
+    each handed to it as it arrives. Anything else (a value kept inline in SQLite) is returned as it is.
     """
     if not isinstance(value, io.IOBase):
         return value
@@ -310,10 +337,12 @@ def _read_value(value: Any) -> Any:
         view = memoryview(cast(Any, torch.empty(size, dtype=torch.uint8).numpy()))
         got = 0
         while got < size:
-            n = os.readv(fd, [view[got:]])
+            n = os.readv(fd, [view[got : got + _READ_PIECE] if hasher is not None else view[got:]])
             if not n:
                 break
             got += n
+            if hasher is not None:
+                hasher.advance(view, got)
     return view[:got]  # a file that shrank under us is checked (and rejected) like any damage
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import xxhash
 
+from .. import digest as _digest
 from ..artifact import Artifact
 from ..errors import ArtifactError, InputError
 from . import gone
@@ -173,6 +174,19 @@ class RedisTier:
         except ArtifactError as exc:
             self._drop(key, str(exc))
             return None
+
+    def get_digested(self, key: str) -> tuple[Artifact | None, str | None]:
+        """The artifact under ``key`` (or ``None``) and the digest of its stored bytes (:mod:`kv_rag.digest`);
+        the artifact's own checksum is left to the caller, who checks that digest against a signature."""
+        data = self.get_bytes(key)
+        if data is None:
+            return None, None
+        found = _digest.of_bytes(data)
+        try:
+            return Artifact.from_bytes(data, expect_key=key, checksum=found is None), found
+        except ArtifactError as exc:
+            self._drop(key, str(exc))
+            return None, None
 
     def get_bytes(self, key: str) -> bytes | None:
         """The artifact bytes under ``key`` with their size and xxh3 checked against the manifest."""
