@@ -186,3 +186,34 @@ def test_stitched_documents_are_the_tenants_even_when_public(tiny: tuple) -> Non
     b = Engine(model, tokenizer=tok, store=store, tenant=B, mode="stitch")
     b.mark_public([OTHER])  # public sharing is an exact-mode thing: stitched artifacts stay each tenant's
     assert [d.cache.value for d in b.generate(Q, [DOC, OTHER], max_new_tokens=2).documents] == ["miss", "miss"]
+
+
+def test_ten_thousand_cross_tenant_probes_find_nothing(
+    tiny: tuple, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue 18's target: 0 cross-tenant hits in 10,000 probes across all tiers. Tenant A publishes 40
+    documents into a store of every tier (memory, pinned, disk, Redis; GPU when there is one); then 10,000
+    probes, each the key another party computes for one of A's documents (tenant B, a third tenant, no
+    tenant: the plain key anyone can compute), looked up in every tier and through ``Store.get``. A's own
+    keys are the control: in every tier."""
+    model, tok = tiny
+    names = ["memory", "pinned", "disk", "redis"] + (["gpu"] if torch.cuda.is_available() else [])
+    server = request.getfixturevalue("redis_server")
+    tiers = [TIERS[n](tmp_path, server) for n in names]
+    store = Store(tiers)
+    docs = [f"Record {i}. Account {i * 7919 % 10007} moved {i * 31 % 97} crates to dock {i % 5}." for i in range(40)]
+    a = Engine(model, tokenizer=tok, store=store, tenant=A)
+    reports = a.publish(docs)
+    assert all(r.stored for r in reports)
+    own = [a.document_key(d) for d in docs]
+    assert all(k in tier for k in own for tier in tiers)  # the control: A's artifacts are there
+    probers = [Engine(model, tokenizer=tok, store=store, tenant=t) for t in (B, Tenant("initech", b"x" * 32), None)]
+    keys = {(p, d): probers[p].document_key(docs[d]) for p in range(len(probers)) for d in range(len(docs))}
+    assert not set(keys.values()) & set(own)
+    hits = probes = 0
+    for i in range(10_000):
+        key = keys[(i % len(probers), (i // len(probers)) % len(docs))]
+        tier = tiers[i % len(tiers)]
+        probes += 1
+        hits += (key in tier) + (tier.get(key) is not None) + (i % 25 == 0 and store.get(key) is not None)
+    assert probes == 10_000 and hits == 0
