@@ -126,3 +126,20 @@ def test_tenant_reaches_the_engine_and_is_never_serialized() -> None:
     llm = KVRagLLM(store="memory", tenant=tenant)
     assert llm.engine.tenant is tenant
     assert "sixteen" not in llm.model_dump_json() and "sixteen" not in repr(llm)
+
+
+def test_a_chat_engine_conversation_reuses_its_history() -> None:
+    """Issue 17, part 4: a LlamaIndex chat engine (SimpleChatEngine with its memory), no kv-rag code:
+    each turn loads the KV of the turns before and prefills only the new message; cached tokens grow."""
+    from conftest import llm_events
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    llm = KVRagLLM(store="memory", max_new_tokens=NUM_OUTPUT)
+    chat = SimpleChatEngine.from_defaults(llm=llm)
+    with llm_events() as events:
+        for message in ("My name is Ada and I write compilers.", "What do I write?", "And what is my name?"):
+            chat.chat(message)
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in events.usages]
+    prompts = [u["prompt_tokens"] for u in events.usages]
+    assert len(cached) == 3 and prompts[0] < prompts[1] < prompts[2]
+    assert cached[0] == 0 and 0 < cached[1] < cached[2] < prompts[2]

@@ -233,3 +233,27 @@ def test_a_document_spelling_chat_turns_is_read_as_text_cached_or_not() -> None:
     ref = cold.invoke(messages, documents=[text])
     assert hit.response_metadata["kv_rag"]["docs"][0]["cache"] == "hit"
     assert hit.content == ref.content
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the issue names this pattern; LangGraph is its successor
+def test_a_message_history_conversation_reuses_its_history() -> None:
+    """Issue 17, part 4: ``RunnableWithMessageHistory`` over ChatKVRag, no kv-rag code: each turn loads
+    the KV of the turns before and prefills only the new message; ``cache_read`` grows."""
+    from langchain_core.chat_history import InMemoryChatMessageHistory
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    histories: dict[str, InMemoryChatMessageHistory] = {}
+    chat = RunnableWithMessageHistory(
+        ChatKVRag(store="memory", max_tokens=12),
+        lambda session_id: histories.setdefault(session_id, InMemoryChatMessageHistory()),
+    )
+    config = {"configurable": {"session_id": "ada"}}
+    usage = [
+        chat.invoke(message, config=config).usage_metadata  # type: ignore[arg-type]
+        for message in ("My name is Ada and I write compilers.", "What do I write?", "And what is my name?")
+    ]
+    inputs = [u["input_tokens"] for u in usage if u]
+    cached = [u["input_token_details"]["cache_read"] for u in usage if u]
+    assert len(cached) == 3 and inputs[0] < inputs[1] < inputs[2]
+    assert cached[0] == 0 and 0 < cached[1] < cached[2] < inputs[2]
+    assert len(histories["ada"].messages) == 6
