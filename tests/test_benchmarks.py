@@ -58,6 +58,7 @@ SMOKE = {
     ],
     "soak/soak.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/soak.json"],
     "scaling/fleet.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/fleet.json"],
+    "scaling/catalogue.py": ["{py}", "{script}", "--catalogue", "12,1000"],
 }
 
 #: the JSON each smoke run writes (relative to {tmp}); ``None``: the script prints only
@@ -76,6 +77,7 @@ WRITES = {
     "serving/serving_bench.py": "serving.json",
     "soak/soak.py": "soak.json",
     "scaling/fleet.py": "fleet.json",
+    "scaling/catalogue.py": None,
 }
 
 #: scripts that start redis-server (skipped without it, failed without it under KV_RAG_REQUIRE_REDIS=1)

@@ -28,10 +28,9 @@ the request stream (Zipf, one document a request, ``--request-s`` of other work 
 from __future__ import annotations
 
 import argparse
-import bisect
-import hashlib
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -48,99 +47,45 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-#: SmolLM2-135M's KV geometry, used when the embedded model's config.json cannot be read
-SMOLLM2 = {"layers": 30, "kv_heads": 3, "head_dim": 64}
-F32 = I32 = 4  # bytes of a float32 value, of an int32 token id
+from catalogue import F32, Catalogue, geometry  # noqa: E402
+
+from kv_rag.store.redis import CHUNK_BYTES  # noqa: E402
 
 
-def geometry() -> dict[str, Any]:
-    """The embedded model's KV geometry (layers, KV heads, head size) and where it was read."""
-    try:
-        from kv_rag.models import embedded_model_path
+class Drops(logging.Handler):
+    """Counts the Redis tier's "dropping redis artifact" records (a chunk evicted: the artifact is a miss)."""
 
-        cfg = json.loads((embedded_model_path() / "config.json").read_text())
-        head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        layers, heads = int(cfg["num_hidden_layers"]), int(cfg["num_key_value_heads"])
-        return {"layers": layers, "kv_heads": heads, "head_dim": int(head), "source": "embedded model config.json"}
-    except Exception as exc:  # no embedded model here: its published shape
-        return {**SMOLLM2, "source": f"built-in SmolLM2-135M shape ({type(exc).__name__})"}
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "dropping" in record.getMessage()
 
 
-class Catalogue:
-    """``size`` documents ranked by popularity: Zipf weights, keys, lengths, artifacts of random KV.
-
-    Documents of one length share their tensors (made once a process): only the key, token ids and
-    metadata differ, which is all the store looks at.
-    """
-
-    def __init__(self, size: int, s: float, lengths: list[int], geo: dict[str, Any]) -> None:
-        self.size, self.s, self.lengths, self.geo = size, s, lengths, geo
-        weights = [1.0 / (k + 1) ** s for k in range(size)]
-        self.cum = list(itertools.accumulate(weights))
-        self.templates: dict[int, Any] = {}  # length -> (keys, values), made on first use
-
-    def draw(self, rng: random.Random) -> int:
-        """A rank drawn from the Zipf popularity."""
-        return min(bisect.bisect(self.cum, rng.random() * self.cum[-1]), self.size - 1)
-
-    @staticmethod
-    def key(rank: int) -> str:
-        """The store key of the document of ``rank`` (sha256 hex, like a real key)."""
-        return hashlib.sha256(f"kv-rag fleet document {rank}".encode()).hexdigest()
-
-    def tokens(self, rank: int) -> int:
-        """The document's length in tokens."""
-        return self.lengths[rank % len(self.lengths)]
-
-    def nbytes(self, rank: int) -> int:
-        """Bytes of the document's artifact tensors (KV and token ids)."""
-        g, n = self.geo, self.tokens(rank)
-        return n * (g["layers"] * 2 * g["kv_heads"] * g["head_dim"] * F32 + I32)
-
-    def total_bytes(self) -> int:
-        """Bytes of every document's artifact tensors."""
-        return sum(self.nbytes(k) for k in range(self.size))
-
-    def artifact(self, rank: int) -> Any:
-        """The document's artifact (unsealed: ``Store.put`` seals it, as when an engine publishes)."""
-        import torch
-
-        from kv_rag import Artifact, ArtifactMeta
-
-        n, g = self.tokens(rank), self.geo
-        if n not in self.templates:
-            gen = torch.Generator().manual_seed(n)
-            shape = (g["kv_heads"], n, g["head_dim"])
-            self.templates[n] = [tuple(torch.randn(shape, generator=gen) for _ in range(g["layers"])) for _ in "kv"]
-        keys, values = self.templates[n]
-        meta = ArtifactMeta(
-            key=self.key(rank),
-            model_digest="fleet-simulation",
-            tokenizer_digest="fleet-simulation",
-            tokens_digest=hashlib.sha256(str(rank).encode()).hexdigest(),
-            num_tokens=n,
-            start=0,
-            parent="",
-            dtype="torch.float32",
-            model={"architecture": "LlamaForCausalLM", **{k: g[k] for k in SMOLLM2}},
-            rope={"rope_type": "default"},
-            source=f"fleet document {rank}",
-        )
-        return Artifact(keys, values, torch.arange(n, dtype=torch.int32), meta)
-
-
-def _worker_setup() -> None:
-    warnings.simplefilter("ignore")  # a Redis eviction warns once per dropped artifact: counted, not printed
+def _worker_setup() -> Drops:
+    warnings.simplefilter("ignore")  # an evicted chunk warns once per dropped artifact: counted, not printed
     import torch
 
     torch.set_num_threads(1)
+    drops, log = Drops(), logging.getLogger("kv_rag.store.redis")
+    log.addHandler(drops)
+    log.propagate = False
+    return drops
+
+
+def shared_tier(url: str, opts: dict[str, Any]) -> Any:
+    """A client of the cluster tier (``--chunk-bytes`` a chunk)."""
+    from kv_rag.store import RedisTier
+
+    return RedisTier(url, chunk_bytes=opts["chunk_bytes"], timeout_s=5.0, retry_s=1.0)
 
 
 def replica(idx: int, url: str, opts: dict[str, Any], inbox: Any, outbox: Any) -> None:
     """One consumer replica: serve Zipf-drawn requests phase after phase; one result a phase."""
-    _worker_setup()
+    drops = _worker_setup()
     from kv_rag.cost import CPU_SMOLLM2_FP32
-    from kv_rag.store import DiskTier, MemoryTier, RedisTier, Store, Tier
+    from kv_rag.store import DiskTier, MemoryTier, Store, Tier
 
     outbox.put(("ready", idx, None))
     while (phase := inbox.get()) is not None:
@@ -150,8 +95,9 @@ def replica(idx: int, url: str, opts: dict[str, Any], inbox: Any, outbox: Any) -
         if opts["disk_mb"]:
             folder = Path(opts["work"]) / f"replica{idx}-phase{phase['index']}"
             tiers.append(DiskTier(folder, size_limit=int(opts["disk_mb"] * 2**20)))
-        redis_tier = RedisTier(url, timeout_s=5.0, retry_s=1.0)
+        redis_tier = shared_tier(url, opts)
         store = Store([*tiers, redis_tier])
+        drops.count = 0
         rng = random.Random(f"{opts['seed']}/{phase['index']}/{idx}")
         rows: list[list[Any]] = []  # rank, tier or "miss", get seconds, bytes, charged prefill s, put seconds
         inserts = inserted = 0  # artifacts and bytes that entered the memory tier
@@ -174,7 +120,7 @@ def replica(idx: int, url: str, opts: dict[str, Any], inbox: Any, outbox: Any) -
                 inserts, inserted = inserts + 1, inserted + rows[-1][3]
             time.sleep(max(0.0, opts["request_s"] - (time.perf_counter() - t_req)))
         summary = {"rows": rows, "memory_inserts": inserts, "memory_inserted_bytes": inserted}
-        summary |= {"memory_entries": len(memory), "redis_failures": redis_tier.failures}
+        summary |= {"memory_entries": len(memory), "redis_failures": redis_tier.failures, "dropped": drops.count}
         outbox.put(("replica", idx, summary))
 
 
@@ -182,12 +128,12 @@ def publisher(idx: int, url: str, opts: dict[str, Any], inbox: Any, outbox: Any)
     """One publisher: walk its share of the ranks in popularity order, publish what the cluster lacks."""
     _worker_setup()
     from kv_rag.cost import CPU_SMOLLM2_FP32
-    from kv_rag.store import RedisTier, Store
+    from kv_rag.store import Store
 
     outbox.put(("ready", idx, None))
     while (phase := inbox.get()) is not None:
         cat = Catalogue(phase["catalogue"], phase["zipf_s"], opts["lengths"], opts["geometry"])
-        tier = RedisTier(url, timeout_s=5.0, retry_s=1.0)
+        tier = shared_tier(url, opts)
         store = Store([tier])
         ranks = list(range(idx, cat.size, opts["publishers"])) or [0]
         rows: list[list[Any]] = []  # rank, seconds since start, put seconds, bytes, charged prefill s
@@ -229,15 +175,19 @@ def timing(values: list[float]) -> dict[str, Any]:
     return {"n": len(values), "p50_s": pct(values, 0.50), "p99_s": pct(values, 0.99)}
 
 
-def probe(url: str, cat: Catalogue, seconds: float) -> dict[str, Any]:
+def probe(url: str, cat: Catalogue, seconds: float, opts: dict[str, Any]) -> dict[str, Any]:
     """Single-client throughput of the cluster tier on this machine: put, get (bytes, checks, parse)
-    and get_bytes (bytes and the manifest's checks only) of the catalogue's longest artifact."""
-    from kv_rag.store import RedisTier
-
+    and get_bytes (bytes and the manifest's checks only) of the catalogue's longest artifact; and the
+    Redis memory it takes (``MEMORY USAGE`` of its manifest and chunks) per byte stored."""
     rank = max(range(len(cat.lengths)), key=cat.tokens)
     art = cat.artifact(rank).sealed()
-    tier = RedisTier(url, timeout_s=5.0)
-    out: dict[str, Any] = {"artifact_tokens": cat.tokens(rank), "artifact_bytes": art.nbytes}
+    tier, key, size = shared_tier(url, opts), art.meta.key, len(art.to_bytes())
+    tier.put(key, art)
+    man = tier.manifest(key) or {}
+    names = [f"{tier.prefix}m:{{{key}}}"] + [f"{tier.prefix}c:{{{key}}}:{man['v']}:{i}" for i in range(man["n"])]
+    held = sum(tier.client.memory_usage(name) or 0 for name in names)
+    out: dict[str, Any] = {"artifact_tokens": cat.tokens(rank), "artifact_bytes": art.nbytes, "stored_bytes": size}
+    out |= {"chunk_bytes": tier.chunk_bytes, "redis_memory_bytes": held, "redis_memory_per_byte": held / size}
     ops: dict[str, Callable[[], object]] = {"put": lambda: tier.put(art.meta.key, art)}
     ops |= {"get": lambda: tier.get(art.meta.key), "get_bytes": lambda: tier.get_bytes(art.meta.key)}
     for name, op in ops.items():
@@ -288,6 +238,7 @@ def summarize(
             tiers[name] = {"hits": len(got), "share": len(got) / n if n else None, "bytes": nbytes}
             tiers[name] |= {"mb_per_s": nbytes / dur / 1e6, **timing([row[2] for row in got])}
     missed = [row for row in rows if row[1] == "miss"]
+    published = [row[0] for row in missed] + [row[0] for p in pubs for row in p["rows"]]
     reached_shared = len(missed) + tiers["redis"]["hits"]
     pub_rows = [row for p in pubs for row in p["rows"]]
     visits = sorted(t for p in pubs for t in p["first_visit"].values())
@@ -311,7 +262,11 @@ def summarize(
             "publish": timing([row[5] for row in missed]),
             "bytes_published": sum(row[3] for row in missed),
             "charged_prefill_s": sum(row[4] for row in missed),
+            "dropped_partial": sum(r["dropped"] for r in reps),
         },
+        # publishes (replicas and publishers) of a document published before in this phase: after an
+        # eviction, or two writers racing; the replaced version's chunks stay for RedisTier's grace period
+        "republished": len(published) - len(set(published)),
         "memory_tier": {
             "inserts": sum(r["memory_inserts"] for r in reps),
             "inserted_bytes": sum(r["memory_inserted_bytes"] for r in reps),
@@ -348,6 +303,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--memory-mb", type=float, default=256, help="each replica's memory tier")
     ap.add_argument("--disk-mb", type=float, default=0, help="each replica's disk tier (0: none)")
     ap.add_argument("--redis-mb", type=int, default=640, help="maxmemory of each of the 3 nodes (allkeys-lru)")
+    ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="RedisTier chunk size (default: its own)")
     ap.add_argument("--prefill-scale", type=float, default=1.0, help="times the measured prefill a miss sleeps")
     ap.add_argument("--request-s", type=float, default=0.1, help="a request's other work (slept), at least")
     ap.add_argument("--probe-s", type=float, default=3.0, help="seconds of each single-client probe")
@@ -379,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     opts: dict[str, Any] = {"geometry": geo, "lengths": lengths, "work": str(work)}
     opts |= {k: getattr(args, k) for k in ("memory_mb", "disk_mb", "prefill_scale", "request_s", "seed", "publishers")}
+    opts["chunk_bytes"] = args.chunk_bytes
     grid = [(float(s), int(c)) for s in args.zipf.split(",") for c in args.catalogue.split(",")]
     extra = ("--maxmemory", f"{args.redis_mb}mb", "--maxmemory-policy", "allkeys-lru")
     nodes = start_cluster(binary, work / "redis", 3, extra)
@@ -387,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Any] = []
     phases: list[dict[str, Any]] = []
     try:
-        probes = probe(url, Catalogue(1, 1.0, opts["lengths"], geo), args.probe_s)
+        probes = probe(url, Catalogue(1, 1.0, opts["lengths"], geo), args.probe_s, opts)
         ctx = mp.get_context("spawn")
         outbox = ctx.Queue()
         inboxes = []
@@ -399,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         for _ in procs:
             outbox.get(timeout=300)
         for index, (s, size) in enumerate(grid):
-            redis_nodes(ports, reset=True)
+            before = redis_nodes(ports, reset=True)
             start_at = time.time() + 1.0
             phase = {"index": index, "zipf_s": s, "catalogue": size, "start_at": start_at, "loadavg": os.getloadavg()}
             phase |= {"stop_at": start_at + args.phase_s, "max_requests": args.max_requests}
             for box in inboxes:
                 box.put(phase)
             results = [outbox.get(timeout=args.phase_s + 300) for _ in procs]
-            phases.append(summarize(phase, results, redis_nodes(ports), opts))
+            after = redis_nodes(ports)
+            for node, was in zip(after, before, strict=True):  # CPU seconds are not reset: this phase's
+                node |= {k: node[k] - was[k] for k in ("used_cpu_sys", "used_cpu_user")}
+            phases.append(summarize(phase, results, after, opts))
             p = phases[-1]
             print(f"s={s} catalogue={size}: {p['requests']} requests, hit rate {p['hit_rate']:.3f} "
                   f"(memory {p['tiers']['memory']['share']:.3f}, redis {p['tiers']['redis']['share']:.3f}), "
