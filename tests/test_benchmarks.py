@@ -59,6 +59,7 @@ SMOKE = {
     "soak/soak.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/soak.json"],
     "scaling/fleet.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/fleet.json"],
     "scaling/catalogue.py": ["{py}", "{script}", "--catalogue", "12,1000"],
+    "scaling/extrapolate.py": ["{py}", "{script}", "--tiny", "--fleet", "{fleet}", "--out", "{tmp}/extrapolate.json"],
 }
 
 #: the JSON each smoke run writes (relative to {tmp}); ``None``: the script prints only
@@ -78,6 +79,7 @@ WRITES = {
     "soak/soak.py": "soak.json",
     "scaling/fleet.py": "fleet.json",
     "scaling/catalogue.py": None,
+    "scaling/extrapolate.py": "extrapolate.json",
 }
 
 #: scripts that start redis-server (skipped without it, failed without it under KV_RAG_REQUIRE_REDIS=1)
@@ -157,6 +159,7 @@ def test_benchmark_script_runs_tiny(script: str, smoke_dir: Path) -> None:
         out = smoke_dir / "fidelity.json"
     else:
         fields = {"py": sys.executable, "script": BENCH / script, "tmp": smoke_dir, "fid": smoke_dir / "fid/raw.jsonl"}
+        fields["fleet"] = ["", *sorted(str(p) for p in (BENCH / "scaling/results").glob("*-fleet.json"))][-1]
         printed = _run([a.format(**fields) for a in SMOKE[script]], smoke_dir)
         name = WRITES[script]
         if name is None:
