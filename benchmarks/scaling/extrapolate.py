@@ -8,7 +8,7 @@ Three steps, each written into ``--out`` with its inputs:
    tier), over the run's finite horizon, a replica's memory tier on its own requests, the cluster on
    every replica's memory misses, the publishers storing documents in popularity order at their
    measured pace. The model's shares (memory, Redis, miss) stand beside the measured ones, phase by
-   phase.
+   phase (of ``--fleet`` and of each ``--check`` run).
 2. **The measured hit rates, priced**: each phase's measured memory, Redis and miss shares applied to a
    document of ``--tokens`` tokens for each model, at each egress price.
 3. **Thousands of replicas**: the model in steady state (the shared tier keeps an artifact for
@@ -26,7 +26,8 @@ Profiles: the embedded model on the 2-core CPU (measured), a Qwen3-4B-shaped mod
 (measured), and a 70B-shaped model (estimated: the Qwen3-4B fit scaled by the FLOPs of a Llama-3-70B
 layer stack, KV of 80 layers x 8 KV heads x 128 in bf16).
 
-    python benchmarks/scaling/extrapolate.py --fleet benchmarks/scaling/results/DATE-fleet.json --out OUT.json
+    python benchmarks/scaling/extrapolate.py --fleet benchmarks/scaling/results/DATE-fleet.json \
+        [--check OTHER-fleet.json ...] --out OUT.json
     python benchmarks/scaling/extrapolate.py --tiny --out /tmp/extrapolate.json   # smoke run
 """
 
@@ -324,6 +325,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line; every assumption is an option (``--tiny`` shrinks the sweep)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fleet", help="a fleet.py result to check the model against and price (default: none)")
+    ap.add_argument("--check", action="append", default=[], help="another fleet.py result to check the model against")
     ap.add_argument("--tokens", type=int, default=4096, help="document length at scale")
     ap.add_argument("--catalogue", type=int, default=100_000, help="documents at scale")
     ap.add_argument("--zipf", default="0.8,1.2", help="Zipf exponents at scale (the fleet run's)")
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     fleets = [int(x) for x in args.replicas.split(",")]
     st = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     result: dict[str, Any] = {"provenance": provenance(command.strip()), "fleet": args.fleet}
-    result["assumptions"] = {k: v for k, v in vars(args).items() if k not in ("out", "fleet", "tiny")}
+    result["assumptions"] = {k: v for k, v in vars(args).items() if k not in ("out", "fleet", "check", "tiny")}
     result["models"] = [{**prof.to_dict(), "hour_usd": hour, "figures": how} for prof, hour, how in MODELS]
     result["kv_rag_cost_check"] = cli_check(args.tokens, egresses[-1])
     result["per_event"] = [
@@ -373,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         for nic in (25.0, 100.0, 400.0)
     ]
     if fleet is not None:
-        result["validation"] = validate(fleet)
+        result["validation"] = [{"fleet": args.fleet, **row} for row in validate(fleet)]
+        result["validation"] += [
+            {"fleet": other, **row} for other in args.check for row in validate(json.loads(Path(other).read_text()))
+        ]
         result["measured_priced"] = price_measured(fleet, args.tokens, egresses, args.nic_gbit)
     combos = [
         (prof, hour, s, egress, pol)
@@ -395,9 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.get("validation", []):
         m, d = row["measured"], row["model"]
         shares = "/".join(f"{m[k]:.3f}" for k in m), "/".join(f"{d[k]:.3f}" for k in d)
-        print(
-            f"s={row['zipf_s']} catalogue={row['catalogue']}: memory/redis/miss measured {shares[0]}, model {shares[1]}"
-        )
+        where = f"{Path(row['fleet']).name}, s={row['zipf_s']} catalogue={row['catalogue']}"
+        print(f"{where}: memory/redis/miss measured {shares[0]}, model {shares[1]}")
     for row in result["break_even_replicas"]:
         where = f"{row['model']}, s={row['zipf_s']}, egress ${row['egress']}/GB, {row['policy']}"
         print(f"{where}: pays from {row['replicas']} replicas")
