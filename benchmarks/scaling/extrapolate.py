@@ -121,7 +121,8 @@ def lru_hits(
 
 
 def predict_phase(fleet: dict[str, Any], phase: dict[str, Any]) -> dict[str, float]:
-    """The model's memory, Redis and miss shares for one measured phase (same catalogue, rates, sizes)."""
+    """The model's local (memory and disk), Redis and miss shares for one measured phase (same catalogue,
+    rates, sizes)."""
     cfg = fleet["config"]
     cat = Catalogue(phase["catalogue"], phase["zipf_s"], cfg["lengths"], fleet["geometry"])
     p = np.array(cat.probabilities())
@@ -144,7 +145,7 @@ def predict_phase(fleet: dict[str, Any], phase: dict[str, Any]) -> dict[str, flo
     total = replicas * q * horizon
     mem = float(np.sum(replicas * q * horizon * p * local)) / total
     red = float(np.sum(shared)) / total
-    return {"memory": mem, "redis": red, "miss": 1 - mem - red}
+    return {"local": mem, "redis": red, "miss": 1 - mem - red}
 
 
 def redis_gb_per_cpu_s(phase: dict[str, Any]) -> float:
@@ -155,10 +156,11 @@ def redis_gb_per_cpu_s(phase: dict[str, Any]) -> float:
 
 
 def validate(fleet: dict[str, Any]) -> list[dict[str, Any]]:
-    """Measured against modelled shares, phase by phase."""
+    """Measured against modelled shares (local tiers, Redis, misses), phase by phase."""
     rows = []
     for ph in fleet["phases"]:
-        measured = {"memory": ph["tiers"]["memory"]["share"], "redis": ph["tiers"]["redis"]["share"]}
+        local = sum(ph["tiers"][t]["share"] for t in ("memory", "disk") if t in ph["tiers"])
+        measured = {"local": local, "redis": ph["tiers"]["redis"]["share"]}
         measured["miss"] = ph["misses"]["share"]
         rows.append(
             {"zipf_s": ph["zipf_s"], "catalogue": ph["catalogue"], "requests": ph["requests"], "measured": measured}
@@ -210,7 +212,8 @@ def price_measured(fleet: dict[str, Any], tokens: int, egresses: list[float], ni
     """Each phase's measured shares priced per 1,000 requests, with and without the shared store."""
     rows = []
     for ph in fleet["phases"]:
-        f_loc, f_sh, f_miss = ph["tiers"]["memory"]["share"], ph["tiers"]["redis"]["share"], ph["misses"]["share"]
+        f_loc = sum(ph["tiers"][t]["share"] for t in ("memory", "disk") if t in ph["tiers"])
+        f_sh, f_miss = ph["tiers"]["redis"]["share"], ph["misses"]["share"]
         for prof, hour, _ in MODELS:
             for egress in egresses:
                 e = per_event(prof, tokens, hour, egress, nic)
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         m, d = row["measured"], row["model"]
         shares = "/".join(f"{m[k]:.3f}" for k in m), "/".join(f"{d[k]:.3f}" for k in d)
         where = f"{Path(row['fleet']).name}, s={row['zipf_s']} catalogue={row['catalogue']}"
-        print(f"{where}: memory/redis/miss measured {shares[0]}, model {shares[1]}")
+        print(f"{where}: local/redis/miss measured {shares[0]}, model {shares[1]}")
     for row in result["break_even_replicas"]:
         where = f"{row['model']}, s={row['zipf_s']}, egress ${row['egress']}/GB, {row['policy']}"
         print(f"{where}: pays from {row['replicas']} replicas")
