@@ -108,6 +108,7 @@ class Catalogue:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print each catalogue's bytes, its top documents' shares, and the bytes that serve a share."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zipf", default="0.8,1.2", help="Zipf exponents s (comma-separated)")
     ap.add_argument("--catalogue", default="50,200,100000", help="catalogue sizes (documents)")

@@ -353,6 +353,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check the model, price the measured shares, extrapolate; write ``--out`` and print a summary."""
     args = parse(argv)
     command = "python benchmarks/scaling/extrapolate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out) if args.out else results_dir("scaling") / "extrapolate.json"

@@ -60,10 +60,12 @@ class Drops(logging.Handler):
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Count ``record`` if it reports a dropped artifact."""
         self.count += "dropping" in record.getMessage()
 
 
 def _worker_setup() -> Drops:
+    """Quiet warnings, one torch thread, and the counter of dropped Redis artifacts (this process's)."""
     warnings.simplefilter("ignore")  # an evicted chunk warns once per dropped artifact: counted, not printed
     import torch
 
@@ -318,6 +320,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Start the cluster, probe it, run every phase with the same processes, write the result."""
     args = parse(argv)
     from redis_server import redis_binary, start_cluster
 
