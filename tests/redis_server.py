@@ -89,6 +89,47 @@ class RedisServer:
         redis.Redis(port=self.port).flushall()
 
 
+def start_cluster(binary: str, directory: Path, nodes: int = 3, extra: tuple[str, ...] = ()) -> list[RedisServer]:
+    """Start ``nodes`` cluster-enabled redis-server processes on loopback, each serving an equal share of
+    the 16384 hash slots, and wait until every node sees the others and reports ``cluster_state:ok``.
+
+    ``extra``: more arguments for every node (``--maxmemory``, say). Each node keeps its files in a
+    folder of its own under ``directory``. On failure the nodes started so far are stopped; on success
+    the caller stops them (:meth:`RedisServer.stop`).
+    """
+    import redis
+
+    servers = []
+    for i in range(nodes):
+        d = directory / f"node{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"))
+        args += ("--cluster-node-timeout", "1000", "--cluster-port", str(_free_port()))  # bus port < 65536
+        servers.append(RedisServer(binary, d, args + extra))
+    try:
+        for server in servers:
+            server.start()
+        clients = [redis.Redis(port=s.port) for s in servers]
+        step = 16384 // nodes
+        for i, c in enumerate(clients):
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, 16383 if i == nodes - 1 else (i + 1) * step - 1)
+        for s in servers[1:]:
+            bus = int(s.extra[s.extra.index("--cluster-port") + 1])
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", s.port, bus)
+        deadline = time.time() + 30
+        while not all(c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == nodes for c in clients):
+            if time.time() > deadline:
+                raise RuntimeError("the Redis cluster did not come up")
+            time.sleep(0.1)
+        for c in clients:
+            c.close()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 def redis_binary() -> str | None:
     """Path of redis-server, or None."""
     return shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)

@@ -57,6 +57,9 @@ SMOKE = {
         *("--out", "{tmp}/serving.json"),
     ],
     "soak/soak.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/soak.json"],
+    "scaling/fleet.py": ["{py}", "{script}", "--tiny", "--out", "{tmp}/fleet.json"],
+    "scaling/catalogue.py": ["{py}", "{script}", "--catalogue", "12,1000"],
+    "scaling/extrapolate.py": ["{py}", "{script}", "--tiny", "--fleet", "{fleet}", "--out", "{tmp}/extrapolate.json"],
 }
 
 #: the JSON each smoke run writes (relative to {tmp}); ``None``: the script prints only
@@ -74,7 +77,13 @@ WRITES = {
     "signing/sign_bench.py": "sign.json",
     "serving/serving_bench.py": "serving.json",
     "soak/soak.py": "soak.json",
+    "scaling/fleet.py": "fleet.json",
+    "scaling/catalogue.py": None,
+    "scaling/extrapolate.py": "extrapolate.json",
 }
+
+#: scripts that start redis-server (skipped without it, failed without it under KV_RAG_REQUIRE_REDIS=1)
+NEEDS_REDIS = {"soak/soak.py", "scaling/fleet.py"}
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -138,10 +147,19 @@ def test_kv_rag_cost_defaults_to_the_current_result_and_prices_any_bench(smoke_d
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_benchmark_script_runs_tiny(script: str, smoke_dir: Path) -> None:
+    if script in NEEDS_REDIS:
+        from redis_server import redis_binary
+
+        if redis_binary() is None:
+            if os.environ.get("KV_RAG_REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is required (KV_RAG_REQUIRE_REDIS=1) but not installed")
+            pytest.skip("redis-server is not installed: apt-get install -y redis-server (.ci/run does this)")
+        pytest.importorskip("redis")
     if script == "fidelity/fidelity.py":  # run by the fixture (the others read its answers)
         out = smoke_dir / "fidelity.json"
     else:
         fields = {"py": sys.executable, "script": BENCH / script, "tmp": smoke_dir, "fid": smoke_dir / "fid/raw.jsonl"}
+        fields["fleet"] = ["", *sorted(str(p) for p in (BENCH / "scaling/results").glob("*-fleet.json"))][-1]
         printed = _run([a.format(**fields) for a in SMOKE[script]], smoke_dir)
         name = WRITES[script]
         if name is None:

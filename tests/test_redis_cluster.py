@@ -8,12 +8,11 @@ node killed mid-run is a miss (one warning), never a wrong answer or an exceptio
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from collections.abc import Iterator
 
 import pytest
-from redis_server import RedisServer, _free_port, redis_binary
+from redis_server import RedisServer, redis_binary, start_cluster
 from test_artifact import make_artifact
 
 from kv_rag import Artifact, Engine
@@ -38,28 +37,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServ
         if os.environ.get("KV_RAG_REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is required (KV_RAG_REQUIRE_REDIS=1) but not installed")
         pytest.skip("redis-server is not installed: apt-get install -y redis-server (.ci/run does this)")
-    redis = pytest.importorskip("redis")
-    nodes, bus = [], []
-    for i in range(NODES):
-        d = tmp_path_factory.mktemp(f"node{i}")
-        extra = ("--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"))
-        bus.append(_free_port())
-        extra += ("--cluster-node-timeout", "1000", "--cluster-port", str(bus[-1]))  # bus port < 65536
-        nodes.append(RedisServer(binary, d, extra))
+    pytest.importorskip("redis")
+    nodes = start_cluster(binary, tmp_path_factory.mktemp("cluster"), NODES)
     try:
-        for node in nodes:
-            node.start()
-        clients = [redis.Redis(port=n.port) for n in nodes]
-        step = 16384 // NODES
-        for i, c in enumerate(clients):
-            c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, 16383 if i == NODES - 1 else (i + 1) * step - 1)
-        for n, b in zip(nodes[1:], bus[1:], strict=True):
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, b)
-        deadline = time.time() + 30
-        while not all(c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == NODES for c in clients):
-            if time.time() > deadline:
-                raise RuntimeError("the Redis cluster did not come up")
-            time.sleep(0.1)
         yield nodes
     finally:
         for node in nodes:
