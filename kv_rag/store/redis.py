@@ -53,8 +53,9 @@ from . import gone
 
 log = logging.getLogger(__name__)
 
-#: Default size of one chunk (Redis strings may be 512 MB; small chunks keep each command short).
-CHUNK_BYTES = 4 * 1024**2
+#: Default size of one chunk (Redis strings may be 512 MB; small chunks keep each command short). 64 bytes
+#: under 4 MiB: a value of exactly 4 MiB takes jemalloc's next size class, 5 MiB (docs/scaling.md).
+CHUNK_BYTES = 4 * 1024**2 - 64
 #: Default time to live of an artifact, renewed by every hit.
 TTL_S = 7 * 24 * 3600
 #: How long the chunks of a replaced version stay readable.
