@@ -110,7 +110,7 @@ class TestChatKVRagIntegration(ChatModelIntegrationTests):
 
     @property
     def has_tool_calling(self) -> bool:
-        return True  # run the tool tests: they fail with NotImplementedError (xfail below)
+        return True  # bind_tools renders tools through the chat template; forced calls decode constrained
 
     @property
     def has_structured_output(self) -> bool:
