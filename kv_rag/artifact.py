@@ -92,6 +92,10 @@ class Artifact:
         """Bytes held by the tensors."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.token_ids))
 
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under their stored names: ``token_ids``, ``k.<layer>``, ``v.<layer>``."""
+        return self._tensors()
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"token_ids": self.token_ids}
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
+from safetensors.torch import save as st_save
+
 from .errors import InputError
 
-__all__ = ["PREFIX", "ReadHasher", "of_bytes", "of_parts"]
+__all__ = ["PREFIX", "ReadHasher", "of_bytes", "of_parts", "of_tensors"]
 
 #: What a digest of this kind starts with (``ArtifactMeta.tensor_digest``).
 PREFIX = "blake3:"
@@ -81,6 +84,28 @@ def of_bytes(data: bytes | bytearray | memoryview) -> str | None:
     view = memoryview(data)[start:]
     threads = blake3.AUTO if len(view) >= _THREADED_FROM else 1
     return of_parts(header, blake3(view, max_threads=threads).digest())
+
+
+def of_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The digest :func:`of_bytes` gives for the safetensors bytes of ``tensors``, without writing them:
+    their order in the data section is safetensors' own (read from the header of one-element stand-ins),
+    each tensor's bytes follow the last one's, and they are hashed as they are."""
+    found = _header(st_save({name: torch.zeros(1, dtype=t.dtype) for name, t in tensors.items()}))
+    assert found is not None  # safetensors wrote it
+    stand_in = {name: info for name, info in found[1].items() if name != "__metadata__"}
+    blake3 = _blake3()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    h = blake3(max_threads=blake3.AUTO if total >= _THREADED_FROM else 1)
+    table: dict[str, Any] = {}
+    pos = 0
+    for name in sorted(stand_in, key=lambda n: stand_in[n]["data_offsets"][0]):
+        t = tensors[name].detach().contiguous().cpu()
+        size = t.numel() * t.element_size()
+        table[name] = {"dtype": stand_in[name]["dtype"], "shape": list(t.shape), "data_offsets": [pos, pos + size]}
+        if size:
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        pos += size
+    return of_parts(table, h.digest())
 
 
 class ReadHasher:

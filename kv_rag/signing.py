@@ -70,10 +70,8 @@ def _sha256_digest(artifact: Artifact) -> str:
 
 def tensor_digest(artifact: Artifact) -> str:
     """``blake3:<hex>``: the digest (:mod:`kv_rag.digest`) of ``artifact``'s tensors as they are stored
-    (serialized here; a tier that reads stored bytes computes it while reading)."""
-    found = digest.of_bytes(artifact.to_bytes())
-    assert found is not None  # to_bytes writes safetensors
-    return found
+    (a tier that reads stored bytes computes it while reading)."""
+    return digest.of_tensors(artifact.named_tensors())
 
 
 def _digest_like(artifact: Artifact, recorded: str) -> str:

@@ -92,6 +92,11 @@ def test_what_the_signature_covers(key: SigningKey) -> None:
     for got in (3, 8, 20, 500, len(data) - 7, len(data)):
         hasher.advance(data, got)
     assert hasher.result() == digest.of_bytes(data) == tensor_digest(art)
+    for dtype in (torch.bfloat16, torch.float16):  # other dtypes: another order in the data section
+        half = dataclasses.replace(
+            art, keys=tuple(k.to(dtype) for k in art.keys), values=(art.values[0].to(dtype), *art.values[1:])
+        )
+        assert tensor_digest(half) == digest.of_bytes(half.to_bytes()) != tensor_digest(art)
     back = Artifact.from_bytes(signed.to_bytes(), expect_key=art.meta.key)  # kept through the bytes
     assert back.meta == signed.meta and trust.check(back) is None
 
