@@ -167,22 +167,18 @@ class RedisTier:
     # ----------------------------------------------------------------- Tier protocol
     def get(self, key: str) -> Artifact | None:
         """The verified artifact under ``key``, or ``None`` (miss, damage, or Redis down)."""
-        data = self.get_bytes(key)
-        if data is None:
-            return None
-        try:
-            return Artifact.from_bytes(data, expect_key=key)
-        except ArtifactError as exc:
-            self._drop(key, str(exc))
-            return None
+        return self._get(key, digested=False)[0]
 
     def get_digested(self, key: str) -> tuple[Artifact | None, str | None]:
         """The artifact under ``key`` (or ``None``) and the digest of its stored bytes (:mod:`kv_rag.digest`);
         the artifact's own checksum is left to the caller, who checks that digest against a signature."""
+        return self._get(key, digested=True)
+
+    def _get(self, key: str, digested: bool) -> tuple[Artifact | None, str | None]:
         data = self.get_bytes(key)
         if data is None:
             return None, None
-        found = _digest.of_bytes(data)
+        found = _digest.of_bytes(data) if digested else None
         try:
             return Artifact.from_bytes(data, expect_key=key, checksum=found is None), found
         except ArtifactError as exc:
