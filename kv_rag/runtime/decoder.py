@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .cpu_pack import PackedLayers
+
 #: Longest step (tokens) run here; longer chunks go to transformers (they are compute-bound anyway).
 MAX_FAST_TOKENS = 512
 
@@ -104,6 +106,8 @@ class FastDecoder:
         self._graphs: dict[int, LayerGraphs | None] = {}
         self.flash = self.head_dim % 8 == 0 and self.head_dim <= 256
         self._kernels: Any = None
+        self._packed: PackedLayers | None = None
+        self._packed_tried = False
         cfg = model.config
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         #: whether the layers are the plain blocks :mod:`kv_rag.runtime.kernels` writes out (SiLU MLP, RMSNorm)
@@ -204,6 +208,8 @@ class FastDecoder:
             except RuntimeError as exc:
                 warnings.warn(f"kv-rag: flash attention unavailable ({exc}); using the dispatcher", stacklevel=2)
                 self.flash = False
+        if q.shape[2] == 1:  # one new token sees every cached one: no mask
+            return F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
         mask = causal_lower_right(q.shape[2], keys.shape[2])
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
 
@@ -248,15 +254,25 @@ class FastDecoder:
             pos_parts.append(torch.arange(start, start + n, device=device))
             at += n
         h, cos, sin = self.embed(ids, torch.cat(pos_parts).unsqueeze(0))
+        packed = self.packed() if device.type == "cpu" else None
+        pre, post = (packed.pre, packed.post) if packed is not None else (self.pre, self.post)
         for i in range(len(self.inner.layers)):
-            q, k, v = self.pre(i, h, cos, sin)
+            q, k, v = pre(i, h, cos, sin)
             outs = []
             for (a, b), (_, cache, _) in zip(spans, items, strict=True):
                 keys, values = append(cache.layers[i], k[:, :, a:b], v[:, :, a:b])
                 outs.append(self.attend(q[:, :, a:b], keys, values))
-            h = self.post(i, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
-        last = torch.tensor([b - 1 for _, b in spans], device=device)
-        return self.head(h.index_select(1, last))
+            h = post(i, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        h = h.index_select(1, torch.tensor([b - 1 for _, b in spans], device=device))
+        return packed.logits(h) if packed is not None else self.head(h)
+
+    def packed(self) -> PackedLayers | None:
+        """The layers' projections packed for the CPU's batched step (made on first use; ``None`` when
+        they do not apply, see :mod:`kv_rag.runtime.cpu_pack`)."""
+        if not self._packed_tried:
+            self._packed_tried = True
+            self._packed = PackedLayers.build(self)
+        return self._packed
 
     def bucket(self, n: int, device: torch.device) -> LayerGraphs | None:
         """The per-layer graphs for steps of up to ``n`` tokens (captured on first use; ``None`` if refused)."""

@@ -29,7 +29,7 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
@@ -47,7 +47,7 @@ def pre(
     if qn is not None:
         q = rms(q, qn, eps)
         k = rms(k, kn, eps)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def post(h: torch.Tensor, o: torch.Tensor, w: Weights, eps: float) -> torch.Tensor:
