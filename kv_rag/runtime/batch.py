@@ -251,8 +251,9 @@ class BatchPrefill:
     read once for all of them. Requests with fewer tokens are padded at their end (the padding
     tokens are written past the request's rows, which later steps overwrite); missing requests are
     padding rows in the scratch slot. The graph always runs :attr:`rows` x ``size`` tokens, so a
-    request's arithmetic does not depend on which others share it. Attention: flash's varlen kernel,
-    causal (aligned lower-right), each request over its own slot of the arena.
+    request's arithmetic does not depend on which others share it. Attention: split-KV over each
+    request's cached rows in its slot of the arena plus causal attention over its own tokens
+    (flash's varlen kernel for both), merged by log-sum-exp.
 
     Inputs (static, on the device): ``meta`` ``[4, rows * size]`` = token ids, rotary positions, slot
     index and the cache row each token is written to; ``real`` ``[rows]`` = real tokens per request.
@@ -273,6 +274,14 @@ class BatchPrefill:
         self.flat_len = (total * self.kv_heads - (self.kv_heads - 1)) * cap
         self.cum_q = torch.arange(0, (self.rows + 1) * size, size, dtype=torch.int32, device=dev)
         self.end = torch.tensor([total * self.kv_heads * cap], dtype=torch.int32, device=dev)
+        # split-KV over each request's cached rows (flash-decoding): one varlen element per (request,
+        # chunk), so that a long cache is read by many thread blocks at once, not by one per head
+        self.group = int(dec.model.config.num_attention_heads) // self.kv_heads
+        self.splits = max(1, min(MAX_SPLITS, min(cap, PREFILL_CONTEXT) // SPLIT_ROWS))
+        self.max_k = -(-min(cap, PREFILL_CONTEXT) // self.splits)
+        rows_q = self.group * size
+        self.cum_q_old = torch.arange(0, (self.rows * self.splits + 1) * rows_q, rows_q, dtype=torch.int32, device=dev)
+        self.cut = torch.arange(self.splits + 1, device=dev)
         self.offsets = torch.arange(size, device=dev)
         self.meta = torch.zeros((4, self.rows * size), dtype=torch.long, device=dev)
         self.real = torch.ones(self.rows, dtype=torch.long, device=dev)
@@ -300,9 +309,11 @@ class BatchPrefill:
         ids, pos, slot, row = meta[0], meta[1], meta[2], meta[3]
         h, cos, sin = dec.embed(ids.unsqueeze(0), pos.unsqueeze(0))
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, tokens, 1, dim]
-        firsts = meta[:, ::size]  # each request's first token
-        cu_k = torch.cat([(firsts[2] * self.kv_heads * arena.cap).to(torch.int32), self.end])  # each slot's row 0
-        used = (firsts[3] + size).to(torch.int32)  # the request's cached rows and its own tokens
+        firsts = meta[:, ::size]  # each request's first token: its slot, and its cached rows (before it)
+        bounds = (firsts[3].unsqueeze(1) * self.cut.unsqueeze(0)) // self.splits  # [rows, splits + 1]
+        starts = (firsts[2] * self.kv_heads * arena.cap).unsqueeze(1) + bounds[:, :-1]  # chunk starts
+        cu_k = torch.cat([starts.reshape(-1).to(torch.int32), self.end])
+        used = (bounds[:, 1:] - bounds[:, :-1]).reshape(-1).to(torch.int32)
         last = torch.arange(self.rows, device=ids.device) * size + self.real - 1
         heads = torch.arange(self.kv_heads, device=ids.device)
         at = (slot.unsqueeze(1), heads.unsqueeze(0), row.unsqueeze(1))
@@ -315,12 +326,35 @@ class BatchPrefill:
             kb, vb = arena.k[i], arena.v[i]
             kb.index_put_(at, k[0])
             vb.index_put_(at, v[0])
-            o = torch.ops.aten._flash_attention_forward(
-                q[0], self._keys(kb), self._keys(vb), self.cum_q, cu_k, size, arena.cap, 0.0, True, False,
-                scale=dec.scaling, seqused_k=used,
-            )[0]  # fmt: skip
+            o = self.attend(kern, q, k, v, kb, vb, cu_k, used)
             h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
         return dec.head(h.index_select(1, last))
+
+    def attend(
+        self,
+        kern: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        cu_k: torch.Tensor,
+        used: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of every request's tokens (``q``/``k``/``v`` ``[1, rows * size, heads, dim]``):
+        ``[rows * size, heads, dim]``. Split-KV over the cached rows (no mask: they all precede the
+        step), causal flash over each request's own tokens, merged by log-sum-exp (as the
+        one-request :class:`~kv_rag.runtime.pool.StepGraph` does)."""
+        size, scale = self.size, self.dec.scaling
+        qs = kern.pack_batch(q, self.kv_heads, self.rows, self.splits)
+        o_old, lse_old = torch.ops.aten._flash_attention_forward(
+            qs, self._keys(kb), self._keys(vb), self.cum_q_old, cu_k, self.group * size, self.max_k, 0.0, False,
+            False, scale=scale, seqused_k=used,
+        )[:2]  # fmt: skip
+        o_new, lse_new = torch.ops.aten._flash_attention_forward(
+            q[0], k[0], v[0], self.cum_q, self.cum_q, size, size, 0.0, True, False, scale=scale
+        )[:2]
+        return kern.merge_batch(o_old, lse_old, o_new, lse_new, self.rows, self.splits)
 
     def run(self, items: Sequence[tuple[Sequence[int], Any, int]]) -> torch.Tensor:
         """Logits ``[len(items), vocab]`` of each request's last token: ``(ids, cache, position)`` per

@@ -120,6 +120,41 @@ def merge_rows(o: torch.Tensor, lse: torch.Tensor, rows: int, kv_heads: int, spl
     return out.to(o.dtype).reshape(rows, kv_heads * g, dim)
 
 
+def pack_batch(q: torch.Tensor, kv_heads: int, rows: int, splits: int) -> torch.Tensor:
+    """Queries ``[1, rows * size, heads, dim]`` (``size`` tokens per request) as
+    ``[rows * splits * group * size, kv_heads, dim]``: one varlen element per (request, split of its
+    cached rows), the query heads that share a KV head packed as its rows (each KV row read once)."""
+    n, heads, dim = q.shape[1], q.shape[2], q.shape[3]
+    g, size = heads // kv_heads, n // rows
+    p = q[0].view(rows, size, kv_heads, g, dim).permute(0, 3, 1, 2, 4).reshape(rows, 1, g * size, kv_heads, dim)
+    return p.expand(rows, splits, g * size, kv_heads, dim).reshape(rows * splits * g * size, kv_heads, dim)
+
+
+def merge_batch(
+    o_old: torch.Tensor, lse_old: torch.Tensor, o_new: torch.Tensor, lse_new: torch.Tensor, rows: int, splits: int
+) -> torch.Tensor:
+    """Attention ``[rows * size, heads, dim]`` from the partial results of :func:`pack_batch`'s elements
+    (``o_old`` ``[rows * splits * group * size, kv_heads, dim]``, ``lse_old`` ``[kv_heads, that many]``) and
+    of varlen causal flash over each request's own keys (``o_new`` ``[rows * size, heads, dim]``,
+    ``lse_new`` ``[heads, rows * size]``). Empty splits weigh nothing."""
+    kvh, dim = o_old.shape[1], o_old.shape[2]
+    heads = o_new.shape[1]
+    g, size = heads // kvh, o_new.shape[0] // rows
+    if lse_old.dim() == 3:  # older flash builds: [elements, heads, rows per element]
+        lse_old = lse_old.permute(1, 0, 2).reshape(kvh, -1)
+    if lse_new.dim() == 3:
+        lse_new = lse_new.permute(1, 0, 2).reshape(heads, -1)
+    lo = lse_old.view(kvh, rows, splits, g, size).permute(1, 2, 4, 0, 3).reshape(rows, splits, size, heads)
+    oo = o_old.view(rows, splits, g, size, kvh, dim).permute(0, 1, 3, 4, 2, 5).reshape(rows, splits, size, heads, dim)
+    ln = lse_new.view(heads, rows, size).permute(1, 2, 0).unsqueeze(1)
+    lse = torch.cat([lo, ln], dim=1)
+    lse = torch.nan_to_num(lse.float(), nan=float("-inf"), posinf=float("-inf"))  # empty splits
+    wt = torch.exp(lse - lse.amax(1, keepdim=True))
+    parts = torch.cat([torch.nan_to_num(oo), o_new.view(rows, 1, size, heads, dim)], dim=1).float()
+    out = (parts * wt.unsqueeze(-1)).sum(1) / wt.sum(1).unsqueeze(-1)
+    return out.to(o_new.dtype).reshape(rows * size, heads, dim)
+
+
 class Kernels:
     """The functions above, compiled with ``torch.compile`` where it works (``KV_RAG_COMPILE=0``: never;
     ``KV_RAG_COMPILE_DYNAMIC=0``: one static compile per shape, as before 2a1e158)."""
@@ -131,6 +166,8 @@ class Kernels:
         self.pack: Callable[..., Any] = pack
         self.pack_rows: Callable[..., Any] = pack_rows
         self.merge_rows: Callable[..., Any] = merge_rows
+        self.pack_batch: Callable[..., Any] = pack_batch
+        self.merge_batch: Callable[..., Any] = merge_batch
         self.compiled = False
         if os.environ.get("KV_RAG_COMPILE", "1").strip() != "0":
             try:
@@ -145,6 +182,8 @@ class Kernels:
                 self.pack = torch.compile(pack, **opts)
                 self.pack_rows = torch.compile(pack_rows, **opts)
                 self.merge_rows = torch.compile(merge_rows, **opts)
+                self.pack_batch = torch.compile(pack_batch, **opts)
+                self.merge_batch = torch.compile(merge_batch, **opts)
                 self.compiled = True
             except Exception as exc:  # no compiler here: plain functions
                 warnings.warn(f"kv-rag: torch.compile unavailable ({exc}); using plain functions", stacklevel=2)
@@ -154,6 +193,7 @@ class Kernels:
         """Fall back to the uncompiled functions."""
         self.pre, self.post, self.merge, self.pack = pre, post, merge, pack
         self.pack_rows, self.merge_rows = pack_rows, merge_rows
+        self.pack_batch, self.merge_batch = pack_batch, merge_batch
         self.compiled = False
 
 

@@ -67,6 +67,11 @@ def cache_buffers(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [cl.key_buffer for cl in cache.layers], [cl.value_buffer for cl in cache.layers]
 
 
+#: Split-KV of a one-request step graph: chunks of at least this many cached rows, at most this many chunks.
+STEP_SPLIT_ROWS = 256
+STEP_MAX_SPLITS = 32
+
+
 class StaticPool:
     """Static KV buffer sets (slots) of one model, least recently used first, bounded in bytes."""
 
@@ -272,8 +277,8 @@ class StepGraph:
         self.meta = torch.tensor([0, slot.cap - size, 1], dtype=torch.long, device=dev)
         self.rows = torch.arange(size, device=dev)
         self.pinned = torch.cuda.is_available()
-        # split-KV over the cached rows: chunks of at least 256 rows, at most 32
-        self.n_splits = max(1, min(32, slot.cap // 256))
+        # split-KV over the cached rows: chunks of at least STEP_SPLIT_ROWS rows, at most STEP_MAX_SPLITS
+        self.n_splits = max(1, min(STEP_MAX_SPLITS, slot.cap // STEP_SPLIT_ROWS))
         self.splits = torch.arange(self.n_splits + 1, device=dev)
         self.max_k = -(-slot.cap // self.n_splits)
         self.max_q = size * (int(self.dec.model.config.num_attention_heads) // self.dec.kv_heads)
