@@ -127,12 +127,28 @@ class Job:
         if len(self.tokens) >= self._budget:
             return self._end()
         self._feed = ((tid,), pre.prompt_tokens + len(self.tokens) - 1)
+        self._store()
         return True
+
+    def _store(self) -> None:
+        """Run the store writes the assembly left for after the first token (:attr:`Prefill.stores`).
+        A failed write is a warning: the request goes on, the piece is computed again next time."""
+        pre = self.pre
+        if pre is None or not pre.stores:
+            return
+        stores, pre.stores = pre.stores, []
+        with self.loaded.lock, torch.inference_mode():
+            for put in stores:
+                try:
+                    put()
+                except Exception as exc:
+                    self.loaded.warn_once(f"storing a computed piece failed ({exc}); it is computed again next time")
 
     def _end(self) -> bool:
         text, pre = self._text, self.pre
         if text is None or pre is None:
             raise RuntimeError("the job ended before it was admitted")
+        self._store()
         tail = text.finish()
         if tail:
             self.sink.piece(tail)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kv_rag import ContextLengthError, Engine, InputError
+from kv_rag import ContextLengthError, Engine, InputError, serving
 from kv_rag.locks import FairLock
 
 QUESTION = "Where does the ferry leave from, and when?"
@@ -116,6 +116,44 @@ def test_errors_reach_the_caller(eng: Engine) -> None:
     with pytest.raises(ContextLengthError):
         asyncio.run(bad())
     assert eng.generate(QUESTION, [DOCS[0]], max_new_tokens=2).token_ids  # the scheduler goes on
+
+
+def test_a_miss_is_stored_after_its_first_token_and_a_failed_write_only_warns(
+    eng: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the scheduler a computed piece is written to the store after the request's first token
+    (not before it), still before the request ends; a write that fails warns and loses nothing else."""
+    doc = "The night ferry to Gull Rock leaves from pier 2 at eleven. It carries no cars."
+    events: list[str] = []
+    real_put = eng.store.put
+
+    def put(key: str, artifact: object, **kwargs: object) -> None:
+        events.append("put")
+        real_put(key, artifact, **kwargs)  # type: ignore[arg-type]
+
+    accept = serving.Job.accept
+
+    def token(job: serving.Job, logits: object) -> bool:
+        events.append("token")  # in the scheduler's thread, before the token is taken
+        return accept(job, logits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(eng.store, "put", put)
+    monkeypatch.setattr(serving.Job, "accept", token)
+    got = eng.generate(QUESTION, [doc], max_new_tokens=4)
+    assert got.documents[0].cache.value == "miss"
+    assert events[0] == "token" and "put" in events  # the first token came before any write
+    assert eng.generate(QUESTION, [doc], max_new_tokens=2).documents[0].cache.value == "hit"
+
+    def broken(key: str, artifact: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(eng.store, "put", broken)
+    other = "Room 301 holds the archive of the harbour office. It opens at nine."
+    with pytest.warns(UserWarning, match="storing a computed piece failed"):
+        got = eng.generate(QUESTION, [other], max_new_tokens=3)
+    assert got.token_ids and got.documents[0].cache.value == "miss"
+    monkeypatch.setattr(eng.store, "put", real_put)
+    assert eng.generate(QUESTION, [other], max_new_tokens=2).documents[0].cache.value == "miss"
 
 
 def test_fair_lock_serves_waiters_in_order() -> None:

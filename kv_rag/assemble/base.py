@@ -44,6 +44,9 @@ class Prefill:
     #: :class:`~kv_rag.conversations.Conversations`; empty: the request's KV is not kept
     token_ids: tuple[int, ...] = ()
     scope: str = ""
+    #: store writes left for after the first token (``defer``): each reads its rows from ``cache``, so
+    #: the caller runs them (with the model's lock held) before the cache is released
+    stores: list[Callable[[], None]] = field(default_factory=list)
 
 
 def acceptor(loaded: LoadedModel, piece: Piece, start: int) -> Callable[[Artifact], str | None]:

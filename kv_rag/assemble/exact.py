@@ -7,6 +7,8 @@ whole chain before it), so the cache equals a from-scratch prefill's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from ..conversations import MIN_TOKENS
 from ..estimates import MIN_PREFILL_TOKENS
 from ..models import LoadedModel
-from ..plan import Chain
+from ..plan import Chain, Piece
 from ..results import CacheStatus, SegmentReport
 from ..runtime import pieces_of
 from ..store import Store
@@ -40,7 +42,8 @@ def assemble_chain(
     logits of the last token are wanted (when everything is cached, the last token is recomputed).
     ``defer``: when the logits are wanted and at most this many tokens are left to run and none of
     them is to be stored, they are not run here but returned as :attr:`Prefill.pending` (the
-    scheduler runs them together with other requests' tokens).
+    scheduler runs them together with other requests' tokens); and (whenever nonzero) the store
+    writes of computed pieces are returned as :attr:`Prefill.stores` for after the first token.
     ``conversation``: a tenant's scope (``""``: none) whose kept turns (:mod:`kv_rag.conversations`) may
     hold a longer start of the prompt than the store's chain; the longest is loaded instead, and
     the result carries the prompt's ids for keeping this request's own turn. ``None``: neither.
@@ -92,11 +95,16 @@ def assemble_chain(
                 torch.cuda.synchronize(logits.device)
             loaded.speeds.prefilled(len(rest), time.perf_counter() - t_fwd)
     stored = 0
+    later: list[Callable[[], None]] = []
     for n, piece in enumerate(chain.pieces[first_uncached:]):
         status = computed_status(piece)
         missing = load_failure(store, piece, gap=n > 0)  # before the put below forgets what removed it
         if piece.key:  # a recomputed piece goes only to the tiers in front of the one that holds it
-            store.put(piece.key, artifact_of(loaded, cache, piece), above=piece.tier if piece.recompute else None)
+            put = partial(_put, loaded, store, cache, piece, piece.tier if piece.recompute else None)
+            if defer:  # the scheduler stores it after the first token (copying it out costs more than a hit)
+                later.append(put)
+            else:
+                put()
             stored += piece.length if status is CacheStatus.MISS else 0
         reports.append(report(piece, status, missing=missing))
     return Prefill(
@@ -111,7 +119,13 @@ def assemble_chain(
         pending=pending,
         token_ids=tuple(full) if conversation is not None else (),
         scope=conversation or "",
+        stores=later,
     )
+
+
+def _put(loaded: LoadedModel, store: Store, cache: Any, piece: Piece, above: str | None) -> None:
+    """Store ``piece``'s rows of ``cache`` (only in the tiers in front of ``above`` when given)."""
+    store.put(piece.key, artifact_of(loaded, cache, piece), above=above)
 
 
 def _load(loaded: LoadedModel, store: Store, chain: Chain, hits: list[Any], reports: list[SegmentReport]) -> int:
