@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import kv_rag
 from kv_rag import Engine, InputError, Mode, Profile, RequestOptions
 from kv_rag.auto import settings_of
 from kv_rag.calibration_questions import questions
+from kv_rag.cli import main
 from kv_rag.profile import Bucket, RecipeStats, Row, profile_path, token_bin, wilson_upper
 
 LOGIT_TOL = 1e-4
@@ -220,3 +222,22 @@ def test_generation_reports_nothing_auto_outside_auto(engine: Engine) -> None:
     gen = engine.generate("What is 2+2?", max_new_tokens=2)
     assert gen.auto is None and gen.expected_loss is None and "auto" not in gen.to_dict()
     assert torch.get_num_threads() == 1
+
+
+def test_cli_calibrate_then_ask_in_auto_mode(
+    engine: Engine, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    tiny = ["--questions", "1", "--docs-per-prompt", "2", "--passage-tokens", "48", "--max-new-tokens", "2"]
+    assert main(["calibrate", str(corpus_dir), *tiny, "--blend", "0.5", "--store", store, "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert Path(made["profile"]).is_file() and made["settings"]["questions"] == "made-up facts in the user's documents"
+    assert [s["mode"] for s in made["buckets"][0]["recipes"]] == ["stitch", "blend"]
+    question = "What does the else clause of a for loop do?"
+    ask = ["ask", question, "--docs", str(corpus_dir), "--k", "2", "--store", store, "--max-new-tokens", "4"]
+    assert main([*ask, "--mode", "auto", "--max-loss", "100", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["options"]["mode"] == "auto" and got["options"]["max_loss"] == 100.0
+    assert got["auto"]["mode_chosen"] == got["mode"] and got["auto"]["reason"]
+    assert main([*ask, "--mode", "auto", "--max-loss", "0"]) == 0
+    assert "[auto] max_loss=0: exact mode" in capsys.readouterr().err
