@@ -192,7 +192,7 @@ class Planner:
         documents that ran first) are loaded rather than computed and stored a second time."""
         if not plan.misses or not plan.options.use_cache:
             return plan
-        return self.plan(plan.prompt, plan.options, system_prompt)
+        return replace(self.plan(plan.prompt, plan.options, system_prompt), choice=plan.choice)
 
     # ------------------------------------------------------------------ tokens and keys
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:

@@ -36,7 +36,7 @@ from .decode import Sampler, TextStream
 from .defaults import MAX_BATCH
 from .models import LoadedModel
 from .options import RequestOptions
-from .results import AutoChoice, Generation
+from .results import Generation
 
 #: Seconds the scheduler's thread waits for work before it ends (a new request starts it again).
 IDLE_S = 5.0
@@ -67,8 +67,6 @@ class Job:
     cancelled: bool = False
     #: the request's :class:`~kv_rag.constrain.Guide` (grammar-constrained decoding), or ``None``
     guide: Any = None
-    #: in auto mode, what it chose (reported with the result)
-    auto: AutoChoice | None = None
     pre: Prefill | None = None
     tokens: list[int] = field(default_factory=list)
     ttft: float = 0.0
@@ -154,7 +152,7 @@ class Job:
                 segments=pre.segments,
                 recomputed_tokens=pre.recomputed_tokens,
                 options=self.options.describe(),
-                auto=self.auto,
+                auto=pre.auto,
             )
         )
         if pre.token_ids:  # exact mode: the next turn of this conversation may start with all of it

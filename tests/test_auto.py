@@ -111,6 +111,7 @@ def test_auto_max_loss_zero_is_exact_token_for_token(engine: Engine) -> None:
     pre = engine.prefill(prompt, mode="auto", max_loss=0)
     ref = engine.prefill(prompt, use_cache=False)
     assert pre.mode is Mode.EXACT and pre.recomputed_tokens == 0
+    assert pre.auto is not None and pre.auto.reason == "max_loss=0: exact mode"
     assert pre.logits is not None and ref.logits is not None
     assert float((pre.logits - ref.logits).abs().max()) <= LOGIT_TOL
     ids = engine.tokenize(prompt).ids

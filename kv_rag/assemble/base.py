@@ -13,7 +13,7 @@ from ..fingerprint import token_bytes, tokens_digest
 from ..models import LoadedModel
 from ..options import Mode
 from ..plan import Piece
-from ..results import CacheStatus, SegmentReport
+from ..results import AutoChoice, CacheStatus, SegmentReport
 from ..runtime import cache_layers
 
 
@@ -44,6 +44,8 @@ class Prefill:
     #: :class:`~kv_rag.conversations.Conversations`; empty: the request's KV is not kept
     token_ids: tuple[int, ...] = ()
     scope: str = ""
+    #: in auto mode, what it chose (``mode`` is the mode chosen) and the expected loss
+    auto: AutoChoice | None = None
 
 
 def acceptor(loaded: LoadedModel, piece: Piece, start: int) -> Callable[[Artifact], str | None]:
