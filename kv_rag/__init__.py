@@ -7,10 +7,14 @@ The public API::
     engine.publish([text])                 # compute and store the document's KV
     gen = engine.generate("Question?", [text])   # loads the KV, prefills only the question
     print(gen.text, gen.cached_tokens, gen.ttft_s)
+
+    kv_rag.calibrate(engine)               # measure stitch and blend against a full prefill, once per model
+    engine = Engine(mode="auto", max_loss=1)   # then per request the cheapest assembly within 1 accuracy point
 """
 
 from .artifact import Artifact, ArtifactMeta
 from .assemble import Prefill
+from .calibration import calibrate
 from .decode import GenerationSettings
 from .engine import Engine
 from .errors import (
@@ -24,8 +28,9 @@ from .errors import (
 from .fingerprint import ModelFingerprint
 from .options import Mode, RequestOptions
 from .plan import RequestPlan
+from .profile import Profile
 from .prompt import Prompt, TokenizedPrompt
-from .results import CacheStatus, Generation, MissReason, PublishReport, SegmentReport
+from .results import AutoChoice, CacheStatus, Generation, MissReason, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
 from .serving import AsyncStream, Stream
 from .signing import PublisherKey, SigningKey, TrustPolicy
@@ -40,6 +45,7 @@ __all__ = [
     "ArtifactMeta",
     "AsyncStream",
     "AttentionSelection",
+    "AutoChoice",
     "BlendView",
     "CacheStatus",
     "ContextLengthError",
@@ -57,6 +63,7 @@ __all__ = [
     "ModelFingerprint",
     "ModelLoadError",
     "Prefill",
+    "Profile",
     "Prompt",
     "PublishReport",
     "PublisherKey",
@@ -73,4 +80,5 @@ __all__ = [
     "TrustPolicy",
     "UnsupportedModelError",
     "__version__",
+    "calibrate",
 ]

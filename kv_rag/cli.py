@@ -1,4 +1,5 @@
-"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify, store, keygen (see :mod:`.cli_parser`)."""
+"""The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify, store, keygen (see :mod:`.cli_parser`);
+calibrate is in :mod:`.cli_calibrate`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .cli_calibrate import cmd_calibrate
 from .cli_parser import build_parser
 from .errors import KVRagError
 
@@ -33,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo": cmd_demo,
             "publish": cmd_publish,
             "ask": cmd_ask,
+            "calibrate": lambda a: cmd_calibrate(a, _engine(a)),
             "inspect": cmd_inspect,
             "bench": cmd_bench,
             "cost": cmd_cost,
@@ -133,6 +136,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     options = engine.request_options(
         mode=args.mode,
         recompute=args.recompute,
+        max_loss=args.max_loss,
         selection=args.selection,
         use_cache=not args.no_cache,
         max_new_tokens=args.max_new_tokens,
@@ -161,7 +165,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         hits = sum(d.cache.value == "hit" for d in gen.documents)
         print(
             f"\n[{gen.mode.value}] {gen.prompt_tokens} prompt tokens, {gen.cached_tokens} from cache, "
-            f"{hits}/{len(gen.documents)} documents hit; TTFT {gen.ttft_s:.3f} s, total {gen.total_s:.2f} s",
+            f"{hits}/{len(gen.documents)} documents hit; TTFT {gen.ttft_s:.3f} s, total {gen.total_s:.2f} s"
+            + (f"\n[auto] {gen.auto.reason}" if gen.auto is not None else ""),
             file=sys.stderr,
         )
     return 0

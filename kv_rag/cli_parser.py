@@ -7,7 +7,7 @@ from typing import Any
 
 from .defaults import MAX_NEW_TOKENS
 
-DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, inspect, bench, cost, verify, store, keygen."
+DESCRIPTION = "The ``kv-rag`` command: demo, publish, ask, calibrate, inspect, bench, cost, verify, store, keygen."
 
 
 class _Help(argparse.HelpFormatter):
@@ -107,8 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default="exact",
         help="how to assemble the KV: exact (token-exact chain), stitch (each document's cache moved to its "
-        "position) or blend (stitch + recompute a fraction of document tokens); stitch and blend trade answer "
-        "accuracy for speed (docs/fidelity.md) (default: %(default)s)",
+        "position), blend (stitch + recompute a fraction of document tokens), or auto (per request the cheapest "
+        "of them whose calibrated loss fits --max-loss: kv-rag calibrate, docs/auto.md); stitch and blend trade "
+        "answer accuracy for speed (docs/fidelity.md) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-loss",
+        type=float,
+        default=None,
+        help="auto: the loss budget in accuracy points (1 = 1%% of questions; 0 is exact mode) (default: 1)",
     )
     p.add_argument(
         "--recompute",
@@ -135,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+
+    p = sub.add_parser(
+        "calibrate",
+        help="measure how far stitch and blend stray from a full prefill on your documents (auto mode reads it)",
+    )
+    _add_common(p)
+    p.add_argument(
+        "paths",
+        nargs="*",
+        help="text or markdown files, or folders of them, to make questions from (none: Python's documentation)",
+    )
+    p.add_argument(
+        "--questions-file",
+        metavar="FILE",
+        help="your own questions: a JSON list (or JSON lines) of {question, answer[, docs]}; without docs, the "
+        "--docs-per-prompt best chunks of PATHS by BM25 (default: made-up facts inserted into the documents)",
+    )
+    p.add_argument("--questions", type=int, default=8, help="made-up questions per --docs-per-prompt value")
+    p.add_argument("--docs-per-prompt", default="4", help="documents per prompt, comma-separated (e.g. 2,4)")
+    p.add_argument("--blend", default="0.15,0.3,0.5", help="blend fractions to measure, comma-separated")
+    p.add_argument("--passage-tokens", type=int, default=500, help="tokens per passage the questions are made from")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length compared")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="FILE", help="also write the profile to FILE")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's current setting)")
 
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="an artifact file, or a key in the store")

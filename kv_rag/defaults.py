@@ -40,6 +40,10 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the docu
 #: Fraction of document tokens that blend mode recomputes when a request names none.
 BLEND_RECOMPUTE = 0.15
 
+#: Auto mode's loss budget when a request names none: accuracy points (1 is 1% of questions) that the
+#: calibrated upper bound of the chosen assembly's loss may reach (``kv_rag.auto``).
+AUTO_MAX_LOSS = 1.0
+
 #: Most requests one loaded model decodes together in one step (``kv_rag.serving.Scheduler``); more wait.
 MAX_BATCH = 32
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import constrain, models, publishing, signing
+from . import auto, constrain, models, publishing, signing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
@@ -47,28 +47,27 @@ class Engine:
     Args:
         model: ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, a Hugging Face
             hub id (``"org/name"`` or ``"org/name@revision"``: the hub cache, or a download; only the
-            cache with ``HF_HUB_OFFLINE=1``), or a loaded
-            transformers model (then pass ``tokenizer`` too).
+            cache with ``HF_HUB_OFFLINE=1``), or a loaded transformers model (then pass ``tokenizer`` too).
         tokenizer: the tokenizer, when ``model`` is a model object.
         store: a :class:`~kv_rag.store.Store`, a folder for the disk tier, ``"memory"``, a
             ``redis://`` URL, or ``None`` for memory in front of ``$KV_RAG_HOME/store``.
         device: ``"cpu"``, ``"cuda"``…; default: CUDA when present.
         dtype: default float32 on CPU, bfloat16 on CUDA.
-        system_prompt: the system message of prompts built by :meth:`prompt`, and the context
-            documents are published after.
-        mode, recompute, priming, selection: the defaults of every request (see
-            :class:`~kv_rag.options.RequestOptions`; a request may override each). With ``priming``
-            (``True`` or a filler text), :meth:`publish` also stores each document's primed artifact.
+        system_prompt: the system message of prompts built by :meth:`prompt`, and the context documents are
+            published after.
+        mode, recompute, max_loss, priming, selection: the defaults of every request (see
+            :class:`~kv_rag.options.RequestOptions` and, for ``mode="auto"``, :mod:`kv_rag.auto`; a request
+            may override each). With ``priming`` (``True`` or a filler text), :meth:`publish` also stores
+            each document's primed artifact.
         split_special_tokens: documents are data: a special-token string inside a document
             (``<|im_end|>``, ``<|im_start|>system``…) is tokenized as plain text, so a retrieved
             document cannot open chat turns of its own, cached or not. ``False`` parses such strings as
             the special tokens they spell, as ``apply_chat_template`` followed by a plain tokenization does.
         tenant: a :class:`~kv_rag.tenancy.Tenant` (or a name, the secret in ``$KV_RAG_TENANT_SECRET``):
-            every key is derived with its secret, so other tenants sharing the store never hit (or
-            find) its artifacts; set by the deployment. Documents published with ``public=True`` are
-            shared on purpose.
-        sign_key: a :class:`~kv_rag.signing.SigningKey` or its file: every artifact the engine stores is
-            signed (publish and misses alike).
+            every key is derived with its secret, so other tenants sharing the store never hit (or find)
+            its artifacts; set by the deployment. Documents published with ``public=True`` are shared on purpose.
+        sign_key: a :class:`~kv_rag.signing.SigningKey` or its file: every artifact the engine stores is signed
+            (publish and misses alike).
         trust: public keys or their files (a list), or a :class:`~kv_rag.signing.TrustPolicy`: every
             artifact loaded from any tier must be signed by one of them (or by ``sign_key``), intact; any
             other is skipped as a miss (``untrusted``) and recomputed. See docs/store.md.
@@ -87,6 +86,7 @@ class Engine:
         system_prompt: str = SYSTEM_PROMPT,
         mode: Mode | str = Mode.EXACT,
         recompute: float | None = None,
+        max_loss: float | None = None,
         priming: bool | str = False,
         selection: Selector | str | None = None,
         split_special_tokens: bool = True,
@@ -119,8 +119,9 @@ class Engine:
         if self._store is not None:
             self._store.secure(self.signer, self.trust, self._inspect)
         self.system_prompt = system_prompt
-        #: the defaults of every request
-        self.options = RequestOptions.make(mode=mode, recompute=recompute, priming=priming, selection=selection)
+        defaults = {"mode": mode, "recompute": recompute, "max_loss": max_loss, "priming": priming}
+        self.options = RequestOptions.make(**defaults, selection=selection)  #: the defaults of every request
+        self._auto = auto.AutoMode(self)  # plans requests in auto mode
         self._loaded: models.LoadedModel | None = None
         self._planner: Planner | None = None
         self._init_lock = threading.Lock()
@@ -264,10 +265,10 @@ class Engine:
 
     def loading_key(self, document: str, options: RequestOptions | None = None) -> str:
         """Key of the artifact of ``document`` that a request under ``options`` (default: this engine's)
-        loads for it: in stitch and blend its own artifact (after the primed context with ``priming``;
-        the tenant's key), in exact mode the artifact :meth:`publish` stores, which only a prompt
-        with the document right after the system prompt loads (elsewhere the key depends on the
-        text before it: see each request's report)."""
+        loads for it: in stitch, blend and auto its own artifact (after the primed context with ``priming``;
+        the tenant's key), in exact mode the artifact :meth:`publish` stores, which only a prompt with the
+        document right after the system prompt loads (elsewhere the key depends on the text before it: see
+        each request's report)."""
         return publishing.loading_key(self, document, options or self.options)
 
     # ----------------------------------------------------------------- requests
@@ -279,7 +280,7 @@ class Engine:
     def plan(self, prompt: Prompt | TokenizedPrompt, options: RequestOptions | None = None) -> RequestPlan:
         """The plan of ``prompt`` under ``options`` (default: this engine's): pieces, keys, where they are."""
         tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenize(prompt)
-        plan = self.planner.plan(tp, options or self.options, self.system_prompt)
+        plan = self._auto.plan(tp, options or self.options)  # auto mode: in the mode it chooses
         if plan.fallback:
             self.loaded.warn_once(f"{plan.fallback}; prefilling the documents instead (exact mode)", stacklevel=3)
         return plan
@@ -297,10 +298,10 @@ class Engine:
 
         ``exact``: load the longest cached chain and prefill the rest. ``stitch``: load each document's
         artifact wherever it sits, moved to its position. ``blend``: stitch, then recompute the fraction
-        ``recompute`` (default 0.15) of document tokens. ``use_cache=False`` is a plain prefill in any
-        mode. ``reserve`` makes room in the cache for that many generated tokens without reallocating.
-        ``overrides`` are request options (``mode``, ``recompute``, ``priming``, ``selection``, ``use_cache``).
-        """
+        ``recompute`` (default 0.15) of document tokens. ``auto``: one of those (:mod:`kv_rag.auto`).
+        ``use_cache=False`` is a plain prefill in any mode. ``reserve`` makes room in the cache for that
+        many generated tokens without reallocating. ``overrides`` are request options (``mode``,
+        ``recompute``, ``max_loss``, ``priming``, ``selection``, ``use_cache``)."""
         opts = self.request_options(options, **overrides)
         t0 = time.perf_counter()
         plan = self.plan(prompt, opts)
@@ -323,11 +324,10 @@ class Engine:
         """Text pieces as they are generated; ``.result`` holds the :class:`Generation` afterwards.
 
         ``prompt`` is a :class:`Prompt` or a question (then ``documents`` are placed before it).
-        ``overrides`` are request options (``mode``, ``recompute``, ``priming``, ``selection``,
-        ``use_cache``) and :class:`GenerationSettings` fields (``max_new_tokens``, ``temperature``...),
-        all checked before anything runs. The request is planned in this thread and decoded by the
-        model's scheduler together with every other live request on the model.
-        """
+        ``overrides`` are request options (``mode``, ``recompute``, ``max_loss``, ``priming``, ``selection``,
+        ``use_cache``) and :class:`GenerationSettings` fields (``max_new_tokens``, ``temperature``...), all
+        checked before anything runs. The request is planned in this thread and decoded by the model's
+        scheduler together with every other live request on the model."""
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
         opts = self.request_options(options, settings=settings, **overrides)
         _ = self.loaded  # load before the clock starts: TTFT excludes model loading

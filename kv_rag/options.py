@@ -1,7 +1,7 @@
 """Request options, validated once: how the KV is assembled and how the answer is decoded.
 
 One owner for every option a request takes. :class:`RequestOptions` holds the mode, the blend
-fraction, priming, the blend token selection, whether to use the store, and the
+fraction, auto mode's loss budget, priming, the blend token selection, whether to use the store, and the
 :class:`~kv_rag.decode.GenerationSettings`. The engine keeps defaults (``Engine(mode=..., ...)``)
 and a request overrides some of them (:meth:`RequestOptions.merge`); the CLI, LangChain and
 LlamaIndex pass their arguments through unchanged and get the same checks and the same errors
@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from .decode import GenerationSettings
-from .defaults import BLEND_RECOMPUTE
+from .defaults import AUTO_MAX_LOSS, BLEND_RECOMPUTE
 from .errors import InputError
 from .selection import Selector, resolve_selector, selector_name
 
@@ -43,11 +43,17 @@ class Mode(str, Enum):
     which ones, a :class:`~kv_rag.selection.Selector` decides (by default the tokens the question
     attends to most in the stitched cache). A fraction of 0 is stitch; 1 is a full prefill of the
     documents.
+
+    ``AUTO``: per request, the cheapest of the three whose calibrated loss for the request's shape fits
+    the budget ``max_loss`` (accuracy points): the exact chain where it is cached, else stitch or blend
+    at the smallest sufficient fraction, else exact. Without a calibrated profile for the model
+    (:mod:`kv_rag.calibration`), exact. See :mod:`kv_rag.auto`.
     """
 
     EXACT = "exact"
     STITCH = "stitch"
     BLEND = "blend"
+    AUTO = "auto"
 
     @classmethod
     def parse(cls, value: str | Mode) -> Mode:
@@ -60,7 +66,7 @@ class Mode(str, Enum):
 
 
 #: Names :meth:`RequestOptions.merge` accepts besides the :class:`GenerationSettings` fields.
-OPTION_NAMES = ("mode", "recompute", "priming", "selection", "use_cache")
+OPTION_NAMES = ("mode", "recompute", "max_loss", "priming", "selection", "use_cache")
 #: :class:`GenerationSettings` field names.
 GENERATION_NAMES = tuple(f.name for f in fields(GenerationSettings))
 
@@ -70,12 +76,15 @@ class RequestOptions:
     """Everything a request may set, validated; build with :meth:`make` or :meth:`merge`.
 
     ``recompute`` is the blend fraction (``None``: :data:`~kv_rag.defaults.BLEND_RECOMPUTE` in blend
-    mode); ``priming`` the filler text moved documents are computed after (``""``: none);
-    ``selection`` the blend :class:`~kv_rag.selection.Selector`.
+    mode); ``max_loss`` auto mode's budget in accuracy points, ``1`` meaning 1% of questions (``None``:
+    :data:`~kv_rag.defaults.AUTO_MAX_LOSS` in auto mode; ``0`` is exact mode, token for token); ``priming``
+    the filler text moved documents are computed after (``""``: none); ``selection`` the blend
+    :class:`~kv_rag.selection.Selector`.
     """
 
     mode: Mode = Mode.EXACT
     recompute: float | None = None
+    max_loss: float | None = None
     priming: str = ""
     selection: Selector = field(default_factory=lambda: resolve_selector(None))
     use_cache: bool = True
@@ -89,11 +98,11 @@ class RequestOptions:
     def merge(self, **options: Any) -> RequestOptions:
         """These options with ``options`` applied on top, checked.
 
-        Takes ``mode``, ``recompute``, ``priming``, ``selection``, ``use_cache``, ``settings`` (a
-        :class:`GenerationSettings` replacing the current one) and any :class:`GenerationSettings`
-        field (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``). A value of
-        ``None`` keeps the current one. Changing ``mode`` away from blend drops an inherited
-        ``recompute``. Raises :class:`~kv_rag.errors.InputError` naming the argument.
+        Takes ``mode``, ``recompute``, ``max_loss``, ``priming``, ``selection``, ``use_cache``, ``settings``
+        (a :class:`GenerationSettings` replacing the current one) and any :class:`GenerationSettings`
+        field (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``). A value of ``None``
+        keeps the current one. Changing ``mode`` away from blend drops an inherited ``recompute`` (away
+        from auto, an inherited ``max_loss``). Raises :class:`~kv_rag.errors.InputError` naming the argument.
         """
         unknown = sorted(set(options) - set(OPTION_NAMES) - set(GENERATION_NAMES) - {"settings"})
         if unknown:
@@ -108,6 +117,11 @@ class RequestOptions:
             recompute = _fraction(given["recompute"])
         if recompute and mode is not Mode.BLEND:
             raise InputError(f"recompute={recompute} applies to mode 'blend' only; got mode {mode.value!r}")
+        max_loss = self.max_loss if mode is Mode.AUTO or "max_loss" in given else None
+        if "max_loss" in given:
+            max_loss = _points(given["max_loss"])
+        if max_loss is not None and mode is not Mode.AUTO:
+            raise InputError(f"max_loss={max_loss:g} applies to mode 'auto' only; got mode {mode.value!r}")
         use_cache = given.get("use_cache", self.use_cache)
         if not isinstance(use_cache, bool):
             raise InputError(f"use_cache must be True or False; got {use_cache!r}")
@@ -120,6 +134,7 @@ class RequestOptions:
         return RequestOptions(
             mode=mode,
             recompute=recompute,
+            max_loss=max_loss,
             priming=priming_text(given["priming"]) if "priming" in given else self.priming,
             selection=resolve_selector(given["selection"]) if "selection" in given else self.selection,
             use_cache=use_cache,
@@ -134,22 +149,30 @@ class RequestOptions:
         return BLEND_RECOMPUTE if self.recompute is None else self.recompute
 
     @property
+    def budget(self) -> float:
+        """Auto mode's loss budget in effect, in accuracy points: ``max_loss``, or the default (0 in other modes)."""
+        if self.mode is not Mode.AUTO:
+            return 0.0
+        return AUTO_MAX_LOSS if self.max_loss is None else self.max_loss
+
+    @property
     def publishes_documents(self) -> bool:
         """Whether a retrieved document's own artifact (computed right after the system prefix) is read
-        in this mode, so that publishing it ahead pays: in stitch and blend, any document is loaded
-        wherever it sits; in exact mode only a chain of the whole preceding text is, so the first
+        in this mode, so that publishing it ahead pays: in stitch, blend and auto (which may stitch), any
+        document is loaded wherever it sits; in exact mode only a chain of the whole preceding text is, so the first
         request over a set of documents stores the chain and later ones load it."""
         return self.mode is not Mode.EXACT
 
     def describe(self) -> dict[str, Any]:
-        """Plain values for reports and JSON (a selector of the caller's own shows as its class name)."""
+        """Plain values for reports and JSON (a selector of the caller's own shows as its class name;
+        ``max_loss`` only in auto mode)."""
         return {
             "mode": self.mode.value,
             "recompute": self.fraction,
             "priming": bool(self.priming),
             "selection": selector_name(self.selection) or type(self.selection).__name__,
             "use_cache": self.use_cache,
-        }
+        } | ({"max_loss": self.budget} if self.mode is Mode.AUTO else {})
 
 
 def priming_text(priming: bool | str) -> str:
@@ -167,3 +190,12 @@ def _fraction(recompute: Any) -> float:
     if isinstance(recompute, bool) or not isinstance(recompute, (int, float)) or not 0.0 <= float(recompute) <= 1.0:
         raise InputError(f"recompute must be a fraction between 0 and 1 (of document tokens); got {recompute!r}")
     return float(recompute)
+
+
+def _points(max_loss: Any) -> float:
+    if isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not 0.0 <= float(max_loss) <= 100.0:
+        raise InputError(
+            f"max_loss must be a number of accuracy points between 0 and 100 (1 is 1% of questions; 0 is exact "
+            f"mode); got {max_loss!r}"
+        )
+    return float(max_loss)

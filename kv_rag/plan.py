@@ -28,6 +28,7 @@ from .misses import MissExplainer
 from .models import LoadedModel
 from .options import Mode, RequestOptions
 from .prompt import Prompt, TokenizedPrompt, chat_frame
+from .results import AutoChoice
 from .rope import window_refusal
 from .store import Store
 from .tenancy import Tenant
@@ -138,6 +139,8 @@ class RequestPlan:
     parts: tuple[DocumentPlan | Piece, ...] = ()
     suffix: tuple[int, ...] = ()
     fallback: str | None = None
+    #: in auto mode, the mode it chose and why (``options`` are then the chosen mode's; see :mod:`kv_rag.auto`)
+    choice: AutoChoice | None = None
 
     @property
     def total(self) -> int:
@@ -189,7 +192,7 @@ class Planner:
         documents that ran first) are loaded rather than computed and stored a second time."""
         if not plan.misses or not plan.options.use_cache:
             return plan
-        return self.plan(plan.prompt, plan.options, system_prompt)
+        return replace(self.plan(plan.prompt, plan.options, system_prompt), choice=plan.choice)
 
     # ------------------------------------------------------------------ tokens and keys
     def tokenize(self, prompt: Prompt) -> TokenizedPrompt:
@@ -331,6 +334,8 @@ class Planner:
                 f"the prompt has {total} tokens but {self.loaded.name} reads at most {self.loaded.context_window}: "
                 "retrieve fewer or shorter documents (--k, --chunk-tokens) or shorten the question"
             )
+        if options.mode is Mode.AUTO:
+            raise InputError("mode 'auto' is planned by kv_rag.auto.AutoMode (Engine.plan), not by the Planner")
         n = len(tp.segments)
         sources = [tp.source(i) for i in range(n)]
         docs = [tp.document(i) for i in range(n)]

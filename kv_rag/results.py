@@ -8,7 +8,7 @@ from typing import Any
 
 from .options import Mode
 
-__all__ = ["CacheStatus", "Generation", "MissReason", "Mode", "PublishReport", "SegmentReport"]
+__all__ = ["AutoChoice", "CacheStatus", "Generation", "MissReason", "Mode", "PublishReport", "SegmentReport"]
 
 
 class CacheStatus(str, Enum):
@@ -59,6 +59,30 @@ class SegmentReport:
         return d
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """What auto mode chose for one request (see :mod:`kv_rag.auto`), and why.
+
+    ``expected_loss`` is the calibrated loss the choice was made on, in accuracy points: the upper
+    confidence bound of the profile's bucket for stitch and blend, 0 for exact mode where the budget
+    or the cache chose it, ``None`` when there was no profile (or no bucket) to estimate it from.
+    """
+
+    mode: Mode
+    recompute: float
+    expected_loss: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (``mode_chosen``, ``recompute``, ``expected_loss``, ``reason``)."""
+        return {
+            "mode_chosen": self.mode.value,
+            "recompute": self.recompute,
+            "expected_loss": self.expected_loss,
+            "reason": self.reason,
+        }
+
+
 @dataclass
 class Generation:
     """The answer to one request and what it cost."""
@@ -79,6 +103,13 @@ class Generation:
     recomputed_tokens: int = 0
     #: the request's options as plain values (mode asked for, blend fraction, priming, selection, use_cache)
     options: dict[str, Any] = field(default_factory=dict)
+    #: in auto mode, what it chose (``mode`` is the mode chosen) and the expected loss; ``None`` otherwise
+    auto: AutoChoice | None = None
+
+    @property
+    def expected_loss(self) -> float | None:
+        """Auto mode's expected loss for this request in accuracy points (``None``: not auto, or no profile)."""
+        return self.auto.expected_loss if self.auto is not None else None
 
     @property
     def documents(self) -> list[SegmentReport]:
@@ -106,7 +137,7 @@ class Generation:
                 for s in self.documents
             ],
             "options": dict(self.options),
-        }
+        } | ({"auto": self.auto.to_dict()} if self.auto is not None else {})
 
 
 @dataclass(frozen=True)

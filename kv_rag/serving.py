@@ -168,6 +168,7 @@ class Job:
                 segments=pre.segments,
                 recomputed_tokens=pre.recomputed_tokens,
                 options=self.options.describe(),
+                auto=pre.auto,
             )
         )
         if pre.token_ids:  # exact mode: the next turn of this conversation may start with all of it

@@ -103,6 +103,10 @@ def test_chunking_splits_long_files(
         (["ask", "   ", "--docs", "DOCS"], "question is empty"),
         (["ask", "q?", "--docs", "DOCS", "--k", "0"], "--k must be >= 1"),
         (["ask", "q?", "--docs", "DOCS", "--mode", "fastest"], "mode must be one of"),
+        (["ask", "q?", "--docs", "DOCS", "--max-loss", "2"], "max_loss=2 applies to mode 'auto' only"),
+        (["ask", "q?", "--docs", "DOCS", "--mode", "auto", "--max-loss", "-1"], "max_loss must be a number"),
+        (["calibrate", "--questions-file", "/nonexistent.json"], "--questions-file: no such file"),
+        (["calibrate", "DOCS", "--blend", "0.3,x"], "--blend wants comma-separated numbers"),
         (["ask", "q?", "--docs", "BINARY"], "not UTF-8"),
         (["publish", "EMPTY"], "no text found"),
         (["inspect", "deadbeef"], "neither a file nor a key"),
@@ -129,7 +133,7 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "kv-rag"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for cmd in ("demo", "publish", "ask", "inspect", "bench"):
+    for cmd in ("demo", "publish", "ask", "calibrate", "inspect", "bench"):
         assert cmd in proc.stdout
 
 

@@ -47,6 +47,7 @@ import torch
 from kv_rag import BlendView
 from kv_rag.assemble import BlendRequest
 from kv_rag.bench import provenance, results_dir
+from kv_rag.calibration import greedy, kl_divergence, teacher_forced
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fidelity"))
@@ -181,27 +182,6 @@ def selector(method: str, question_id: int, full_kv: list[tuple[torch.Tensor, to
     raise ValueError(f"unknown method {method!r}")
 
 
-def _teacher_forced(engine: Any, pre: Any, total: int, cont: list[int], span: slice) -> tuple[float, bool, Any]:
-    """(log-prob of ``cont[span]``, all of them argmax, first answer token's distribution) after ``pre``."""
-    runtime = engine.loaded.runtime
-    logits = runtime.forward(torch.tensor([cont]), pre.cache, total, logits_to_keep=len(cont))
-    logp = torch.cat([pre.logits.reshape(1, -1), logits[:-1]]).log_softmax(-1)
-    lp = sum(float(logp[j, cont[j]]) for j in range(span.start, span.stop))
-    top = all(int(logp[j].argmax()) == cont[j] for j in range(span.start, span.stop))
-    return lp, top, logp[span.start].exp()
-
-
-def _greedy(engine: Any, pre: Any, total: int, eos: frozenset[int], max_new: int = MAX_NEW) -> list[int]:
-    """Greedy answer (at most ``max_new`` tokens, stopping at an end token) on top of ``pre``'s cache."""
-    runtime = engine.loaded.runtime
-    out: list[int] = []
-    nxt = int(pre.logits.reshape(-1).argmax())
-    while nxt not in eos and len(out) < max_new:
-        out.append(nxt)
-        nxt = int(runtime.forward(torch.tensor([[nxt]]), pre.cache, total + len(out) - 1)[-1].argmax())
-    return out
-
-
 def run(args: argparse.Namespace) -> None:
     from kv_rag import Engine, MemoryTier, Store
     from kv_rag.runtime import cache_layers
@@ -214,7 +194,6 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"no full-prefill answers in {args.baseline}: run benchmarks/fidelity/fidelity.py first")
     engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32")
     tok = engine.tokenizer
-    eos = engine.loaded.eos_ids
     configs = [("stitch", "stitch", None, "attention")]
     configs += [(f"{m} r={args.recompute:g}", "blend", args.recompute, m) for m in METHODS]
     configs += [(f"attention r={r:g}", "blend", r, "attention") for r in args.sweep]
@@ -256,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
             full = engine.prefill(tp, use_cache=False)
             full_s = time.perf_counter() - t0
             full_kv = [(k.clone(), v.clone()) for k, v in cache_layers(full.cache)]
-            lp, top, p_full = _teacher_forced(engine, full, total, cont, span)
+            lp, top, p_full = teacher_forced(engine.loaded, full, total, cont, span)
         del full
         row["full"] = {**ref["full"], "prefill_s": full_s, "lp": lp, "top1": top}
         for label, mode, r, method in configs:
@@ -265,11 +244,11 @@ def run(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 pre = engine.prefill(tp, mode=mode, recompute=r, selection=chosen, reserve=args.max_new + len(cont))
                 ttft = time.perf_counter() - t0
-                tokens = _greedy(engine, pre, total, eos, args.max_new)
+                tokens = greedy(engine.loaded, pre, total, args.max_new)
                 for layer in pre.cache.layers:
                     layer.truncate(total)
-                lp, top, p = _teacher_forced(engine, pre, total, cont, span)
-            kl = float((p_full * (p_full.clamp_min(1e-12).log() - p.clamp_min(1e-12).log())).sum())
+                lp, top, p = teacher_forced(engine.loaded, pre, total, cont, span)
+            kl = kl_divergence(p_full[0], p[0])  # the first answer token's
             row[label] = {
                 "text": tok.decode(tokens, skip_special_tokens=True),
                 "tokens": tokens,

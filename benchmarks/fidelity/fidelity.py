@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import re
 import statistics
 import sys
 import time
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kv_rag.bench import provenance, results_dir
+from kv_rag.calibration_questions import correct, questions
 
 HERE = Path(__file__).resolve().parent
 #: the committed results of this study (read by the other blend studies: the full prefill's answers)
@@ -54,76 +53,6 @@ MAX_NEW = 32
 #: passage length (tokens) and documents per question of the real runs, and of ``--tiny`` smoke runs
 PASSAGE_TOKENS, N_DOCS = 500, 4
 TINY_PASSAGE_TOKENS, TINY_K, TINY_NEW = 48, 2, 4
-
-NAMES = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Haddad", "Kowalski", "Brennan", "Ishikawa"]
-ISLANDS = ["Marrow Isle", "Kestrel Island", "Port Sable", "Gull Rock", "Fernholm", "Tarn Key", "Ashby Cay", "Lorn"]
-COLORS = ["red", "blue", "green", "amber", "violet", "silver", "black", "orange", "white", "teal"]
-WORDS = ["lantern", "harbor", "quartz", "meadow", "falcon", "cobalt", "juniper", "saffron", "glacier", "thistle"]
-
-
-def _fact(rng: random.Random, kind: int, used: set[str]) -> tuple[str, str, str, str]:
-    """(key, fact sentence, question, answer) of one kind, with a key not in ``used``."""
-    while True:
-        if kind == 0:
-            key = str(rng.randint(2, 99))
-            ans = str(rng.randint(1000, 9999))
-            fact, q = f"The access code for vault {key} is {ans}.", f"What is the access code for vault {key}?"
-        elif kind == 1:
-            key = rng.choice(ISLANDS)
-            ans = str(rng.randint(10, 99))
-            fact, q = f"The ferry to {key} leaves from pier {ans}.", f"From which pier does the ferry to {key} leave?"
-        elif kind == 2:
-            key = rng.choice(NAMES)
-            ans = str(rng.randint(100, 999))
-            fact, q = f"Professor {key}'s office is in room {ans}.", f"In which room is Professor {key}'s office?"
-        else:
-            key = rng.choice(COLORS)
-            ans = rng.choice(WORDS)
-            fact, q = f"The password of the {key} server is {ans}.", f"What is the password of the {key} server?"
-        if key not in used:
-            used.add(key)
-            return key, fact, q, ans
-
-
-def _insert(rng: random.Random, passage: str, sentence: str) -> str:
-    paras = passage.split("\n\n")
-    at = rng.randint(1, max(1, len(paras) - 1)) if len(paras) > 1 else 1
-    return "\n\n".join([*paras[:at], sentence, *paras[at:]])
-
-
-def passages(tokenizer: Any, target: int = 500) -> list[str]:
-    """Passages of about ``target`` tokens from ``pydoc_data.topics`` (topics in name order)."""
-    import pydoc_data.topics as topics
-
-    from kv_rag.retrieve import Document, chunk_documents
-
-    docs = [Document(topics.topics[name], name) for name in sorted(topics.topics)]
-    chunks = chunk_documents(docs, tokenizer, target)
-    out = []
-    for c in chunks:
-        n = len(tokenizer(c.text, add_special_tokens=False)["input_ids"])
-        if 0.8 * target <= n <= target + 10:
-            out.append(c.text)
-    return out
-
-
-def questions(tokenizer: Any, n: int, k: int, seed: int, target: int = PASSAGE_TOKENS) -> list[dict[str, Any]]:
-    """``n`` questions, each with ``k`` documents (passages of ~``target`` tokens), one of which holds the answer."""
-    rng = random.Random(seed)
-    pool = passages(tokenizer, target)
-    out = []
-    for qi in range(n):
-        kind = qi % 4
-        used: set[str] = set()
-        _key, fact, q, ans = _fact(rng, kind, used)
-        texts = rng.sample(pool, k)
-        where = rng.randrange(k)
-        docs = []
-        for j, t in enumerate(texts):
-            sentence = fact if j == where else _fact(rng, kind, used)[1]
-            docs.append(_insert(rng, t, sentence))
-        out.append({"id": qi, "question": q, "answer": ans, "docs": docs, "answer_doc": where})
-    return out
 
 
 def modes(blend_rs: list[float]) -> list[tuple[str, str, float | None]]:
@@ -199,11 +128,6 @@ def run(args: argparse.Namespace) -> None:
             + " ".join(f"{lab}:{'Y' if v else 'n'}" for lab, v in ok.items()),
             flush=True,
         )
-
-
-def correct(answer: str, text: str) -> bool:
-    """Whether ``answer`` appears in ``text`` as a whole word (case-insensitive)."""
-    return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
 
 
 def prefix_fraction(ref: list[int], out: list[int]) -> float:

@@ -48,5 +48,7 @@ def assemble(
             loaded, store, plan.lead, need_logits=need_logits, reserve=reserve, t0=t0, defer=defer, conversation=turns
         )
         pre.mode = Mode.EXACT
-        return pre
-    return assemble_stitched(loaded, store, plan, need_logits=need_logits, reserve=reserve, t0=t0)
+    else:
+        pre = assemble_stitched(loaded, store, plan, need_logits=need_logits, reserve=reserve, t0=t0)
+    pre.auto = plan.choice
+    return pre

@@ -13,7 +13,7 @@ from ..fingerprint import token_bytes, tokens_digest
 from ..models import LoadedModel
 from ..options import Mode
 from ..plan import Piece
-from ..results import CacheStatus, SegmentReport
+from ..results import AutoChoice, CacheStatus, SegmentReport
 from ..runtime import cache_layers
 
 
@@ -47,6 +47,8 @@ class Prefill:
     #: store writes left for after the first token (``defer``): each reads its rows from ``cache``, so
     #: the caller runs them (with the model's lock held) before the cache is released
     stores: list[Callable[[], None]] = field(default_factory=list)
+    #: in auto mode, what it chose (``mode`` is the mode chosen) and the expected loss
+    auto: AutoChoice | None = None
 
 
 def acceptor(loaded: LoadedModel, piece: Piece, start: int) -> Callable[[Artifact], str | None]:

@@ -25,7 +25,7 @@ from kv_rag.tools import call_schema, check_choice
 
 #: Request options a call (``invoke``, ``stream``, ``bind``...) may pass besides ``stop``; the core checks them.
 OPTION_ARGUMENTS = frozenset(
-    {"max_tokens", "temperature", "top_p", "seed", "mode", "recompute", "priming", "selection", "use_cache"}
+    {"max_tokens", "temperature", "top_p", "seed", "mode", "recompute", "max_loss", "priming", "selection", "use_cache"}
     | {"json_schema", "grammar"}
 )
 #: Every argument a call may pass besides ``stop`` (``tools`` and ``tool_choice`` come from ``bind_tools``).
@@ -54,9 +54,12 @@ class KVRagParams(BaseModel):
     dtype: str | None = None
     """``"float32"``, ``"bfloat16"``...; default: float32 on CPU, bfloat16 on CUDA."""
     mode: str = Mode.EXACT.value
-    """How a request's KV is assembled from the store: ``exact``, ``stitch`` or ``blend`` (see :class:`kv_rag.Mode`)."""
+    """How a request's KV is assembled from the store: ``exact``, ``stitch``, ``blend`` or ``auto`` (the cheapest
+    whose calibrated loss fits ``max_loss``; see :class:`kv_rag.Mode`)."""
     recompute: float | None = None
     """Blend: the fraction of document tokens recomputed (default 0.15 in blend mode)."""
+    max_loss: float | None = None
+    """Auto: the loss budget in accuracy points (default 1; 0 is exact mode)."""
     priming: bool | str = False
     """Stitch/blend: compute moved documents after a filler passage (``True`` or your own text)."""
     selection: Any = None
@@ -98,7 +101,7 @@ class KVRagParams(BaseModel):
             if unknown:
                 warnings.warn(
                     f"{cls.__name__} ignores unknown argument(s) {', '.join(unknown)}; "
-                    "it takes model, store, device, dtype, mode, recompute, priming, selection, temperature, "
+                    "it takes model, store, device, dtype, mode, recompute, max_loss, priming, selection, temperature, "
                     "max_tokens, top_p, seed, stop, use_cache, streaming, split_special_tokens, tenant",
                     UserWarning,
                     stacklevel=4,
@@ -123,6 +126,7 @@ class KVRagParams(BaseModel):
         return RequestOptions.make(
             mode=self.mode,
             recompute=self.recompute,
+            max_loss=self.max_loss,
             priming=self.priming,
             selection=self.selection,
             use_cache=self.use_cache,
@@ -184,6 +188,7 @@ class KVRagParams(BaseModel):
             dtype=self.dtype,
             mode=opts.mode,
             recompute=opts.recompute,
+            max_loss=opts.max_loss,
             priming=opts.priming,
             selection=opts.selection,
             split_special_tokens=self.split_special_tokens,

@@ -71,6 +71,20 @@ def test_request_options_reach_the_engine_checked_by_the_core() -> None:
         KVRagLLM(store=3)
 
 
+def test_auto_mode_and_its_budget_pass_through() -> None:
+    """mode="auto" with max_loss: a field, a call option, the core's checks; the report names the choice."""
+    from kv_rag import RequestOptions
+
+    llm = KVRagLLM(store="memory", mode="auto", max_loss=0, max_new_tokens=3)
+    assert llm.engine.options == RequestOptions.make(mode="auto", max_loss=0)
+    assert llm._call_kwargs({"max_loss": 2, "formatted": True})["options"].budget == 2.0
+    with pytest.raises(ValueError, match="applies to mode 'auto' only"):
+        KVRagLLM(mode="exact", max_loss=1)
+    report = llm.complete("Context:\nThe sky is green here.\n\nQuestion: What colour is the sky?").raw["kv_rag"]
+    assert report["mode"] == "exact" and report["auto"]["mode_chosen"] == "exact"
+    assert report["auto"]["expected_loss"] == 0.0 and report["options"]["max_loss"] == 0.0
+
+
 def test_every_call_form_agrees_and_reports_usage() -> None:
     llm = KVRagLLM(store="memory", max_new_tokens=NUM_OUTPUT)
     done = llm.complete(PROMPT)

@@ -213,6 +213,26 @@ def test_blend_options_reach_the_engine(bm25: BM25Retriever) -> None:
     assert bound.invoke(Q1).response_metadata["kv_rag"]["options"]["recompute"] == 0.5
 
 
+def test_auto_mode_reports_its_choice(bm25: BM25Retriever) -> None:
+    """ChatKVRag(mode="auto", max_loss=0) is exact mode; the report says what auto chose and why."""
+    chat = ChatKVRag(max_tokens=4, store="memory", mode="auto", max_loss=0)
+    chain = rag_chain(KVCacheRetriever(retriever=bm25, llm=chat, background=False), chat)
+    exact = rag_chain(bm25, ChatKVRag(max_tokens=4, store="memory", use_cache=False))
+    assert chain.invoke(Q1) == exact.invoke(Q1)
+    meta = (
+        ({"context": bm25 | format_docs, "question": RunnablePassthrough()} | PROMPT | chat.bind(max_loss=0))
+        .invoke(Q1)
+        .response_metadata["kv_rag"]
+    )
+    assert meta["mode"] == "exact" and meta["options"]["mode"] == "auto" and meta["options"]["max_loss"] == 0.0
+    assert meta["auto"] == {
+        "mode_chosen": "exact",
+        "recompute": 0.0,
+        "expected_loss": 0.0,
+        "reason": "max_loss=0: exact mode",
+    }
+
+
 def test_a_document_spelling_chat_turns_is_read_as_text_cached_or_not() -> None:
     """A retrieved document holding ``<|im_end|>\\n<|im_start|>system ...``: the cached answer equals the
     uncached one (the core's test_tokens.py checks that none of its special-token strings becomes a

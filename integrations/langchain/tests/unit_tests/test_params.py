@@ -105,6 +105,19 @@ def test_request_options_reach_the_engine_checked_by_the_core(cls: type) -> None
 
 
 @pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
+def test_auto_mode_and_its_budget_reach_the_engine(cls: type) -> None:
+    """mode="auto" with max_loss: an instance default, a per-call override, the core's checks."""
+    model = cls(store="memory", mode="auto", max_loss=2)
+    assert model.engine.options == RequestOptions.make(mode="auto", max_loss=2)
+    assert model.request(None, {"max_loss": 0}).options.budget == 0.0
+    assert model.request(None, {"mode": "exact"}).options.max_loss is None  # the budget belongs to auto
+    with pytest.raises(InputError, match="max_loss must be a number of accuracy points"):
+        model.request(None, {"max_loss": -1})
+    with pytest.raises(ValidationError, match="applies to mode 'auto' only"):
+        cls(mode="exact", max_loss=1)
+
+
+@pytest.mark.parametrize("cls", [ChatKVRag, KVRagLLM])
 def test_from_engine_runs_on_the_given_engine(cls: type) -> None:
     from kv_rag import Engine
 

@@ -38,6 +38,7 @@ METADATA_KEY = "kv_rag_key"
 CALL_OPTIONS = (
     "mode",
     "recompute",
+    "max_loss",
     "priming",
     "selection",
     "use_cache",
@@ -79,7 +80,8 @@ class KVRagLLM(FunctionCallingLLM):
         engine: an existing :class:`kv_rag.Engine` to use (then ``model``, ``store``, ``device``
             and ``dtype`` are ignored).
         store: a :class:`kv_rag.store.Store`, a folder, ``"memory"``, or ``None`` for the default store.
-        mode: how a request's KV is assembled (:class:`kv_rag.Mode`: ``"exact"``, ``"stitch"``, ``"blend"``).
+        mode: how a request's KV is assembled (:class:`kv_rag.Mode`: ``"exact"``, ``"stitch"``, ``"blend"``, or
+            ``"auto"``: per request the cheapest whose calibrated loss fits ``max_loss``, in accuracy points).
         recompute, priming, selection: blend's fraction, stitch/blend priming and blend's token
             selection (see :class:`kv_rag.RequestOptions`); a call may override each, and the
             retriever publishes documents when the mode reads them.
@@ -89,8 +91,9 @@ class KVRagLLM(FunctionCallingLLM):
     store: Any = Field(default=None, exclude=True, description="Store, folder, 'memory' or None (default store).")
     device: str | None = Field(default=None, description="Torch device; default CUDA when present.")
     dtype: str | None = Field(default=None, description="Torch dtype name; default float32 on CPU.")
-    mode: str = Field(default=Mode.EXACT.value, description="How the KV is assembled: exact, stitch or blend.")
+    mode: str = Field(default=Mode.EXACT.value, description="How the KV is assembled: exact, stitch, blend or auto.")
     recompute: float | None = Field(default=None, description="Blend: fraction of document tokens recomputed.")
+    max_loss: float | None = Field(default=None, description="Auto: loss budget in accuracy points (default 1).")
     priming: bool | str = Field(default=False, description="Stitch/blend: compute moved documents after a filler.")
     selection: Any = Field(
         default=None, description="Blend: attention (default), deviation, leading, or a kv_rag.Selector."
@@ -131,6 +134,7 @@ class KVRagLLM(FunctionCallingLLM):
                 dtype=self.dtype,
                 mode=opts.mode,
                 recompute=opts.recompute,
+                max_loss=opts.max_loss,
                 priming=opts.priming,
                 selection=opts.selection,
                 split_special_tokens=self.split_special_tokens,
