@@ -17,6 +17,8 @@ def _rows_against_full_forwards(model: Any, lengths: tuple[int, ...], vocab: int
     """Step caches of ``lengths`` tokens together (twice: a one-token step after a 3-token one); the
     largest logit difference against a from-scratch forward of each request's tokens."""
     rt = ModelRuntime(model)
+    if rt.decoder is not None:
+        rt.decoder.packed()  # packed now (the steps would otherwise use the plain weights until it is done)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
     tails = [torch.randint(0, vocab, (3,), generator=g).tolist() for _ in lengths]

@@ -8,7 +8,7 @@ import pytest
 
 from kv_rag import CacheStatus, Engine
 from kv_rag.bench import document_of_length
-from kv_rag.estimates import MARGIN, Rate, Speeds, recompute_reason
+from kv_rag.estimates import MARGIN, PRIOR_BYTES_PER_S, Rate, Speeds, recompute_reason
 from kv_rag.store import DiskTier, MemoryTier, Store
 
 QUESTION = "What is this document about?"
@@ -23,8 +23,10 @@ def test_rates_are_moving_averages_and_unknown_until_measured() -> None:
     assert 0.5 < r.seconds(100) < 1.0  # type: ignore[operator]
     disk, model = Speeds(), Speeds()
     assert recompute_reason(disk, model, "disk", 10**6, 100) is None  # nothing measured: load
+    assert disk.load_s("memory", 10**6) is None  # a tier in the process: no prior
+    assert disk.load_s("disk", 10**9) == pytest.approx(10**9 / PRIOR_BYTES_PER_S["disk"])  # the prior
     disk.loaded("disk", 10**5, 1.0)  # under MIN_LOAD_BYTES: ignored
-    assert disk.load_s("disk", 10**6) is None
+    assert disk.load_s("disk", 10**6) == pytest.approx(10**6 / PRIOR_BYTES_PER_S["disk"])
     disk.loaded("disk", 10**7, 10.0)  # 1 MB/s
     model.prefilled(100, 0.1)  # under MIN_PREFILL_TOKENS: ignored
     assert recompute_reason(disk, model, "disk", 10**6, 100) is None
@@ -60,6 +62,20 @@ def test_a_slow_tier_is_recomputed_exactly_and_copied_to_the_faster_tiers(tmp_pa
     again = eng.generate(prompt, max_new_tokens=2)
     assert [(d.cache, d.tier) for d in again.documents] == [(CacheStatus.HIT, "memory")]
     assert again.to_dict()["docs"][0]["cache"] == "hit"
+
+
+def test_a_first_disk_hit_is_recomputed_when_the_prior_says_loading_is_slower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the disk tier is measured its prior speed decides: a model that prefills faster than the
+    prior loads (here: the prefill measured as very fast) recomputes the stored chain on first contact."""
+    doc = document_of_length(Engine(None, store="memory").tokenizer, 300)
+    eng = _disk_only_engine(tmp_path, doc, slow_disk=False)
+    assert "disk" not in eng.store.speeds.tiers
+    monkeypatch.setattr(eng.loaded.speeds.prefill, "per_s", 1e9)  # tokens/s: any load from disk is slower
+    pre = eng.prefill(eng.prompt(QUESTION, [doc]))
+    assert [s.cache for s in pre.segments] == [CacheStatus.RECOMPUTED, CacheStatus.RECOMPUTED]
+    assert "faster than loading from the disk tier" in (pre.segments[0].reason or "")
 
 
 def test_a_tier_faster_than_prefill_is_loaded(tmp_path: Path) -> None:

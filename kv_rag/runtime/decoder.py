@@ -30,6 +30,7 @@ on for models on CUDA (:func:`fast_path_enabled`).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -107,7 +108,7 @@ class FastDecoder:
         self.flash = self.head_dim % 8 == 0 and self.head_dim <= 256
         self._kernels: Any = None
         self._packed: PackedLayers | None = None
-        self._packed_tried = False
+        self._packing: threading.Thread | None = None
         cfg = model.config
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         #: whether the layers are the plain blocks :mod:`kv_rag.runtime.kernels` writes out (SiLU MLP, RMSNorm)
@@ -254,7 +255,7 @@ class FastDecoder:
             pos_parts.append(torch.arange(start, start + n, device=device))
             at += n
         h, cos, sin = self.embed(ids, torch.cat(pos_parts).unsqueeze(0))
-        packed = self.packed() if device.type == "cpu" else None
+        packed = self.packed(wait=False) if device.type == "cpu" else None
         pre, post = (packed.pre, packed.post) if packed is not None else (self.pre, self.post)
         for i in range(len(self.inner.layers)):
             q, k, v = pre(i, h, cos, sin)
@@ -266,13 +267,21 @@ class FastDecoder:
         h = h.index_select(1, torch.tensor([b - 1 for _, b in spans], device=device))
         return packed.logits(h) if packed is not None else self.head(h)
 
-    def packed(self) -> PackedLayers | None:
-        """The layers' projections packed for the CPU's batched step (made on first use; ``None`` when
-        they do not apply, see :mod:`kv_rag.runtime.cpu_pack`)."""
-        if not self._packed_tried:
-            self._packed_tried = True
-            self._packed = PackedLayers.build(self)
+    def packed(self, wait: bool = True) -> PackedLayers | None:
+        """The layers' projections packed for the CPU's batched step (see :mod:`kv_rag.runtime.cpu_pack`;
+        ``None`` when they do not apply). The first call starts packing in a background thread (about a
+        second for a 135M model); ``wait=False`` returns ``None`` until it is done, so the first
+        batched steps run on the plain weights instead of stalling every request."""
+        if self._packing is None:
+            self._packing = threading.Thread(target=self._pack, name="kv-rag-cpu-pack", daemon=True)
+            self._packing.start()
+        if wait:
+            self._packing.join()
         return self._packed
+
+    def _pack(self) -> None:
+        with torch.inference_mode():
+            self._packed = PackedLayers.build(self)
 
     def bucket(self, n: int, device: torch.device) -> LayerGraphs | None:
         """The per-layer graphs for steps of up to ``n`` tokens (captured on first use; ``None`` if refused)."""
