@@ -1,11 +1,11 @@
 """Projections of the CPU batched step from weights packed once for oneDNN.
 
 A decode step of a small model on the CPU is bound by reading the weights. ``F.linear`` of a few
-rows (several requests' tokens) goes through a general matrix product that repacks every weight
-on every call, so on a 2-core x86 VM a step of 4 requests cost about twice one request's. Weights
-packed once in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
-``torch.compile`` uses for float32 linears on the CPU) are read as they are; the query, key and
-value projections are one packed matrix, and so are the MLP's gate and up projections.
+rows (several requests' tokens) took about twice as long as of one row on a 2-core x86 VM, so a
+step of 4 requests cost about twice one request's. Weights packed once in oneDNN's blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, read by ``torch.ops.mkldnn._linear_pointwise``) took
+about half as long; the query, key and value projections are one packed matrix, and so are the
+MLP's gate and up projections.
 
 The packed copy costs as much memory as the model's projection weights, so it is made only for
 float32 models on the CPU whose projections take at most :data:`PACK_LIMIT_BYTES` (switch:
