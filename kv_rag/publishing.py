@@ -16,7 +16,7 @@ from .assemble import assemble_chain
 from .errors import InputError
 from .options import Mode
 from .prompt import Prompt, chat_frame
-from .results import PublishReport
+from .results import CacheStatus, PublishReport
 
 #: a :class:`kv_rag.engine.Engine` (the engine imports this module, so it is not imported back)
 Engine = Any
@@ -54,6 +54,15 @@ def publish(
         src = sources[i] if sources else f"doc{i}"
         t0 = time.perf_counter()
         tp = engine.tokenize(Prompt.from_parts(head, (doc,), "", (src,)))
+        if not tp.segments:  # the prompt could not be cut at the document's edges
+            engine.loaded.warn_once(
+                f"{src} was not published: this tokenizer does not cut its text from the text around it "
+                "where it does on its own (e.g. leading whitespace that merges with the text before it), "
+                "so its KV would depend on that text; strip its leading and trailing whitespace",
+                stacklevel=4,
+            )
+            reports.append(PublishReport(src, "", 0, CacheStatus.NONE, time.perf_counter() - t0))
+            continue
         pre = engine.prefill(tp, options=exact, need_logits=False)
         rep = pre.segments[-1]
         if engine.priming:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kv_rag import ContextLengthError, Engine, GenerationSettings, InputError, Mode
+from kv_rag import CacheStatus, ContextLengthError, Engine, GenerationSettings, InputError, Mode
 from kv_rag.bench import document_of_length
+from kv_rag.prompt import Prompt, TokenizedPrompt
 
 
 def test_empty_question(engine: Engine) -> None:
@@ -18,6 +19,26 @@ def test_empty_document(engine: Engine) -> None:
         engine.generate("What?", ["text", "  "])
     with pytest.raises(InputError, match="empty"):
         engine.publish([""])
+
+
+def test_a_document_the_tokenizer_cannot_cut_out_is_not_published_and_nothing_else_is_lost(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a tokenizer cannot cut a document from the text before it (Gemma 3's tokenizer and a passage
+    starting with spaces), the prompt is tokenized whole, without segments: publish warns and reports
+    the document unstored instead of failing, and the other documents are published."""
+    real = engine.tokenize
+    odd = "   Because x and y work together, neither may be left out."
+
+    def tokenize(prompt: Prompt) -> TokenizedPrompt:
+        tp = real(prompt)
+        return real(Prompt.from_parts(prompt.text, (), "", ())) if odd in prompt.text else tp
+
+    monkeypatch.setattr(engine, "tokenize", tokenize)
+    with pytest.warns(UserWarning, match="was not published"):
+        reports = engine.publish([odd, "A plain document about ferries."], sources=["odd", "plain"])
+    assert [(r.source, r.key, r.cache, r.stored) for r in reports[:1]] == [("odd", "", CacheStatus.NONE, False)]
+    assert reports[1].key and reports[1].stored
 
 
 def test_prompt_longer_than_the_context(engine: Engine) -> None:

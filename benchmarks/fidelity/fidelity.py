@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(None, store=Store([MemoryTier(768 * 1024**2)]), device="cpu", dtype="float32", priming=args.priming)
+    store = Store([MemoryTier(768 * 1024**2)])
+    engine = Engine(args.model, store=store, device="cpu", dtype="float32", priming=args.priming)
     tok = engine.tokenizer
     qs = questions(tok, args.questions + 1, args.k, args.seed, args.passage_tokens)
     warm = qs.pop()  # the warm-up question is not one of the measured ones
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
         full = engine.generate(prompt, use_cache=False, max_new_tokens=args.max_new)
         row: dict[str, Any] = {
             "id": q["id"],
+            "model": engine.model_name,
             "answer": q["answer"],
             "answer_doc": q["answer_doc"],
             "k": len(q["docs"]),
@@ -317,6 +319,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model to study (a folder or hub id; default: the embedded one)")
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--k", type=int, default=N_DOCS)
     p.add_argument("--passage-tokens", type=int, default=PASSAGE_TOKENS, help="passage length of the documents")
