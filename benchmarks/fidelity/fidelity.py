@@ -245,7 +245,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "provenance": {**provenance(), "raw_runs": runs_of(Path(args.raw))},
         "benchmark": "fidelity",
-        "model": "SmolLM2-135M-Instruct (embedded), float32, CPU",
+        "model": f"{rows[0].get('model', 'SmolLM2-135M-Instruct (embedded)')}, float32, CPU",
         "text_source": "pydoc_data.topics (CPython's help() topics), passages of ~500 tokens, a made-up fact "
         "inserted into one of k documents and same-kind distractor facts into the others",
         "questions": len(rows),
