@@ -273,7 +273,9 @@ class FastDecoder:
         second for a 135M model); ``wait=False`` returns ``None`` until it is done, so the first
         batched steps run on the plain weights instead of stalling every request."""
         if self._packing is None:
-            self._packing = threading.Thread(target=self._pack, name="kv-rag-cpu-pack", daemon=True)
+            # not a daemon: the interpreter waits for it at exit (a thread inside a oneDNN call while
+            # the process shuts down aborts it: "terminate called without an active exception")
+            self._packing = threading.Thread(target=self._pack, name="kv-rag-cpu-pack", daemon=False)
             self._packing.start()
         if wait:
             self._packing.join()
