@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from .cpu_pack import PackedLayers
+from .kernels import rope
 
 #: Longest step (tokens) run here; longer chunks go to transformers (they are compute-bound anyway).
 MAX_FAST_TOKENS = 512
@@ -79,15 +80,6 @@ def append(layer: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     vb[:, :, a:b].copy_(v)
     layer.filled_to(b)
     return layer.keys, layer.values
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x * cos) + (_rotate_half(x) * sin)
 
 
 class FastDecoder:
@@ -175,7 +167,7 @@ class FastDecoder:
         if self.qk_norm:
             q = a.q_norm(q)
             k = a.k_norm(k)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        return rope(q, cos, sin), rope(k, cos, sin), v
 
     def post_rows(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Like :meth:`post` with ``o`` in token-major layout ``[n, heads, dim]``."""
