@@ -406,7 +406,7 @@ class Engine:
             fresh = self.planner.refresh(plan, self.system_prompt)
             return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer, scope=self._scope)
 
-        job = Job(loaded, prepare, options, sink, t0, guide=guide)
+        job = Job(loaded, prepare, options, sink, t0, guide=guide, quick=plan.quick(defer))
         self.scheduler.submit(job)
         return job
 

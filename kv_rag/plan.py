@@ -157,6 +157,19 @@ class RequestPlan:
         """The stitched documents, in order."""
         return tuple(p for p in self.parts if isinstance(p, DocumentPlan))
 
+    def quick(self, tail: int) -> bool:
+        """Whether, as planned, assembling this request loads cached pieces and leaves at most ``tail``
+        tokens to compute (exact mode, the store held the chain's pieces but the last few tokens)."""
+        if self.parts or not self.options.use_cache or not self.lead.located:
+            return False
+        end = 0
+        for p in self.lead.pieces:
+            if p.key and p.tier is not None and not p.recompute:
+                end = p.end
+            elif p.length:
+                break
+        return 0 < self.total - end <= tail
+
     @property
     def misses(self) -> bool:
         """Whether a piece with a key was found in no tier when the plan was made (another request may

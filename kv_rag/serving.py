@@ -67,6 +67,9 @@ class Job:
     cancelled: bool = False
     #: the request's :class:`~kv_rag.constrain.Guide` (grammar-constrained decoding), or ``None``
     guide: Any = None
+    #: its plan found every piece cached but a short tail: admitting it costs little device time, so it
+    #: may be admitted while a step runs (see :meth:`Scheduler._iterate`)
+    quick: bool = False
     pre: Prefill | None = None
     tokens: list[int] = field(default_factory=list)
     ttft: float = 0.0
@@ -240,9 +243,7 @@ class Scheduler:
                     if not self._waiting:
                         self._thread = None
                         return
-                new: list[Job] = []
-                while self._waiting and len(self._live) + len(new) < self.max_batch:
-                    new.append(self._waiting.popleft())
+                new = self._pop_waiting(len(self._live))
             try:
                 self._iterate(new)
             except BaseException as exc:  # a broken step fails its requests, never the thread silently
@@ -251,14 +252,28 @@ class Scheduler:
                     job.sink.failed(exc)
                 self._live = []
 
-    def _iterate(self, new: list[Job]) -> None:
-        loaded = self.loaded
+    def _pop_waiting(self, live: int, quick: bool = False) -> list[Job]:
+        """Waiting jobs to admit next to ``live`` running ones, in order (``quick``: only up to the first
+        that is not :attr:`Job.quick`). Call holding ``_cond``."""
+        new: list[Job] = []
+        while self._waiting and live + len(new) < self.max_batch and (self._waiting[0].quick or not quick):
+            new.append(self._waiting.popleft())
+        return new
+
+    def _admit(self, new: list[Job]) -> list[Job]:
+        """Admit ``new`` (assemble their KV): those that go on to the next step."""
+        admitted = []
         for job in new:
             if job.cancelled:
                 continue
-            with loaded.lock, torch.inference_mode():
+            with self.loaded.lock, torch.inference_mode():
                 if job.admit():
-                    self._live.append(job)
+                    admitted.append(job)
+        return admitted
+
+    def _iterate(self, new: list[Job]) -> None:
+        loaded = self.loaded
+        self._live.extend(self._admit(new))
         for job in self._live:
             if job.cancelled:
                 job.pre = None  # its cache (and a static slot) is free now
@@ -271,7 +286,17 @@ class Scheduler:
         self.stats["steps"] += 1
         self.stats["stepped"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)]
+        joined: list[Job] = []
+        if logits.is_cuda:
+            # the step is still running on the device: cached requests that arrived meanwhile are admitted
+            # now (host work; their KV copies queue behind the step), so that they join the next step
+            # without waiting for this one first. A request with more to compute waits: its prefill
+            # would hold back the tokens of this step.
+            with self._cond:
+                late = [] if self._closing else self._pop_waiting(len(jobs), quick=True)
+            joined = self._admit(late)
+        self._live = jobs + joined  # a failing accept() fails them all (see _run)
+        self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)] + joined
 
 
 #: every scheduler, so that their threads stop before the interpreter does (a thread inside a torch call

@@ -206,3 +206,18 @@ def test_a_document_asked_about_by_several_threads_at_once_is_computed_once(eng:
         assert caches == ["hit", "hit", "hit", "miss"], caches
         assert len({tuple(g.token_ids) for g in out}) == 1  # type: ignore[attr-defined]
         assert not eng.planner.refresh(plan, eng.system_prompt).misses  # the stale plan, made again: all found
+
+
+def test_only_a_cached_request_with_a_short_tail_counts_as_quick_to_admit(eng: Engine) -> None:
+    """:meth:`RequestPlan.quick` decides which requests the scheduler admits while a CUDA step runs."""
+
+    def plan(docs: list[str], **overrides: object) -> object:
+        return eng.plan(eng.prompt(QUESTION, docs), eng.request_options(**overrides))
+
+    cached = plan(DOCS[:1])
+    assert cached.quick(512)  # type: ignore[attr-defined]
+    assert not cached.quick(2)  # type: ignore[attr-defined]  # the question is longer than that
+    unpublished = " ".join(f"The tram to stop {i} leaves from the old mill." for i in range(80))  # > 512 tokens
+    assert not plan([unpublished]).quick(512)  # type: ignore[attr-defined]
+    assert not plan(DOCS[:1], use_cache=False).quick(512)  # type: ignore[attr-defined]
+    assert not plan(DOCS[:2], mode="stitch").quick(512)  # type: ignore[attr-defined]
