@@ -73,7 +73,7 @@ class Arena:
         self.slots: list[Any] = []
         self._step: BatchStep | None = None
         self._refused = False
-        self._prefills: dict[int, BatchPrefill | None] = {}
+        self._prefills: dict[tuple[int, int], BatchPrefill | None] = {}
 
     def buffers(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Slot ``i``'s per-layer K and V buffers ``[1, kv_heads, cap, dim]``."""
@@ -93,18 +93,30 @@ class Arena:
                 self._refused = True
         return self._step
 
-    def prefill(self, size: int) -> BatchPrefill | None:
-        """The batched prefill graph for ``size`` tokens per request (captured on first use; ``None``
-        without a scratch slot or if capture was refused)."""
+    def prefill_rows(self, size: int) -> int:
+        """Requests one batched prefill of ``size`` tokens each runs at most (about
+        :data:`PREFILL_TOKENS` tokens in all: the matrix products stay memory-bound)."""
+        return max(1, min(self.n, PREFILL_TOKENS // size))
+
+    def prefill(self, size: int, requests: int = 1) -> BatchPrefill | None:
+        """The batched prefill graph for ``requests`` requests of ``size`` tokens each (``None`` without a
+        scratch slot or if capture was refused). The first call for a ``size`` captures the graphs of
+        every number of requests at once (see :class:`BatchPrefill`'s ``live``), so that a later burst
+        captures nothing."""
         if self.n < 2:
             return None
-        if size not in self._prefills:
-            try:
-                self._prefills[size] = BatchPrefill(self, size)
-            except RuntimeError as exc:
-                warnings.warn(f"kv-rag: batched prefill graph unavailable ({exc}); prefilling one by one", stacklevel=3)
-                self._prefills[size] = None
-        return self._prefills[size]
+        rows = self.prefill_rows(size)
+        live = min(rows, 1 << max(0, requests - 1).bit_length())
+        if (size, live) not in self._prefills:
+            for n in sorted({min(rows, 1 << i) for i in range(rows.bit_length() + 1)}):
+                try:
+                    self._prefills[size, n] = BatchPrefill(self, size, n)
+                except RuntimeError as exc:
+                    warnings.warn(
+                        f"kv-rag: batched prefill graph unavailable ({exc}); prefilling one by one", stacklevel=3
+                    )
+                    self._prefills[size, n] = None
+        return self._prefills[size, live]
 
 
 def _capture(step: Any, dec: Any, dev: torch.device, mempool: Any) -> tuple[Any, torch.Tensor]:
@@ -255,24 +267,31 @@ class BatchPrefill:
     request's cached rows in its slot of the arena plus causal attention over its own tokens
     (flash's varlen kernel for both), merged by log-sum-exp.
 
+    ``live``: the graph attends for the first ``live`` rows only (the padding rows' attention output is
+    zero). Attention is computed row by row (every row's varlen elements are its own), so a request's
+    arithmetic is the same in the graphs of every ``live``, while the matrix products always run all
+    :attr:`rows`: a lone request does not pay the attention of seven padding rows.
+
     Inputs (static, on the device): ``meta`` ``[4, rows * size]`` = token ids, rotary positions, slot
     index and the cache row each token is written to; ``real`` ``[rows]`` = real tokens per request.
     Output: float32 logits ``[rows, vocab]`` of each request's last real token.
     """
 
-    def __init__(self, arena: Arena, size: int) -> None:
+    def __init__(self, arena: Arena, size: int, live: int | None = None) -> None:
         self.arena = arena
         self.size = size
         dec: FastDecoder = arena.pool.dec
         self.dec = dec
         dev = arena.pool.device
-        #: requests per run: about PREFILL_TOKENS tokens in all (the matrix products stay memory-bound)
-        self.rows = max(1, min(arena.n, PREFILL_TOKENS // size))
+        #: rows of the matrix products: about PREFILL_TOKENS tokens in all (they stay memory-bound)
+        self.rows = arena.prefill_rows(size)
+        #: requests per run: the rows attention is computed for
+        self.live = self.rows if live is None else max(1, min(live, self.rows))
         self.kv_heads = dec.kv_heads
         cap, total = arena.cap, arena.k.shape[1]
         # the arena's layer as varlen keys: token t of slot s, head h at ((s * kv_heads + h) * cap + t) * dim
         self.flat_len = (total * self.kv_heads - (self.kv_heads - 1)) * cap
-        self.cum_q = torch.arange(0, (self.rows + 1) * size, size, dtype=torch.int32, device=dev)
+        self.cum_q = torch.arange(0, (self.live + 1) * size, size, dtype=torch.int32, device=dev)
         self.end = torch.tensor([total * self.kv_heads * cap], dtype=torch.int32, device=dev)
         # split-KV over each request's cached rows (flash-decoding): one varlen element per (request,
         # chunk), so that a long cache is read by many thread blocks at once, not by one per head
@@ -280,7 +299,7 @@ class BatchPrefill:
         self.splits = max(1, min(MAX_SPLITS, min(cap, PREFILL_CONTEXT) // SPLIT_ROWS))
         self.max_k = -(-min(cap, PREFILL_CONTEXT) // self.splits)
         rows_q = self.group * size
-        self.cum_q_old = torch.arange(0, (self.rows * self.splits + 1) * rows_q, rows_q, dtype=torch.int32, device=dev)
+        self.cum_q_old = torch.arange(0, (self.live * self.splits + 1) * rows_q, rows_q, dtype=torch.int32, device=dev)
         self.cut = torch.arange(self.splits + 1, device=dev)
         self.offsets = torch.arange(size, device=dev)
         self.meta = torch.zeros((4, self.rows * size), dtype=torch.long, device=dev)
@@ -309,7 +328,7 @@ class BatchPrefill:
         ids, pos, slot, row = meta[0], meta[1], meta[2], meta[3]
         h, cos, sin = dec.embed(ids.unsqueeze(0), pos.unsqueeze(0))
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, tokens, 1, dim]
-        firsts = meta[:, ::size]  # each request's first token: its slot, and its cached rows (before it)
+        firsts = meta[:, : self.live * size : size]  # each request's first token: its slot, its cached rows
         bounds = (firsts[3].unsqueeze(1) * self.cut.unsqueeze(0)) // self.splits  # [rows, splits + 1]
         starts = (firsts[2] * self.kv_heads * arena.cap).unsqueeze(1) + bounds[:, :-1]  # chunk starts
         cu_k = torch.cat([starts.reshape(-1).to(torch.int32), self.end])
@@ -317,6 +336,11 @@ class BatchPrefill:
         last = torch.arange(self.rows, device=ids.device) * size + self.real - 1
         heads = torch.arange(self.kv_heads, device=ids.device)
         at = (slot.unsqueeze(1), heads.unsqueeze(0), row.unsqueeze(1))
+        attended = self.live * size
+        pad = None
+        if self.live < self.rows:  # the padding rows' attention output
+            n_heads = self.group * self.kv_heads
+            pad = h.new_zeros(((self.rows - self.live) * size, n_heads, dec.head_dim))
         kern, w_pre, w_post, eps = dec.kernels()
         for i in range(arena.k.shape[0]):
             if dec.fusable:
@@ -326,7 +350,9 @@ class BatchPrefill:
             kb, vb = arena.k[i], arena.v[i]
             kb.index_put_(at, k[0])
             vb.index_put_(at, v[0])
-            o = self.attend(kern, q, k, v, kb, vb, cu_k, used)
+            o = self.attend(kern, q[:, :attended], k[:, :attended], v[:, :attended], kb, vb, cu_k, used)
+            if pad is not None:
+                o = torch.cat([o, pad])
             h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
         return dec.head(h.index_select(1, last))
 
@@ -346,7 +372,7 @@ class BatchPrefill:
         step), causal flash over each request's own tokens, merged by log-sum-exp (as the
         one-request :class:`~kv_rag.runtime.pool.StepGraph` does)."""
         size, scale = self.size, self.dec.scaling
-        qs = kern.pack_batch(q, self.kv_heads, self.rows, self.splits)
+        qs = kern.pack_batch(q, self.kv_heads, self.live, self.splits)
         o_old, lse_old = torch.ops.aten._flash_attention_forward(
             qs, self._keys(kb), self._keys(vb), self.cum_q_old, cu_k, self.group * size, self.max_k, 0.0, False,
             False, scale=scale, seqused_k=used,
@@ -354,15 +380,15 @@ class BatchPrefill:
         o_new, lse_new = torch.ops.aten._flash_attention_forward(
             q[0], k[0], v[0], self.cum_q, self.cum_q, size, size, 0.0, True, False, scale=scale
         )[:2]
-        return kern.merge_batch(o_old, lse_old, o_new, lse_new, self.rows, self.splits)
+        return kern.merge_batch(o_old, lse_old, o_new, lse_new, self.live, self.splits)
 
     def run(self, items: Sequence[tuple[Sequence[int], Any, int]]) -> torch.Tensor:
         """Logits ``[len(items), vocab]`` of each request's last token: ``(ids, cache, position)`` per
         request (at most :attr:`rows`, at most ``size`` ids each, every cache on a slot of this arena,
         with room for ``size`` more rows); the caches are extended by their ids."""
         n = len(items)
-        if not 0 < n <= self.rows:
-            raise ValueError(f"a batched prefill takes 1..{self.rows} requests, got {n}")
+        if not 0 < n <= self.live:
+            raise ValueError(f"this batched prefill takes 1..{self.live} requests, got {n}")
         meta3, real = self._padding(n)
         meta = meta3.view(4, self.rows, self.size)
         firsts = []

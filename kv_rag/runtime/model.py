@@ -188,11 +188,12 @@ class ModelRuntime:
                     for row, j in enumerate(idx):
                         out[j] = logits[row]
                 continue
-            prefill = arena.prefill(size)
-            if prefill is None:
-                continue
-            for at in range(0, len(idx), prefill.rows):
-                part = idx[at : at + prefill.rows]
+            rows = arena.prefill_rows(size)
+            for at in range(0, len(idx), rows):
+                part = idx[at : at + rows]
+                prefill = arena.prefill(size, len(part))
+                if prefill is None:
+                    break
                 logits = prefill.run([items[j] for j in part])
                 for row, j in enumerate(part):
                     out[j] = logits[row]
