@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import auto, constrain, models, publishing, signing
+from . import auto, constrain, models, publishing, serving, signing
 from .assemble import Prefill, assemble
 from .decode import GenerationSettings
 from .defaults import KNOWN_DOCUMENT_CHARS, SYSTEM_PROMPT
@@ -440,11 +440,11 @@ class Engine:
         the request that follows finds them there. Documents not stored are skipped."""
         publishing.prefetch(self, documents, system)
 
-    # ----------------------------------------------------------------- reference
     def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Last-position float32 logits of a from-scratch prefill of ``ids`` (no store involved)."""
-        loaded = self.loaded
-        with loaded.lock, torch.inference_mode():
-            t = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
-            out = loaded.model(input_ids=t, use_cache=False, logits_to_keep=1)
-            return out.logits[0, -1].float()
+        return self.loaded.reference_logits(ids)
+
+    def warm_up(self, lengths: Sequence[int] = (4096,)) -> float:
+        """Capture now (when a server starts) the step graphs and kernels prompts of about ``lengths`` tokens use,
+        not in the first requests (seconds on CUDA; the CPU packs its weights); returns the seconds taken."""
+        return serving.warm_up(self.loaded, lengths, self.options.generation.max_new_tokens)

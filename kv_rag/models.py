@@ -17,7 +17,7 @@ import tempfile
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,13 @@ class LoadedModel:
                 ids.update(int(x) for x in g)
             self._eos = frozenset(ids)
         return self._eos
+
+    def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Last-position float32 logits of a from-scratch prefill of ``ids`` (no store involved)."""
+        with self.lock, torch.inference_mode():
+            t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=t, use_cache=False, logits_to_keep=1)
+            return out.logits[0, -1].float()
 
     def warn_once(self, message: str, stacklevel: int = 2) -> None:
         """A :class:`UserWarning` ``kv-rag: <message>``, at most once for this model."""

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ import torch
 from .assemble import Prefill
 from .decode import Sampler, TextStream
 from .defaults import MAX_BATCH
+from .errors import InputError
 from .models import LoadedModel
 from .options import RequestOptions
 from .results import Generation
@@ -297,6 +298,27 @@ class Scheduler:
             joined = self._admit(late)
         self._live = jobs + joined  # a failing accept() fails them all (see _run)
         self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)] + joined
+
+
+def warm_up(loaded: LoadedModel, lengths: Sequence[int], reserve: int) -> float:
+    """:meth:`kv_rag.Engine.warm_up`: each of ``lengths`` (prompt tokens) checked, then
+    :meth:`~kv_rag.runtime.ModelRuntime.warm_up` under the model's lock; the seconds it took."""
+    if isinstance(lengths, (int, str)) or not lengths:
+        raise InputError(f"lengths must be a list of prompt lengths in tokens, e.g. [4096]; got {lengths!r}")
+    window = loaded.context_window
+    for n in lengths:
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= window - reserve:
+            raise InputError(
+                f"lengths: each must be a number of tokens from 1 to {window - reserve} (the context window "
+                f"{window} less {reserve} new tokens); got {n!r}"
+            )
+    t0 = time.perf_counter()
+    with loaded.lock, torch.inference_mode():
+        for n in lengths:
+            loaded.runtime.warm_up(n, reserve)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+    return time.perf_counter() - t0
 
 
 #: every scheduler, so that their threads stop before the interpreter does (a thread inside a torch call

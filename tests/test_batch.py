@@ -161,3 +161,26 @@ def test_a_lent_gpu_tier_block_moves_into_an_arena_and_the_tier_keeps_its_rows(
     assert pool is not None and pool.arenas and all(s.free() for s in pool.adopted.values())
     after = lent.store.tiers[0].get(key)
     assert after is not None and after.checksum() == checksum
+
+
+@cuda
+def test_warm_up_captures_the_graphs_requests_then_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``Engine.warm_up`` the arena a prompt of that length gets holds its decode graph and the tail
+    prefill graphs of every bucket; a request of that length captures nothing new and answers as without it."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model, tok = _model()
+    eng = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    doc = "Document. " + " ".join(f"Fact {j} is {j % 7}." for j in range(40))
+    eng.publish([doc])
+    n = len(eng.tokenize(eng.prompt("Which fact?", [doc])))
+    assert eng.warm_up([n]) > 0
+    pool = eng.loaded.runtime.pool(torch.device("cuda"))
+    assert pool is not None
+    warm = [a for a in pool.arenas if a._step is not None]
+    assert len(warm) == 1 and {size for size, _ in warm[0]._prefills} == {2, 4, 8, 16, 32, 64}
+    graphs = {id(a): (a._step, dict(a._prefills)) for a in pool.arenas}
+    got = eng.generate("Which fact?", [doc]).token_ids  # the engine's default max_new_tokens, as warm_up
+    assert {id(a): (a._step, dict(a._prefills)) for a in pool.arenas} == graphs  # nothing captured by it
+    fresh = Engine(_model()[0], tokenizer=tok, store=tmp_path / "store2")
+    fresh.publish([doc])
+    assert fresh.generate("Which fact?", [doc]).token_ids == got

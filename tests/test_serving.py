@@ -221,3 +221,16 @@ def test_only_a_cached_request_with_a_short_tail_counts_as_quick_to_admit(eng: E
     assert not plan([unpublished]).quick(512)  # type: ignore[attr-defined]
     assert not plan(DOCS[:1], use_cache=False).quick(512)  # type: ignore[attr-defined]
     assert not plan(DOCS[:2], mode="stitch").quick(512)  # type: ignore[attr-defined]
+
+
+def test_warm_up_checks_its_lengths_and_starts_packing_on_the_cpu(eng: Engine) -> None:
+    with pytest.raises(InputError, match="lengths"):
+        eng.warm_up(4096)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="lengths"):
+        eng.warm_up([0])
+    with pytest.raises(InputError, match="lengths"):
+        eng.warm_up([10**9])
+    assert eng.warm_up([256]) >= 0.0
+    dec = eng.loaded.runtime.decoder
+    assert dec is not None and dec._packing is not None  # the batched step's weights are being packed
+    assert eng.generate(QUESTION, DOCS[:1], max_new_tokens=4).token_ids  # requests go on as before

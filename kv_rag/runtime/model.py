@@ -203,6 +203,29 @@ class ModelRuntime:
                 out[j] = self.forward(t, cache, start)[-1]
         return torch.stack(out)  # type: ignore[arg-type]
 
+    def warm_up(self, length: int, reserve: int = 64, tails: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
+        """Run once the steps that serving a prompt of ``length`` tokens (and ``reserve`` new tokens) uses,
+        on a scratch cache, so that the CUDA graphs of its arena (the batched decode step, the batched
+        prefills of prompt tails of ``tails`` tokens) are captured and the layer functions compiled now
+        rather than in the first requests. Nothing is stored. On the CPU it starts packing the weights of
+        the batched step (:meth:`FastDecoder.packed`). Call holding the model's lock, in inference mode."""
+        device, dec = self._device(), self.decoder
+        if device.type != "cuda":
+            if dec is not None:
+                dec.packed(wait=False)
+            return
+        longest = max(tails)
+        cache = self.new_cache(length + reserve)  # the capacity, hence the arena, a request of that length gets
+        if getattr(cache, "slot", None) is None:  # no static pool: nothing to capture ahead
+            return
+        base = max(1, length - longest)  # the tails end within the prompt's length
+        self.forward(torch.zeros((1, base), dtype=torch.long, device=device), cache, 0)
+        layers: list[Any] = list(cache.layers)  # PreallocatedLayer
+        for t in sorted(set(tails)):
+            self.forward_batch([((0,) * t, cache, base)])
+            for layer in layers:
+                layer.truncate(base)
+
     @staticmethod
     def _prefill_size(cache: Any, n: int) -> int:
         """Tokens per request of the batched prefill that runs ``n`` prompt tokens on ``cache`` (0: none;
