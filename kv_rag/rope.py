@@ -113,6 +113,18 @@ def rotary_module(model: Any) -> Any:
         if isinstance(inv, torch.Tensor) and not any(inv is getattr(m, "inv_freq", None) for m in found):
             found.append(module)
     if not found:
+        typed = sorted(
+            {n.rsplit(".", 1)[-1][: -len("_inv_freq")] for n, _ in model.named_buffers() if n.endswith("_inv_freq")}
+            - {""}
+        )
+        typed = [t for t in typed if not t.endswith("original")]
+        if typed:  # e.g. Gemma 3: full_attention_inv_freq, sliding_attention_inv_freq
+            window = sliding_window(model)
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has a rotary embedding per layer type ({', '.join(typed)})"
+                + (f" and sliding-window attention ({window} tokens)" if window else "")
+                + ": cached keys cannot be moved with one rotation; stitching is not supported for it"
+            )
         raise UnsupportedModelError(
             f"{type(model).__name__} has no rotary position embedding (no inv_freq buffer): cached keys "
             "cannot be moved to other positions"

@@ -117,6 +117,22 @@ def test_unshiftable_models_are_refused(arch: str, overrides: dict[str, Any], re
         rotary_shift(model)
 
 
+def test_a_rotary_embedding_per_layer_type_is_refused_by_name() -> None:
+    """Gemma 3 keeps one set of frequencies per layer type (and sliding-window layers): the refusal says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=100, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        UnsupportedModelError, match=r"per layer type \(full_attention, sliding_attention\) and sliding"
+    ):
+        rotary_shift(model)
+
+
 def test_sliding_window_refused_only_beyond_the_window() -> None:
     model, _ = tiny_model("mistral", sliding_window=64)
     assert sliding_window(model) == 64
