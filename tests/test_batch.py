@@ -53,9 +53,7 @@ def test_batched_step_matches_a_full_forward_and_ignores_its_neighbours(monkeypa
         arena = together[0].slot.arena
         assert arena is not None and arena.n == 4 and all(c.slot.arena is arena for c in together)
         rows = rt.forward_batch([((t,), c, p.shape[1]) for t, c, p in zip(nxt, together, prompts, strict=True)])
-        step = arena.step(3)
-        assert step is not None and step.rows == 4 and step.live == 4  # padded to the arena's rows
-        assert sorted(arena._steps) == [1, 2, 4]  # alone below: the 1-request graph
+        assert arena.step() is not None and arena.step().rows == 4  # padded to the arena's rows
         del together
         alone = []
         for t, c, p in zip(nxt, caches(), prompts, strict=True):
@@ -136,7 +134,7 @@ def test_concurrent_answers_equal_one_after_another(tmp_path: Path, monkeypatch:
     stats = eng.scheduler.stats
     assert stats["stepped"] - before["stepped"] > stats["steps"] - before["steps"]  # some steps held several
     pool = eng.loaded.runtime.pool(torch.device("cuda"))
-    assert pool is not None and any(a._steps for a in pool.arenas)
+    assert pool is not None and any(a._step is not None for a in pool.arenas)
 
 
 @cuda
@@ -178,11 +176,11 @@ def test_warm_up_captures_the_graphs_requests_then_use(tmp_path: Path, monkeypat
     assert eng.warm_up([n]) > 0
     pool = eng.loaded.runtime.pool(torch.device("cuda"))
     assert pool is not None
-    warm = [a for a in pool.arenas if a._steps]
+    warm = [a for a in pool.arenas if a._step is not None]
     assert len(warm) == 1 and {size for size, _ in warm[0]._prefills} == {2, 4, 8, 16, 32, 64}
-    graphs = {id(a): (dict(a._steps), dict(a._prefills)) for a in pool.arenas}
+    graphs = {id(a): (a._step, dict(a._prefills)) for a in pool.arenas}
     got = eng.generate("Which fact?", [doc]).token_ids  # the engine's default max_new_tokens, as warm_up
-    assert {id(a): (dict(a._steps), dict(a._prefills)) for a in pool.arenas} == graphs  # nothing captured by it
+    assert {id(a): (a._step, dict(a._prefills)) for a in pool.arenas} == graphs  # nothing captured by it
     fresh = Engine(_model()[0], tokenizer=tok, store=tmp_path / "store2")
     fresh.publish([doc])
     assert fresh.generate("Which fact?", [doc]).token_ids == got

@@ -9,13 +9,11 @@ lengths on the device. A :class:`BatchStep` is one graph per arena for a decode 
 weights are read once), each request's key and value go into its own slot, and attention is
 split-KV over each request's cached rows, merged by log-sum-exp.
 
-The graphs' matrix products always run ``slots`` rows: missing requests are padding rows that write
-into the scratch slot. Attention, which is computed row by row, runs for the requests' rows only:
-there is one graph per number of requests (1, 2, 4, ... ``slots``). A request's arithmetic is
-therefore the same whichever and however many other requests share its step (matrix products of a
-fixed shape round each row the same way), so greedy answers do not depend on the load. Requests on
-a block lent by the GPU tier are first moved into an arena slot (one copy on the device; after their
-first token, so their TTFT does not pay it).
+The graph always runs ``slots`` rows: missing requests are padding rows that write into the
+scratch slot. A request's arithmetic is therefore the same whichever and however many other
+requests share its step (matrix products of a fixed shape round each row the same way), so greedy
+answers do not depend on the load. Requests on a block lent by the GPU tier are first moved into
+an arena slot (one copy on the device; after their first token, so their TTFT does not pay it).
 """
 
 from __future__ import annotations
@@ -73,8 +71,7 @@ class Arena:
         self.nbytes = 2 * self.k.numel() * self.k.element_size()
         #: its :class:`~kv_rag.runtime.pool.StaticSlot`\ s, made by the pool
         self.slots: list[Any] = []
-        #: the batched decode step's graphs by the number of requests they attend for
-        self._steps: dict[int, BatchStep] = {}
+        self._step: BatchStep | None = None
         self._refused = False
         self._prefills: dict[tuple[int, int], BatchPrefill | None] = {}
 
@@ -86,18 +83,15 @@ class Arena:
         """Whether no live cache owns any of its slots."""
         return all(s.free() for s in self.slots)
 
-    def step(self, requests: int = 1) -> BatchStep | None:
-        """The batched step graph for ``requests`` requests (``None`` if capture was refused). The first
-        call captures the graphs of every number of requests at once (see :class:`BatchStep`'s ``live``)."""
-        if not self._steps and not self._refused:
+    def step(self) -> BatchStep | None:
+        """The batched step graph (captured on first use; ``None`` if capture was refused)."""
+        if self._step is None and not self._refused:
             try:
-                for n in sorted({min(self.n, 1 << i) for i in range(self.n.bit_length() + 1)}):
-                    self._steps[n] = BatchStep(self, n)
+                self._step = BatchStep(self)
             except RuntimeError as exc:
                 warnings.warn(f"kv-rag: batched decode graph unavailable ({exc}); stepping one by one", stacklevel=3)
-                self._steps.clear()
                 self._refused = True
-        return self._steps.get(min(self.n, 1 << max(0, requests - 1).bit_length()))
+        return self._step
 
     def prefill_rows(self, size: int) -> int:
         """Requests one batched prefill of ``size`` tokens each runs at most (about
@@ -149,27 +143,24 @@ def _capture(step: Any, dec: Any, dev: torch.device, mempool: Any) -> tuple[Any,
 
 
 class BatchStep:
-    """One CUDA graph for a decode step of up to ``live`` requests (default ``arena.n``), one token each,
-    in one arena; its matrix products run ``arena.n`` rows, its attention ``live``.
+    """One CUDA graph for a decode step of up to ``arena.n`` requests, one token each, in one arena.
 
     Inputs (static, on the device): ``meta`` ``[4, rows]`` = token ids, rotary positions, slot index
     and the cache row each token is written to. Output: float32 logits ``[rows, vocab]``.
     """
 
-    def __init__(self, arena: Arena, live: int | None = None) -> None:
+    def __init__(self, arena: Arena) -> None:
         self.arena = arena
         dec: FastDecoder = arena.pool.dec
         self.dec = dec
         dev = arena.pool.device
         self.rows = arena.n
-        #: requests per step: the rows attention is computed for
-        self.live = self.rows if live is None else max(1, min(live, self.rows))
         cfg = dec.model.config
         self.kv_heads = dec.kv_heads
         self.group = int(cfg.num_attention_heads) // dec.kv_heads
         self.splits = max(1, min(MAX_SPLITS, arena.cap // SPLIT_ROWS))
         self.max_k = -(-arena.cap // self.splits)
-        elements = self.live * self.kv_heads * self.splits
+        elements = self.rows * self.kv_heads * self.splits
         self.cum_q = torch.arange(0, (elements + 1) * self.group, self.group, dtype=torch.int32, device=dev)
         self.heads = torch.arange(self.kv_heads, device=dev)
         self.cut = torch.arange(self.splits + 1, device=dev)
@@ -197,11 +188,10 @@ class BatchStep:
         ids, pos, slot, row = meta[0], meta[1], meta[2], meta[3]
         h, cos, sin = dec.embed(ids.unsqueeze(0), pos.unsqueeze(0))
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [1, rows, 1, dim]
-        # every (request, kv head, split) is one varlen element: its start in the flattened arena and its length
-        live = self.live
-        lens = row[:live] + 1
-        bounds = (lens.unsqueeze(1) * self.cut.unsqueeze(0)) // self.splits  # [live, splits + 1]
-        base = (slot[:live].unsqueeze(1) * self.kv_heads + self.heads.unsqueeze(0)) * arena.cap  # [live, kv_heads]
+        # every (row, kv head, split) is one varlen element: its start in the flattened arena and its length
+        lens = row + 1
+        bounds = (lens.unsqueeze(1) * self.cut.unsqueeze(0)) // self.splits  # [rows, splits + 1]
+        base = (slot.unsqueeze(1) * self.kv_heads + self.heads.unsqueeze(0)) * arena.cap  # [rows, kv_heads]
         starts = (base.unsqueeze(2) + bounds[:, None, :-1]).reshape(-1)
         used = (bounds[:, 1:] - bounds[:, :-1]).unsqueeze(1).expand(-1, self.kv_heads, -1).reshape(-1)
         cu_k = torch.cat([starts.to(torch.int32), self.end])
@@ -216,9 +206,7 @@ class BatchStep:
             kb, vb = arena.k[i], arena.v[i]
             kb.index_put_(at, k[0])
             vb.index_put_(at, v[0])
-            o = self.attend(kern, q[:, :live], kb, vb, cu_k, used)
-            if live < self.rows:  # the padding rows' attention output
-                o = torch.cat([o, o.new_zeros((self.rows - live, *o.shape[1:]))])
+            o = self.attend(kern, q, kb, vb, cu_k, used)
             h = kern.post(h, o, w_post[i], eps) if dec.fusable else dec.post_rows(i, h, o)
         return dec.head(h)
 
@@ -242,14 +230,14 @@ class BatchStep:
             scale=self.dec.scaling,
             seqused_k=used,
         )[:2]
-        return kern.merge_rows(o, lse, self.live, self.kv_heads, self.splits)
+        return kern.merge_rows(o, lse, self.rows, self.kv_heads, self.splits)
 
     def run(self, items: Sequence[tuple[int, Any, int]]) -> torch.Tensor:
         """Logits ``[len(items), vocab]`` of one token per request: ``(token, cache, position)`` per request,
         every cache on a slot of this arena; the caches are extended by one row."""
         n = len(items)
-        if not 0 < n <= self.live:
-            raise ValueError(f"this batched step takes 1..{self.live} requests, got {n}")
+        if not 0 < n <= self.rows:
+            raise ValueError(f"a batched step takes 1..{self.rows} requests, got {n}")
         meta = self._padding(n)
         firsts = []
         for j, (tid, cache, pos) in enumerate(items):

@@ -182,7 +182,7 @@ class ModelRuntime:
                 groups.setdefault((id(arena), size), (arena, []))[1].append(j)
         for (_, size), (arena, idx) in groups.items():
             if size == 1:
-                step = arena.step(len(idx))
+                step = arena.step()
                 if step is not None:
                     logits = step.run([(items[j][0][0], items[j][1], items[j][2]) for j in idx])
                     for row, j in enumerate(idx):
