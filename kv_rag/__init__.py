@@ -26,12 +26,19 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fingerprint import ModelFingerprint
-from .options import Mode, RequestOptions
+from .options import ApeSettings, Mode, RequestOptions
 from .plan import RequestPlan
 from .profile import Profile
 from .prompt import Prompt, TokenizedPrompt
 from .results import AutoChoice, CacheStatus, Generation, MissReason, PublishReport, SegmentReport
-from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
+from .selection import (
+    AttentionSelection,
+    BlendView,
+    DeviationSelection,
+    LeadingSelection,
+    NarrowingSelection,
+    Selector,
+)
 from .serving import AsyncStream, Stream
 from .signing import PublisherKey, SigningKey, TrustPolicy
 from .store import DiskTier, MemoryTier, Store, Tier
@@ -40,6 +47,7 @@ from .tenancy import Tenant
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApeSettings",
     "Artifact",
     "ArtifactError",
     "ArtifactMeta",
@@ -62,6 +70,7 @@ __all__ = [
     "Mode",
     "ModelFingerprint",
     "ModelLoadError",
+    "NarrowingSelection",
     "Prefill",
     "Profile",
     "Prompt",

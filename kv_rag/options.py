@@ -65,8 +65,38 @@ class Mode(str, Enum):
             raise InputError(f"mode must be one of {allowed}; got {value!r}") from None
 
 
+@dataclass(frozen=True)
+class ApeSettings:
+    """APE-style attention on stitched documents (``ape=(T, S)``, stitch mode; see :mod:`kv_rag.assemble.ape`).
+
+    ``temperature`` ``T`` divides the later tokens' attention logits on document tokens inside the
+    document block; ``scale`` ``S`` multiplies the block's weight (``log S`` on its logit). Both > 0;
+    ``(1, 1)`` is plain stitching. Yang et al. 2025 (APE) use ``T`` and ``S`` below 1.
+    """
+
+    temperature: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 100.0 or v != v:
+                raise InputError(f"ape {name} must be a number > 0 (and <= 100); got {v!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> ApeSettings:
+        """From an :class:`ApeSettings`, a ``(temperature, scale)`` pair or a dict of the two."""
+        if isinstance(value, ApeSettings):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return cls(*value)
+        raise InputError(f"ape must be (temperature, scale), a dict of them or an ApeSettings; got {value!r}")
+
+
 #: Names :meth:`RequestOptions.merge` accepts besides the :class:`GenerationSettings` fields.
-OPTION_NAMES = ("mode", "recompute", "max_loss", "priming", "selection", "use_cache")
+OPTION_NAMES = ("mode", "recompute", "max_loss", "priming", "selection", "use_cache", "ape")
 #: :class:`GenerationSettings` field names.
 GENERATION_NAMES = tuple(f.name for f in fields(GenerationSettings))
 
@@ -79,7 +109,8 @@ class RequestOptions:
     mode); ``max_loss`` auto mode's budget in accuracy points, ``1`` meaning 1% of questions (``None``:
     :data:`~kv_rag.defaults.AUTO_MAX_LOSS` in auto mode; ``0`` is exact mode, token for token); ``priming``
     the filler text moved documents are computed after (``""``: none); ``selection`` the blend
-    :class:`~kv_rag.selection.Selector`.
+    :class:`~kv_rag.selection.Selector`; ``ape`` APE-style attention on the documents in stitch mode
+    (:class:`ApeSettings`, ``None``: off).
     """
 
     mode: Mode = Mode.EXACT
@@ -89,6 +120,7 @@ class RequestOptions:
     selection: Selector = field(default_factory=lambda: resolve_selector(None))
     use_cache: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    ape: ApeSettings | None = None
 
     @classmethod
     def make(cls, **options: Any) -> RequestOptions:
@@ -98,7 +130,7 @@ class RequestOptions:
     def merge(self, **options: Any) -> RequestOptions:
         """These options with ``options`` applied on top, checked.
 
-        Takes ``mode``, ``recompute``, ``max_loss``, ``priming``, ``selection``, ``use_cache``, ``settings``
+        Takes ``mode``, ``recompute``, ``max_loss``, ``priming``, ``selection``, ``use_cache``, ``ape``, ``settings``
         (a :class:`GenerationSettings` replacing the current one) and any :class:`GenerationSettings`
         field (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``). A value of ``None``
         keeps the current one. Changing ``mode`` away from blend drops an inherited ``recompute`` (away
@@ -122,6 +154,11 @@ class RequestOptions:
             max_loss = _points(given["max_loss"])
         if max_loss is not None and mode is not Mode.AUTO:
             raise InputError(f"max_loss={max_loss:g} applies to mode 'auto' only; got mode {mode.value!r}")
+        ape = self.ape if mode is Mode.STITCH or "ape" in given else None
+        if "ape" in given:
+            ape = ApeSettings.parse(given["ape"])
+        if ape is not None and mode is not Mode.STITCH:
+            raise InputError(f"ape applies to mode 'stitch' only; got mode {mode.value!r}")
         use_cache = given.get("use_cache", self.use_cache)
         if not isinstance(use_cache, bool):
             raise InputError(f"use_cache must be True or False; got {use_cache!r}")
@@ -139,6 +176,7 @@ class RequestOptions:
             selection=resolve_selector(given["selection"]) if "selection" in given else self.selection,
             use_cache=use_cache,
             generation=generation,
+            ape=ape,
         )
 
     @property
@@ -166,13 +204,17 @@ class RequestOptions:
     def describe(self) -> dict[str, Any]:
         """Plain values for reports and JSON (a selector of the caller's own shows as its class name;
         ``max_loss`` only in auto mode)."""
-        return {
-            "mode": self.mode.value,
-            "recompute": self.fraction,
-            "priming": bool(self.priming),
-            "selection": selector_name(self.selection) or type(self.selection).__name__,
-            "use_cache": self.use_cache,
-        } | ({"max_loss": self.budget} if self.mode is Mode.AUTO else {})
+        return (
+            {
+                "mode": self.mode.value,
+                "recompute": self.fraction,
+                "priming": bool(self.priming),
+                "selection": selector_name(self.selection) or type(self.selection).__name__,
+                "use_cache": self.use_cache,
+            }
+            | ({"max_loss": self.budget} if self.mode is Mode.AUTO else {})
+            | ({"ape": [self.ape.temperature, self.ape.scale]} if self.ape is not None else {})
+        )
 
 
 def priming_text(priming: bool | str) -> str:

@@ -18,7 +18,13 @@ Built-in strategies (all :class:`ScoredSelection`):
 - :class:`DeviationSelection`: CacheBlend's criterion (Yao et al. 2024), the tokens whose KV at
   early layers deviates most from a fresh computation; a pass of every document token through
   those layers. On the embedded model it did no better than stitching (docs/fidelity.md).
-- :class:`LeadingSelection`: the first tokens of every moved document (EPIC's attention-sink fix).
+- :class:`LeadingSelection`: the first tokens of every moved document (EPIC's attention-sink fix);
+  ``per_document=k`` recomputes exactly ``k`` per moved document whatever the fraction.
+- :class:`NarrowingSelection`: CacheBlend's gradual filtering: a larger set at the first layers,
+  narrowed layer by layer to the tokens whose fresh KV deviates most from the stitched one.
+
+A selector may fix how many tokens it recomputes (:meth:`ScoredSelection.count`) and may ask the
+recompute pass to narrow its set layer by layer (:attr:`NarrowingSelection.narrowing`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ from .errors import InputError
 #: Layer whose KV deviation :class:`DeviationSelection` scores unless told otherwise (0-based: the
 #: first layer whose KV depends on context).
 PROBE_LAYER = 1
+
+
+def _count_arg(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{name} must be a whole number of tokens >= 0; got {value!r}")
 
 
 class BlendView(Protocol):
@@ -94,6 +105,11 @@ class ScoredSelection:
         """One score per position (higher: recompute first); ``None``: no scores (take leading tokens)."""
         return None
 
+    def count(self, n: int, moved: list[tuple[int, int]], n_doc: int) -> int:
+        """How many document tokens to recompute: ``n`` (the request's fraction of the ``n_doc`` document
+        tokens) unless the strategy fixes its own number from the ``moved`` documents' ``(start, end)``."""
+        return n
+
     def select(self, view: BlendView, n: int) -> torch.Tensor:
         """``n`` positions: the sink, then the best-scored candidates, then other document tokens in order."""
         doc = view.document_positions
@@ -153,7 +169,79 @@ class DeviationSelection(ScoredSelection):
 
 @dataclass(frozen=True)
 class LeadingSelection(ScoredSelection):
-    """The first tokens of every moved document, an even share each (EPIC's attention-sink fix)."""
+    """The first tokens of every moved document, an even share each (EPIC's attention-sink fix).
+
+    ``per_document``: recompute exactly this many leading tokens of every moved document (EPIC's
+    ``k``; all of a shorter one), whatever the request's fraction; 0 (default): an even share of the
+    fraction's budget.
+    """
+
+    per_document: int = 0
+
+    def __post_init__(self) -> None:
+        _count_arg("per_document", self.per_document)
+
+    def count(self, n: int, moved: list[tuple[int, int]], n_doc: int) -> int:
+        """``per_document`` tokens of every moved document (capped at its length), else ``n``."""
+        if self.per_document <= 0:
+            return n
+        return sum(min(self.per_document, b - a) for a, b in moved)
+
+    def select(self, view: BlendView, n: int) -> torch.Tensor:
+        """The first ``per_document`` tokens of every moved document, else the even share of ``n``."""
+        if self.per_document <= 0:
+            return super().select(view, n)
+        moved = view.moved_positions()
+        return torch.sort(_leading(view, moved, self.per_document)[:n]).values
+
+
+@dataclass(frozen=True)
+class NarrowingSelection(ScoredSelection):
+    """CacheBlend's gradual filtering (Yao et al. 2024, section 4.3): recompute more document tokens at
+    the first layers and fewer at later ones.
+
+    The first layer's set is the ``first`` fraction of document tokens whose KV deviates most from a
+    fresh computation at :data:`PROBE_LAYER` (CacheBlend; ``criterion="attention"``: the question's
+    attention, as :class:`AttentionSelection`). The recompute pass then narrows the set linearly to
+    the ``last`` fraction at the last layer: before each layer it keeps the tokens whose fresh KV at
+    the layer before deviates most from their stitched KV there. A token dropped at layer ``i`` keeps
+    its stitched KV from layer ``i`` on. The mean fraction over layers is ``(first + last) / 2``
+    (``first=0.25, last=0.05``: the compute of r = 0.15). The request's ``recompute`` is ignored.
+    """
+
+    first: float = 0.25
+    last: float = 0.05
+    criterion: str = "deviation"
+
+    def __post_init__(self) -> None:
+        for name in ("first", "last"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+                raise InputError(f"{name} must be a fraction in (0, 1] of document tokens; got {v!r}")
+        if self.last > self.first:
+            raise InputError(
+                f"last must not exceed first (the set only narrows); got first={self.first}, last={self.last}"
+            )
+        if self.criterion not in ("deviation", "attention"):
+            raise InputError(f"criterion must be 'deviation' or 'attention'; got {self.criterion!r}")
+
+    def count(self, n: int, moved: list[tuple[int, int]], n_doc: int) -> int:
+        """The first layers' set: ``first`` of the document tokens."""
+        return max(1, round(self.first * n_doc))
+
+    def scores(self, view: BlendView, positions: torch.Tensor) -> torch.Tensor | None:
+        """Deviation at :data:`PROBE_LAYER` (or the question's attention over every layer)."""
+        last = view.num_layers - 1
+        if self.criterion == "attention":
+            got = view.attention_scores(positions, list(range(view.num_layers)))
+            if got is not None:
+                return got
+        return view.deviation_scores(positions, [min(PROBE_LAYER, last)])
+
+    def narrowing(self, n_doc: int, num_layers: int) -> list[int]:
+        """Document tokens kept at each layer: ``first`` of ``n_doc`` at layer 0, linearly to ``last``."""
+        span = max(1, num_layers - 1)
+        return [max(1, round(n_doc * (self.first + (self.last - self.first) * i / span))) for i in range(num_layers)]
 
 
 #: Built-in selectors by name (``kv-rag ask --selection``, the integrations' ``selection`` field).

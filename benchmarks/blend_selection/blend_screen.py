@@ -11,6 +11,14 @@ by an untimed warm-up call first. One JSON line per question; each run's provena
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --ids 0:40 --shard 0/2 --priming intro --raw R
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --summary R             # counts of the rows
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --tiny --baseline B --raw R   # smoke run
+    .venv/bin/python benchmarks/blend_selection/blend_screen.py --ids 100:120 --recipes stitch,lead:16 --raw R
+
+``--recipes`` runs named recipes instead of stitch and ``--blend`` (issue 16, part 3): ``stitch``,
+``blend:R`` (the default attention selection), ``ape:T:S`` (stitch with APE attention,
+:class:`kv_rag.ApeSettings`), ``lead:K`` (blend recomputing the first K tokens of every moved
+document, ``LeadingSelection(per_document=K)``), ``narrow:FIRST:LAST`` (CacheBlend's layer-by-layer
+narrowing, ``NarrowingSelection``; ``narrowatt:FIRST:LAST`` starts from the question's attention).
+Question ids without a baseline row (calibration ids past the reported 100) run without one.
 
 ``--tiny`` needs a baseline from ``fidelity.py --tiny`` (the same tiny questions).
 """
@@ -25,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kv_rag import AttentionSelection
+from kv_rag import ApeSettings, AttentionSelection, LeadingSelection, NarrowingSelection
 from kv_rag.options import PRIMING_TEXT
 
 HERE = Path(__file__).resolve().parent
@@ -73,6 +81,7 @@ def main() -> None:
     p.add_argument("--priming", default="none")
     p.add_argument("--span", type=int, default=0, help="blend: AttentionSelection(span=N)")
     p.add_argument("--balanced", action="store_true", help="blend: AttentionSelection(balanced=True)")
+    p.add_argument("--recipes", default="", help="comma-separated recipes (see above) instead of stitch and --blend")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baseline", default=str(CURRENT_RAW), help="fidelity raw file (default: the current run)")
     p.add_argument("--raw", required=True)
@@ -102,13 +111,19 @@ def main() -> None:
     raw = Path(args.raw)
     record_run(raw)
     done = {json.loads(x)["id"] for x in raw.read_text().splitlines()} if raw.exists() else set()
-    configs = [("stitch", "stitch", None)] + [(f"blend r={r:g}", "blend", r) for r in args.blend]
+    configs: list[tuple[str, dict[str, Any]]] = [("stitch", {"mode": "stitch"})] + [
+        (f"blend r={r:g}", {"mode": "blend", "recompute": r, "selection": selection}) for r in args.blend
+    ]
+    if args.recipes:
+        configs = [(name, recipe(name)) for name in args.recipes.split(",")]
     for q in qs:
         if q["id"] in done:
             continue
-        ref = base[q["id"]]
+        ref = base.get(q["id"], {"full": None})
         engine.publish(q["docs"])
         prompt = engine.prompt(q["question"], q["docs"])
+        if args.recipes:  # untimed: the first request after a publish pays for more than its own work
+            engine.generate(prompt, mode="stitch", max_new_tokens=1)
         row: dict[str, Any] = {
             "id": q["id"],
             "answer": q["answer"],
@@ -117,17 +132,73 @@ def main() -> None:
             "load_1min": os.getloadavg()[0],
             "threads": torch.get_num_threads(),
             "full": ref["full"],
-            "base": {k: ref[k]["text"] for k in ref if k.startswith(("stitch", "blend"))},
+            "base": {k: ref[k]["text"] for k in ref if k.startswith(("stitch", "blend")) and ref[k]},
         }
-        for label, mode, r in configs:
-            g = engine.generate(prompt, mode=mode, recompute=r, selection=selection, max_new_tokens=max_new)
-            row[label] = {"text": g.text, "tokens": g.token_ids, "ttft_s": g.ttft_s}
+        for label, opts in configs:
+            if args.recipes:
+                row[label] = measured(engine, prompt, q, opts, max_new)
+                continue
+            g = engine.generate(prompt, max_new_tokens=max_new, **opts)
+            row[label] = {"text": g.text, "tokens": g.token_ids, "ttft_s": g.ttft_s, "recomputed": g.recomputed_tokens}
         with raw.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        marks = " ".join(
-            f"{k}:{'Y' if correct(q['answer'], row[k]['text']) else 'n'}" for k in ["full"] + [c[0] for c in configs]
-        )
+        labels = (["full"] if row["full"] else []) + [c[0] for c in configs]
+        marks = " ".join(f"{k}:{'Y' if correct(q['answer'], row[k]['text']) else 'n'}" for k in labels)
         print(f"q{q['id']:3d} load {row['load_1min']:.2f} {marks}", flush=True)
+
+
+def measured(engine: Any, prompt: Any, q: dict[str, Any], opts: dict[str, Any], max_new: int) -> dict[str, Any]:
+    """One recipe on one question as ``blend_ceiling.py`` measures it: TTFT is the prefill's time; the greedy
+    answer; then the fact sentence fed after the prompt: the answer's log-prob and whether every answer token
+    is the argmax (no full prefill needed)."""
+    import time
+
+    import torch
+
+    from kv_rag.calibration import greedy, teacher_forced
+
+    tok = engine.tokenizer
+    tp = engine.tokenize(prompt)
+    total = len(tp)
+    sentence = q["fact"]
+    at = sentence.rindex(q["answer"])
+    cont = tok(sentence, add_special_tokens=False)["input_ids"]
+    n_head = len(tok(sentence[:at].rstrip(), add_special_tokens=False)["input_ids"])
+    n_upto = len(tok(sentence[: at + len(q["answer"])], add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        pre = engine.prefill(tp, reserve=max_new + len(cont), **opts)
+        ttft = time.perf_counter() - t0
+        tokens = greedy(engine.loaded, pre, total, max_new)
+        for layer in pre.cache.layers:
+            layer.truncate(total)
+        lp, top, _ = teacher_forced(engine.loaded, pre, total, cont, slice(n_head, n_upto))
+    return {
+        "text": tok.decode(tokens, skip_special_tokens=True),
+        "tokens": tokens,
+        "ttft_s": ttft,
+        "recomputed": pre.recomputed_tokens,
+        "lp": lp,
+        "top1": top,
+    }
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """Request options of a named recipe (``stitch``, ``blend:R``, ``ape:T:S``, ``lead:K``, ``narrow:F:L``)."""
+    kind, *vals = name.split(":")
+    if kind == "stitch" and not vals:
+        return {"mode": "stitch"}
+    if kind == "blend" and len(vals) == 1:
+        return {"mode": "blend", "recompute": float(vals[0])}
+    if kind == "ape" and len(vals) == 2:
+        return {"mode": "stitch", "ape": ApeSettings(float(vals[0]), float(vals[1]))}
+    if kind == "lead" and len(vals) == 1:
+        return {"mode": "blend", "selection": LeadingSelection(per_document=int(vals[0]))}
+    if kind in ("narrow", "narrowatt") and len(vals) == 2:
+        crit = "attention" if kind == "narrowatt" else "deviation"
+        sel = NarrowingSelection(first=float(vals[0]), last=float(vals[1]), criterion=crit)
+        return {"mode": "blend", "selection": sel}
+    raise SystemExit(f"unknown recipe {name!r}: stitch, blend:R, ape:T:S, lead:K, narrow:FIRST:LAST, narrowatt:F:L")
 
 
 def summary(paths: list[str]) -> None:
@@ -139,15 +210,26 @@ def summary(paths: list[str]) -> None:
                 rows[r["id"]] = r
     if not rows:
         return
-    labels = [k for k in next(iter(rows.values())) if k.startswith(("stitch", "blend"))]
+    fixed = {"id", "answer", "priming", "selection", "load_1min", "threads", "full", "base"}
+    labels = [k for k in next(iter(rows.values())) if k not in fixed]
     n = len(rows)
-    out = {"questions": n, "full": sum(correct(r["answer"], r["full"]["text"]) for r in rows.values())}
+    with_full = [r for r in rows.values() if r["full"]]
+    out: dict[str, Any] = {"questions": n, "with_full": len(with_full)}
+    out["full"] = sum(correct(r["answer"], r["full"]["text"]) for r in with_full)
+    if with_full:
+        ts = sorted(r["full"]["ttft_s"] for r in with_full)
+        out["ttft full"] = ts[len(ts) // 2]
     for lab in labels:
         out[lab] = sum(correct(r["answer"], r[lab]["text"]) for r in rows.values())
-        out["base " + lab] = sum(correct(r["answer"], r["base"].get(lab, "")) for r in rows.values())
-        out["same32 " + lab] = sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in rows.values())
+        out["base " + lab] = sum(correct(r["answer"], r["base"].get(lab, "")) for r in rows.values() if "base" in r)
+        out["same32 " + lab] = sum(r[lab]["tokens"][:MAX_NEW] == r["full"]["tokens"][:MAX_NEW] for r in with_full)
         ts = sorted(r[lab]["ttft_s"] for r in rows.values())
         out["ttft " + lab] = ts[len(ts) // 2]
+        rec = sorted(r[lab].get("recomputed", 0) for r in rows.values())
+        out["recomputed " + lab] = rec[len(rec) // 2]
+        if all("lp" in r[lab] for r in rows.values()):
+            out["lp " + lab] = round(sum(r[lab]["lp"] for r in rows.values()) / n, 3)
+            out["top1 " + lab] = sum(r[lab]["top1"] for r in rows.values())
     out["load"] = sorted(r["load_1min"] for r in rows.values())[n // 2]
     print(json.dumps(out))
 

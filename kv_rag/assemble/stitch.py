@@ -29,10 +29,12 @@ from ..plan import DocumentPlan, RequestPlan
 from ..results import CacheStatus, SegmentReport
 from ..runtime import cache_layers
 from ..store import Store
+from .ape import attach_ape
 from .base import Prefill, acceptor, computed_status, load_failure, report
 from .blend import BlendRequest
 from .exact import assemble_chain
 from .geometry import StitchGeometry
+from .narrow import forward_narrowed
 
 
 def assemble_stitched(
@@ -71,6 +73,9 @@ class _Stitcher:
         n_doc = int(g.document_positions.numel())
         r = plan.options.fraction
         n_sel = n_doc if r >= 1 else round(r * n_doc)
+        count = getattr(plan.options.selection, "count", None)
+        if n_sel and count is not None:  # a strategy that fixes its own number (EPIC's k, narrowing)
+            n_sel = min(n_doc, int(count(n_sel, g.moved, n_doc)))
         todo = g.plain
         if self.need_logits and (total - 1) not in set(todo.tolist()):
             todo = torch.cat([todo, torch.tensor([total - 1])])  # prompt ends with a document
@@ -118,7 +123,10 @@ class _Stitcher:
             cached -= int(torch.isin(selected, torch.cat(hit_positions)).sum())
         t = self._lap("selection", t)
 
-        # 4. compute the rest on top
+        # 4. compute the rest on top (APE: the documents' attention tempered and scaled from here on)
+        ape = plan.options.ape
+        if ape is not None:
+            attach_ape(self.loaded.model, cache, g, ape)
         logits = self._compute(cache, ids, todo, selected)
         self._lap("compute", t)
         return Prefill(
@@ -181,6 +189,13 @@ class _Stitcher:
                 layer.truncate(tail)
             ids = ids_all[tail:].unsqueeze(0).to(self.device)
             return self.runtime.forward(ids, cache, tail)
+        narrowing = getattr(self.plan.options.selection, "narrowing", None)
+        if narrowing is not None and selected.numel():
+            keep = narrowing(int(g.document_positions.numel()), len(cache.layers))
+            logits, ran = forward_narrowed(self.runtime, cache, g, ids_all, positions, selected, keep)
+            for layer, index in zip(cache.layers, ran, strict=True):
+                layer.settle(g.total, index.to(self.device))
+            return logits if self.need_logits else None
         dtype = next(self.loaded.model.parameters()).dtype
         mask = g.mask(positions, g.valid(positions), dtype)
         ids = ids_all[positions].unsqueeze(0).to(self.device)
