@@ -12,6 +12,7 @@ by an untimed warm-up call first. One JSON line per question; each run's provena
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --summary R             # counts of the rows
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --tiny --baseline B --raw R   # smoke run
     .venv/bin/python benchmarks/blend_selection/blend_screen.py --ids 100:120 --recipes stitch,lead:16 --raw R
+    .venv/bin/python benchmarks/blend_selection/blend_screen.py --report 'R.*of2.jsonl' OUT.json [BASELINE [CEILING]]
 
 ``--recipes`` runs named recipes instead of stitch and ``--blend`` (issue 16, part 3): ``stitch``,
 ``blend:R`` (the default attention selection), ``ape:T:S`` (stitch with APE attention,
@@ -234,8 +235,78 @@ def summary(paths: list[str]) -> None:
     print(json.dumps(out))
 
 
+def report(pattern: str, out: str, baseline: str = str(CURRENT_RAW), ceiling: str = "") -> None:
+    """The fidelity-table figures of recipe rows (``--recipes`` runs) matching ``pattern``, beside the
+    baseline's full prefill, stitch and blend on the same question ids (and, with ``ceiling``, the
+    blend_ceiling raw rows' answer log-probs), written to ``out`` with this run's provenance."""
+    import statistics
+
+    from kv_rag.bench import provenance
+
+    rows: dict[int, Any] = {}
+    for f in sorted(Path(pattern).parent.glob(Path(pattern).name)):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows[r["id"]] = r
+    ids = sorted(rows)
+    base = {r["id"]: r for r in read_rows(Path(baseline))}
+    ceil = {r["id"]: r for r in read_rows(Path(ceiling))} if ceiling else {}
+    fixed = {"id", "answer", "priming", "selection", "load_1min", "threads", "full", "base"}
+    labels = [k for k in rows[ids[0]] if k not in fixed]
+    full_all = statistics.median(r["full"]["ttft_s"] for r in base.values())
+
+    def figures(get: Any) -> dict[str, Any]:
+        got = [(i, get(i)) for i in ids]
+        got = [(i, g) for i, g in got if g is not None]
+        ref = {i: base[i]["full"]["tokens"][:MAX_NEW] for i, _ in got}
+        prefix = [
+            next((j for j, (a, b) in enumerate(zip(g["tokens"], ref[i], strict=False)) if a != b), len(ref[i]))
+            / max(1, len(ref[i]))
+            for i, g in got
+        ]
+        ttft = statistics.median(g["ttft_s"] for _, g in got)
+        fig: dict[str, Any] = {
+            "questions": len(got),
+            "accuracy": sum(correct(rows[i]["answer"], g["text"]) for i, g in got) / len(got),
+            "identical_32": sum(g["tokens"][:MAX_NEW] == ref[i] for i, g in got) / len(got),
+            "mean_common_prefix": statistics.mean(prefix),
+            "median_ttft_s": ttft,
+            "speedup_vs_baseline_full": full_all / ttft,
+        }
+        if all("lp" in g for _, g in got):
+            fig["answer_logprob_mean"] = statistics.mean(g["lp"] for _, g in got)
+            fig["answer_top1"] = sum(bool(g["top1"]) for _, g in got) / len(got)
+        if all("recomputed" in g for _, g in got):
+            fig["recomputed_median"] = statistics.median(g["recomputed"] for _, g in got)
+        return fig
+
+    result: dict[str, Any] = {
+        "rows": pattern,
+        "ids": [ids[0], ids[-1]],
+        "load_1min": [min(r["load_1min"] for r in rows.values()), max(r["load_1min"] for r in rows.values())],
+        "load_1min_median": statistics.median(r["load_1min"] for r in rows.values()),
+        "baseline_full_median_ttft_s_all": full_all,
+        "baseline": {
+            "full": figures(lambda i: base[i]["full"]),
+            "stitch": figures(lambda i: base[i].get("stitch")),
+            "blend r=0.15": figures(lambda i: base[i].get("blend r=0.15")),
+        },
+        "recipes": {lab: figures(lambda i, lab=lab: rows[i][lab]) for lab in labels},
+    }
+    if ceil:
+        for name, key in (("full", "full"), ("stitch", "stitch"), ("blend r=0.15", "attention r=0.15")):
+            have = [ceil[i][key] for i in ids if i in ceil]
+            result["baseline"][name]["ceiling_answer_logprob_mean"] = statistics.mean(h["lp"] for h in have)
+            result["baseline"][name]["ceiling_answer_top1"] = sum(bool(h["top1"]) for h in have) / len(have)
+    result["provenance"] = provenance()
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--summary":
         summary(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--report":
+        report(*sys.argv[2:])
     else:
         main()
