@@ -17,7 +17,11 @@ gives ``s_j / T`` but not the block's weight), so it is an attention function of
 once, an attention implementation that computes the above for a forward on a marked cache and defers
 to the model's own implementation otherwise (a pre-hook on the model reads the cache argument).
 Only forwards through transformers see it: on CUDA with ``KV_RAG_FAST`` the fast decoder does not,
-so :func:`attach_ape` refuses there.
+so :func:`attach_ape` refuses there. Known gap: on the CPU, several requests decoded in one step go
+through :meth:`~kv_rag.runtime.model.ModelRuntime.forward_batch`'s ragged fast-decoder step, which
+does not see it either (read from the code, not tested): an APE request decoded together with others
+would get plain stitched attention for those steps. Measured on the fidelity questions, APE did not
+improve on stitching (docs/fidelity.md).
 """
 
 from __future__ import annotations
