@@ -32,9 +32,9 @@ from .profile import Profile
 from .prompt import Prompt, TokenizedPrompt
 from .results import AutoChoice, CacheStatus, Generation, MissReason, PublishReport, SegmentReport
 from .selection import AttentionSelection, BlendView, DeviationSelection, LeadingSelection, Selector
-from .serving import AsyncStream, Stream
 from .signing import PublisherKey, SigningKey, TrustPolicy
 from .store import DiskTier, MemoryTier, Store, Tier
+from .streams import AsyncStream, Stream
 from .tenancy import Tenant
 
 __version__ = "0.1.0"

@@ -29,9 +29,9 @@ from .prompt import Prompt, TokenizedPrompt, build_prompt, chat_frame, locate, r
 from .results import Generation, PublishReport
 from .runtime import MAX_FAST_TOKENS
 from .selection import Selector
-from .serving import AsyncStream, Job, Scheduler, Sink, Stream
 from .spotcheck import first_layer_problem
 from .store import Store
+from .streams import AsyncStream, Sink, Stream
 from .tenancy import Tenant, tenant_of
 
 __all__ = ["AsyncStream", "Engine", "Prefill", "Stream"]
@@ -367,7 +367,7 @@ class Engine:
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt, documents)
         opts = self.request_options(options, settings=settings, **overrides)
 
-        def submit(sink: Sink) -> Job:
+        def submit(sink: Sink) -> serving.Job:
             _ = self.loaded
             return self._submit(p, opts, sink)
 
@@ -383,16 +383,16 @@ class Engine:
         return st.result
 
     @property
-    def scheduler(self) -> Scheduler:
+    def scheduler(self) -> serving.Scheduler:
         """The model's scheduler (one per loaded model, shared by every engine on it)."""
         loaded = self.loaded
         if loaded.scheduler is None:
             with loaded.lock:
                 if loaded.scheduler is None:
-                    loaded.scheduler = Scheduler(loaded)
+                    loaded.scheduler = serving.Scheduler(loaded)
         return loaded.scheduler
 
-    def _submit(self, prompt: Prompt, options: RequestOptions, sink: Sink) -> Job:
+    def _submit(self, prompt: Prompt, options: RequestOptions, sink: Sink) -> serving.Job:
         """Plan ``prompt`` here (errors raise here) and queue it on the scheduler."""
         t0 = time.perf_counter()
         plan = self.plan(prompt, options)
@@ -406,7 +406,7 @@ class Engine:
             fresh = self.planner.refresh(plan, self.system_prompt)
             return assemble(loaded, store, fresh, reserve=reserve, t0=t0, defer=defer, scope=self._scope)
 
-        job = Job(loaded, prepare, options, sink, t0, guide=guide, quick=plan.quick(defer))
+        job = serving.Job(loaded, prepare, options, sink, t0, guide=guide, quick=plan.quick(defer))
         self.scheduler.submit(job)
         return job
 

@@ -17,17 +17,14 @@ requests run as one matrix product, whose rounding can differ from one request's
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
-import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -38,22 +35,10 @@ from .errors import InputError
 from .models import LoadedModel
 from .options import RequestOptions
 from .results import Generation
+from .streams import Sink
 
 #: Seconds the scheduler's thread waits for work before it ends (a new request starts it again).
 IDLE_S = 5.0
-
-
-class Sink(Protocol):
-    """Where a request's text pieces, its result or its error go (called from the scheduler's thread)."""
-
-    def piece(self, text: str) -> None:
-        """A new text piece."""
-
-    def done(self, result: Generation) -> None:
-        """The request finished."""
-
-    def failed(self, exc: BaseException) -> None:
-        """The request failed."""
 
 
 @dataclass
@@ -79,6 +64,14 @@ class Job:
     _text: TextStream | None = None
     _feed: tuple[tuple[int, ...], int] | None = None
     _budget: int = 0
+    _told: bool = False
+
+    def fail(self, exc: BaseException) -> None:
+        """Tell the caller the request failed (once: a request already told is left alone)."""
+        self.pre = None  # its cache (and a static slot) is free now
+        if not self._told:
+            self._told = True
+            self.sink.failed(exc)
 
     def admit(self) -> bool:
         """Assemble the KV (in the scheduler's thread, holding the model's lock). ``False``: it failed or
@@ -86,7 +79,7 @@ class Job:
         try:
             pre = self.pre = self.prepare()
         except BaseException as exc:  # the caller gets the error; the scheduler goes on
-            self.sink.failed(exc)
+            self.fail(exc)
             return False
         settings = self.options.generation
         self._sampler = Sampler(settings, self.loaded.device)
@@ -153,6 +146,7 @@ class Job:
         if text is None or pre is None:
             raise RuntimeError("the job ended before it was admitted")
         self._store()
+        self._told = True
         tail = text.finish()
         if tail:
             self.sink.piece(tail)
@@ -196,6 +190,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._live: list[Job] = []
+        #: jobs taken from the queue and not yet live (being admitted): a failure tells them too
+        self._taken: list[Job] = []
         self._thread: threading.Thread | None = None
         self._closing = False
         #: steps run and requests stepped, for reports and tests
@@ -208,7 +204,7 @@ class Scheduler:
             self._closing = True
             thread = self._thread
             for job in self._waiting:
-                job.sink.failed(RuntimeError("kv-rag: the scheduler was closed"))
+                job.fail(RuntimeError("kv-rag: the scheduler was closed"))
             self._waiting.clear()
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
@@ -236,7 +232,7 @@ class Scheduler:
             with self._cond:
                 if self._closing:
                     for job in self._live:
-                        job.sink.failed(RuntimeError("kv-rag: the scheduler was closed"))
+                        job.fail(RuntimeError("kv-rag: the scheduler was closed"))
                     self._live, self._thread = [], None
                     return
                 if not self._live and not self._waiting:
@@ -248,17 +244,18 @@ class Scheduler:
             try:
                 self._iterate(new)
             except BaseException as exc:  # a broken step fails its requests, never the thread silently
-                for job in self._live:
-                    job.pre = None
-                    job.sink.failed(exc)
-                self._live = []
+                for job in (*self._live, *self._taken):
+                    job.fail(exc)
+                self._live, self._taken = [], []
 
-    def _pop_waiting(self, live: int, quick: bool = False) -> list[Job]:
+    def _pop_waiting(self, live: int, quick: bool = False, limit: int | None = None) -> list[Job]:
         """Waiting jobs to admit next to ``live`` running ones, in order (``quick``: only up to the first
-        that is not :attr:`Job.quick`). Call holding ``_cond``."""
+        that is not :attr:`Job.quick`; at most ``limit``). Call holding ``_cond``."""
         new: list[Job] = []
-        while self._waiting and live + len(new) < self.max_batch and (self._waiting[0].quick or not quick):
+        room = self.max_batch - live if limit is None else min(limit, self.max_batch - live)
+        while self._waiting and len(new) < room and (self._waiting[0].quick or not quick):
             new.append(self._waiting.popleft())
+        self._taken = new
         return new
 
     def _admit(self, new: list[Job]) -> list[Job]:
@@ -275,6 +272,7 @@ class Scheduler:
     def _iterate(self, new: list[Job]) -> None:
         loaded = self.loaded
         self._live.extend(self._admit(new))
+        self._taken = []
         for job in self._live:
             if job.cancelled:
                 job.pre = None  # its cache (and a static slot) is free now
@@ -290,12 +288,20 @@ class Scheduler:
         joined: list[Job] = []
         if logits.is_cuda:
             # the step is still running on the device: cached requests that arrived meanwhile are admitted
-            # now (host work; their KV copies queue behind the step), so that they join the next step
-            # without waiting for this one first. A request with more to compute waits: its prefill
-            # would hold back the tokens of this step.
-            with self._cond:
-                late = [] if self._closing else self._pop_waiting(len(jobs), quick=True)
-            joined = self._admit(late)
+            # now, one by one while it runs (host work; their KV copies queue behind the step), so that
+            # they join the next step without waiting for this one first. Once the step is done its
+            # tokens go out first; the rest are admitted before the next step. A request with more to
+            # compute waits: its prefill would hold back the tokens of this step.
+            running = torch.cuda.Event()
+            running.record(torch.cuda.current_stream(logits.device))
+            while not running.query():
+                with self._cond:
+                    late = [] if self._closing else self._pop_waiting(len(jobs) + len(joined), quick=True, limit=1)
+                if not late:
+                    break
+                joined += self._admit(late)
+                self._live = jobs + joined
+                self._taken = []
         self._live = jobs + joined  # a failing accept() fails them all (see _run)
         self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)] + joined
 
@@ -330,118 +336,3 @@ _SCHEDULERS: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 def _close_all() -> None:
     for scheduler in list(_SCHEDULERS):
         scheduler.close()
-
-
-# --------------------------------------------------------------------- callers' side
-class _QueueSink:
-    """Events for a thread that waits on a queue."""
-
-    def __init__(self) -> None:
-        self.q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-
-    def piece(self, text: str) -> None:
-        self.q.put(("piece", text))
-
-    def done(self, result: Generation) -> None:
-        self.q.put(("done", result))
-
-    def failed(self, exc: BaseException) -> None:
-        self.q.put(("failed", exc))
-
-
-class _LoopSink:
-    """Events for a coroutine: put on its event loop's queue from the scheduler's thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
-
-    def piece(self, text: str) -> None:
-        self._put(("piece", text))
-
-    def done(self, result: Generation) -> None:
-        self._put(("done", result))
-
-    def failed(self, exc: BaseException) -> None:
-        self._put(("failed", exc))
-
-
-class Stream(Iterator[str]):
-    """An iterator of text pieces; after it is exhausted, :attr:`result` holds the :class:`Generation`.
-
-    :meth:`close` (or dropping the stream) stops the request at the next step.
-    """
-
-    def __init__(self, submit: Callable[[Sink], Job]) -> None:
-        self._sink = _QueueSink()
-        self._job = submit(self._sink)
-        self.result: Generation | None = None
-        self._over = False
-        weakref.finalize(self, _cancel, self._job)
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> str:
-        if self._over:
-            raise StopIteration
-        piece = _take(self, *self._sink.q.get())
-        if piece is None:
-            raise StopIteration
-        return piece
-
-    def close(self) -> None:
-        """Stop generating early (no result is recorded)."""
-        self._job.cancelled = True
-        self._over = True
-
-
-class AsyncStream(AsyncIterator[str]):
-    """:class:`Stream` for coroutines: pieces arrive through the event loop, no thread waits per token."""
-
-    def __init__(self, submit: Callable[[Sink], Job]) -> None:
-        self._submit = submit
-        self._sink: _LoopSink | None = None
-        self._job: Job | None = None
-        self.result: Generation | None = None
-        self._over = False
-
-    def __aiter__(self) -> AsyncStream:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._over:
-            raise StopAsyncIteration
-        if self._sink is None:  # first step: plan in a worker thread (tokens, keys, look-ups), then submit
-            self._sink = _LoopSink(asyncio.get_running_loop())
-            self._job = await asyncio.to_thread(self._submit, self._sink)
-            weakref.finalize(self, _cancel, self._job)
-        piece = _take(self, *(await self._sink.q.get()))
-        if piece is None:
-            raise StopAsyncIteration
-        return piece
-
-    async def aclose(self) -> None:
-        """Stop generating early (no result is recorded)."""
-        if self._job is not None:
-            self._job.cancelled = True
-        self._over = True
-
-
-def _take(stream: Stream | AsyncStream, kind: str, value: Any) -> str | None:
-    """A sink event for ``stream``: the piece, or ``None`` at the end (the result recorded); a failure raises."""
-    if kind == "piece":
-        return str(value)
-    stream._over = True
-    if kind == "failed":
-        raise value
-    stream.result = value
-    return None
-
-
-def _cancel(job: Job) -> None:
-    job.cancelled = True

@@ -118,6 +118,38 @@ def test_errors_reach_the_caller(eng: Engine) -> None:
     assert eng.generate(QUESTION, [DOCS[0]], max_new_tokens=2).token_ids  # the scheduler goes on
 
 
+def test_a_failure_while_admitting_reaches_every_caller_taken_from_the_queue(
+    eng: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure in the scheduler's loop itself (not in one request's assembly) after it took requests
+    from the queue tells each of them, instead of leaving their callers waiting forever."""
+    eng.generate(QUESTION, [DOCS[0]], max_new_tokens=1)  # the scheduler's thread is running
+    real = serving.Scheduler._admit
+
+    def broken(self: serving.Scheduler, new: list[serving.Job]) -> list[serving.Job]:
+        raise RuntimeError("admission broke")
+
+    monkeypatch.setattr(serving.Scheduler, "_admit", broken)
+    outcomes: list[BaseException | None] = []
+
+    def ask(doc: str) -> None:
+        try:
+            eng.generate(QUESTION, [doc], max_new_tokens=2)
+            outcomes.append(None)
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(d,), daemon=True) for d in DOCS[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a caller was never told"
+    assert len(outcomes) == 2 and all(isinstance(e, RuntimeError) and "admission broke" in str(e) for e in outcomes)
+    monkeypatch.setattr(serving.Scheduler, "_admit", real)
+    assert eng.generate(QUESTION, [DOCS[1]], max_new_tokens=2).token_ids  # the scheduler goes on
+
+
 def test_a_miss_is_stored_after_its_first_token_and_a_failed_write_only_warns(
     eng: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
