@@ -32,14 +32,18 @@ class PreallocatedLayer(DynamicLayer):
     transformers' ``DynamicLayer`` concatenates on every update, copying the whole cache for each
     prefill chunk and each decoded token. This layer copies the loaded KV once into a buffer sized
     for the prompt and the answer, then appends in place (doubling when full); ``keys``/``values``
-    are views of the filled part.
+    are views of the filled part, made when first read after a change (a batched step moves the
+    length of every layer of every request: slicing them all each step would cost more host time
+    than the step's launch).
     """
 
     def __init__(self, capacity: int, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        self.capacity = max(1, capacity)
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._unbuffered: list[torch.Tensor | None] = [None, None]
+        super().__init__()
+        self.capacity = max(1, capacity)
         self.length = 0
         #: rows below this belong to someone else (a GPU-tier block lent to this cache): they are
         #: copied into buffers of the layer's own before anything could write below it
@@ -49,8 +53,40 @@ class PreallocatedLayer(DynamicLayer):
             self.is_initialized = True
             self.device = self.key_buffer.device
             self.dtype = self.key_buffer.dtype
-            self.keys = self.key_buffer[..., :0, :]
-            self.values = self.value_buffer[..., :0, :]
+
+    def _filled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        views = self._views
+        if views is None and self.key_buffer is not None and self.value_buffer is not None:
+            n = self.length
+            views = self._views = (self.key_buffer[..., :n, :], self.value_buffer[..., :n, :])
+        return views
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached keys ``[batch, kv_heads, length, dim]`` (a view of the buffer), ``None`` before any."""
+        views = self._filled()
+        return views[0] if views is not None else self._unbuffered[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._set(0, value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The cached values, like :attr:`keys`."""
+        views = self._filled()
+        return views[1] if views is not None else self._unbuffered[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._set(1, value)
+
+    def _set(self, which: int, value: torch.Tensor | None) -> None:
+        """transformers' base class assigns ``keys``/``values`` (``None`` at first); the cache lives in
+        the buffers, so assigning anything else once they exist is refused rather than ignored."""
+        if self.key_buffer is not None and value is not None:
+            raise RuntimeError("PreallocatedLayer keys/values are views of its buffers: use update() or truncate()")
+        self._unbuffered[which] = value
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -141,9 +177,7 @@ class PreallocatedLayer(DynamicLayer):
     def filled_to(self, length: int) -> None:
         """Take the buffer's first ``length`` rows as the cached tokens (rows written into it directly)."""
         self.length = length
-        if self.key_buffer is not None and self.value_buffer is not None:
-            self.keys = self.key_buffer[..., :length, :]
-            self.values = self.value_buffer[..., :length, :]
+        self._views = None  # made again when read
 
     def settle(self, length: int, index: torch.Tensor) -> None:
         """Move the tokens after ``length`` into the slots ``index`` (all ``< length``), then truncate to ``length``.
@@ -244,27 +278,26 @@ def fill_static(
     anything else goes into one multi-tensor copy. Returns ``False`` (nothing copied) when the
     pieces do not fit the buffers as they are.
     """
-    total = sum(int(k.shape[-2]) for k in keys[0])
-    for layer in layers:
-        kb = layer.key_buffer
-        if kb is None or layer.value_buffer is None or total > kb.shape[-2]:
+    kbufs = [la.key_buffer for la in layers]
+    vbufs = [la.value_buffer for la in layers]
+    lengths = [int(k.shape[-2]) for k in keys[0]]
+    total = sum(lengths)
+    kb = kbufs[0]
+    if kb is None:
+        return False
+    for k, v in zip(kbufs, vbufs, strict=True):
+        if k is None or v is None or total > k.shape[-2] or total > v.shape[-2]:
             return False
-    for ks in (*keys, *values):
-        for piece, ref in zip(ks, keys[0], strict=True):
-            kb = layers[0].key_buffer
-            assert kb is not None
-            same = piece.shape == ref.shape and piece.shape[:2] == kb.shape[:2] and piece.shape[-1] == kb.shape[-1]
-            if not same or piece.dtype != kb.dtype or piece.device != kb.device:
-                return False
+    wholes = (stacked_view(kbufs), stacked_view(vbufs))  # type: ignore[arg-type]
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
-    for bufs, pieces in (([la.key_buffer for la in layers], keys), ([la.value_buffer for la in layers], values)):
-        whole = stacked_view(bufs)  # type: ignore[arg-type]
+    for whole, bufs, pieces in ((wholes[0], kbufs, keys), (wholes[1], vbufs, values)):
         at = 0
-        for j in range(len(pieces[0])):
+        for j, n in enumerate(lengths):
             col = [p[j] for p in pieces]
-            n = int(col[0].shape[-2])
-            block = stacked_view(col)
+            block = stacked_view(col)  # all layers alike: checking the first checks them all
+            if not all(_fits(p, kb, n) for p in (col[:1] if block is not None else col)):
+                return False
             if whole is not None and block is not None:
                 dst.append(whole[..., at : at + n, :])
                 src.append(block)
@@ -286,6 +319,18 @@ def fill_static(
     return True
 
 
+def _fits(piece: torch.Tensor, buffer: torch.Tensor, n: int) -> bool:
+    """Whether ``piece`` (``n`` rows) can be copied into rows of ``buffer`` as it is."""
+    shape = piece.shape
+    return (
+        shape[-2] == n
+        and shape[:2] == buffer.shape[:2]
+        and shape[-1] == buffer.shape[-1]
+        and piece.dtype == buffer.dtype
+        and piece.device == buffer.device
+    )
+
+
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(keys, values)`` of a transformers cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]
@@ -298,6 +343,16 @@ def pieces_of(
     ``drop_last`` leaves out the last artifact's last token."""
     keys: list[list[torch.Tensor]] = []
     values: list[list[torch.Tensor]] = []
+    blocks = [_blocks_on(a, device, num_layers) for a in artifacts]
+    if artifacts and all(b is not None for b in blocks):
+        # each artifact's layers are views of one block on ``device`` (the GPU tier's): one view op each
+        if drop_last:
+            kb, vb = blocks[-1]  # type: ignore[misc]
+            blocks[-1] = (kb[..., :-1, :], vb[..., :-1, :])
+        per_art = [(kb.unsqueeze(1).unbind(0), vb.unsqueeze(1).unbind(0)) for kb, vb in blocks]  # type: ignore[misc]
+        keys = [[ks[layer] for ks, _ in per_art] for layer in range(num_layers)]
+        values = [[vs[layer] for _, vs in per_art] for layer in range(num_layers)]
+        return keys, values
     for layer in range(num_layers):
         ks = [a.keys[layer].to(device, non_blocking=True).unsqueeze(0) for a in artifacts]
         vs = [a.values[layer].to(device, non_blocking=True).unsqueeze(0) for a in artifacts]
@@ -306,3 +361,17 @@ def pieces_of(
         keys.append(ks)
         values.append(vs)
     return keys, values
+
+
+def _blocks_on(artifact: Any, device: torch.device, num_layers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``artifact``'s keys and values as blocks ``[layers, kv_heads, n, dim]`` when each lies, ``num_layers``
+    layers, in one block on ``device`` (views, nothing copied); else ``None``."""
+    ks, vs = artifact.keys, artifact.values
+    if len(ks) != num_layers or len(vs) != num_layers or not num_layers or not _same_device(ks[0].device, device):
+        return None
+    kb, vb = stacked_view(ks), stacked_view(vs)
+    return (kb, vb) if kb is not None and vb is not None else None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
