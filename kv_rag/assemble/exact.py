@@ -68,8 +68,6 @@ def assemble_chain(
         pos = chain.pieces[first_uncached].start if first_uncached < len(chain.pieces) else chain.length
     rest: list[int] = full[pos:]
     drop_last = not rest and need_logits  # all cached but logits wanted: recompute the last token
-    # the ids go to the device before the KV copies are queued (a pageable copy waits for the stream)
-    ids = torch.tensor([rest or chain.ids[-1:]], dtype=torch.long, device=loaded.device)
     runtime = loaded.runtime
     capacity = chain.total + reserve
     if hits:
@@ -89,7 +87,7 @@ def assemble_chain(
         pending = (tuple(rest), start)
     elif rest:
         t_fwd = time.perf_counter()
-        logits = runtime.forward(ids, cache, start)[-1]
+        logits = runtime.forward(ids_on(rest, loaded.device), cache, start)[-1]
         if len(rest) >= MIN_PREFILL_TOKENS:
             if logits.is_cuda:
                 torch.cuda.synchronize(logits.device)
@@ -121,6 +119,16 @@ def assemble_chain(
         scope=conversation or "",
         stores=later,
     )
+
+
+def ids_on(ids: list[int], device: torch.device) -> torch.Tensor:
+    """``[1, n]`` token ids on ``device``, queued without waiting: on CUDA they go from pinned memory, as
+    a copy from pageable memory would hold the host until the stream drains (another request's step
+    may be running: the scheduler assembles requests while one runs)."""
+    ids_t = torch.tensor([ids], dtype=torch.long)
+    if device.type != "cuda":
+        return ids_t.to(device)
+    return ids_t.pin_memory().to(device, non_blocking=True)
 
 
 def _put(loaded: LoadedModel, store: Store, cache: Any, piece: Piece, above: str | None) -> None:
