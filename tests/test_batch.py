@@ -16,6 +16,7 @@ from test_gpu import _tiny
 
 from kv_rag import Engine
 from kv_rag.runtime import ModelRuntime
+from kv_rag.runtime.pool import StaticPool
 from kv_rag.store import GpuTier, Store
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -24,6 +25,24 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def _model() -> Any:
     model, tok = _tiny("qwen3", head_dim=32)
     return model.to("cuda", torch.bfloat16), tok
+
+
+@cuda
+def test_graphs_can_be_captured_after_every_graph_of_the_pool_was_dropped() -> None:
+    """Dropping every arena (a longer context's arena evicts them) destroys every graph of the static pool
+    while blocks of the pool may still be alive; capturing into the pool again must still work."""
+    pool = StaticPool(None, torch.device("cuda"), torch.bfloat16)  # type: ignore[arg-type]
+    x = torch.ones(4, device="cuda")
+    first = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first, pool=pool.mempool):
+        y = x * 2
+    first.replay()  # y = 2 (a capture only records)
+    del first  # every graph that captured into the pool is gone; y (the pool's memory) lives on
+    again = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(again, pool=pool.mempool):
+        z = y + 1
+    again.replay()
+    assert z.tolist() == [3.0] * 4
 
 
 @cuda

@@ -72,6 +72,16 @@ STEP_SPLIT_ROWS = 256
 STEP_MAX_SPLITS = 32
 
 
+def _anchor_graph(device: torch.device, mempool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    """A graph of one addition captured into ``mempool`` (and its tensors), to be kept (see :class:`StaticPool`)."""
+    with torch.cuda.device(device):
+        x = torch.zeros(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
+            y = x + 1
+    return graph, x, y
+
+
 class StaticPool:
     """Static KV buffer sets (slots) of one model, least recently used first, bounded in bytes."""
 
@@ -88,6 +98,11 @@ class StaticPool:
         #: for a live cache whose buffers are exactly there, so they stay valid as long as they are kept
         self.adopted: OrderedDict[tuple[Any, ...], StaticSlot] = OrderedDict()
         self.mempool = torch.cuda.graph_pool_handle()
+        #: a one-operation graph captured into the pool and kept while the pool lives: it holds the pool's
+        #: use count above zero. Without it, dropping every arena destroys every graph of the pool while
+        #: its memory may still be cached, and the next capture into it trips PyTorch's assertion
+        #: (``use_count > 0`` in the CUDA caching allocator): every later graph is refused.
+        self._anchor = _anchor_graph(device, self.mempool)
         self._collected = float("-inf")
 
     def _may_collect(self) -> bool:
