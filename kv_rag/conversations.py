@@ -74,10 +74,8 @@ class Conversations:
         n = min(len(ids), int(layers[0].keys.shape[-2])) if layers else 0
         if n < MIN_TOKENS or self.max_bytes <= 0:
             return
-        per_token = sum(
-            t.element_size() * t.shape[1] * t.shape[-1] for layer in layers for t in (layer.keys, layer.values)
-        )
-        if n * per_token > self.max_bytes:
+        per_token = sum(_row_bytes(layer) for layer in layers)  # from shapes: no views made (a long prompt
+        if n * per_token > self.max_bytes:  # is refused here on every request's end)
             return
         keys = tuple(layer.keys[0, :, :n].clone() for layer in layers)
         values = tuple(layer.values[0, :, :n].clone() for layer in layers)
@@ -130,3 +128,11 @@ def _common(a: torch.Tensor, b: torch.Tensor) -> int:
 def _starts(longer: torch.Tensor, shorter: torch.Tensor) -> bool:
     """Whether ``shorter`` is a start of ``longer``."""
     return len(shorter) <= len(longer) and _common(longer, shorter) == len(shorter)
+
+
+def _row_bytes(layer: Any) -> int:
+    """Bytes one token takes in a cache layer (keys and values), from its buffers' shapes when it has them."""
+    ts: list[Any] = [getattr(layer, "key_buffer", None), getattr(layer, "value_buffer", None)]
+    if any(t is None for t in ts):
+        ts = [layer.keys, layer.values]
+    return sum(t.element_size() * t.shape[1] * t.shape[-1] for t in ts)
