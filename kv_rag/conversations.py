@@ -67,6 +67,11 @@ class Conversations:
         self._next = 0
         self._lock = threading.Lock()
 
+    def fits(self, tokens: int, cache: Any) -> bool:
+        """Whether a turn of ``tokens`` tokens of ``cache`` could be kept (long enough, and within the bound)."""
+        layers = list(cache.layers)
+        return bool(layers) and tokens >= MIN_TOKENS and tokens * sum(_row_bytes(la) for la in layers) <= self.max_bytes
+
     def keep(self, scope: str, ids: Sequence[int], cache: Any, prompt: int = 0) -> None:
         """Keep the KV ``cache`` holds for ``ids`` (its first ``len(ids)`` rows) under ``scope`` (a tenant);
         the first ``prompt`` ids were the request's prompt, the rest its answer."""

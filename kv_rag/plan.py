@@ -17,6 +17,7 @@ not sit right after exactly that context, so its stitched KV can differ from a f
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -92,12 +93,10 @@ class Chain:
         """Tokens in the pieces and the suffix."""
         return self.length + len(self.suffix)
 
-    @property
+    @functools.cached_property
     def ids(self) -> list[int]:
-        """Every token id in order."""
-        out = [t for p in self.pieces for t in p.ids]
-        out.extend(self.suffix)
-        return out
+        """Every token id in order (made once; do not change the list)."""
+        return list(itertools.chain.from_iterable((*(p.ids for p in self.pieces), self.suffix)))
 
     @property
     def key(self) -> str:

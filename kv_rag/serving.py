@@ -169,8 +169,10 @@ class Job:
                 auto=pre.auto,
             )
         )
-        if pre.token_ids:  # exact mode: the next turn of this conversation may start with all of it
-            self.loaded.conversations.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
+        kept = self.loaded.conversations
+        if pre.token_ids and kept.fits(len(pre.token_ids) + len(self.tokens), pre.cache):
+            # exact mode: the next turn of this conversation may start with all of it
+            kept.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
         self.pre = None  # the cache (and a static slot) is free from now on
         return False
 
