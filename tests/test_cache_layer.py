@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -47,6 +48,26 @@ def test_transformers_cache_operations_go_through_the_buffers() -> None:
     assert ours.get_seq_length() == 0
     ours.update(*_kv(3, 2, 5))
     assert ours.keys is not None and torch.equal(ours.keys, _kv(3, 2, 5)[0])
+
+
+def test_keys_and_values_follow_rows_written_into_the_buffers_directly() -> None:
+    """Steps that write rows into a layer's buffers and move its length (``filled_to``) see the new rows
+    through ``keys``/``values``; replacing them by assignment is refused, not silently ignored."""
+    kb, vb = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4)
+    layer = PreallocatedLayer(8, (kb, vb))
+    assert layer.keys is not None and layer.keys.shape[-2] == 0
+    kb[..., :3, :] = 1.0
+    vb[..., :3, :] = 2.0
+    layer.filled_to(3)
+    assert layer.keys.shape[-2] == 3 and bool((layer.keys == 1.0).all())
+    assert layer.values is not None and bool((layer.values == 2.0).all())
+    assert layer.keys.data_ptr() == kb.data_ptr()  # a view, no copy
+    layer.filled_to(5)
+    assert layer.keys.shape[-2] == 5 and float(layer.keys[..., 4, :].sum()) == 0.0
+    with pytest.raises(RuntimeError, match="views of its buffers"):
+        layer.keys = torch.ones(1, 2, 5, 4)
+    plain = PreallocatedLayer(4)  # no buffers yet: as transformers' own layers, keys start as None
+    assert plain.keys is None and plain.values is None
 
 
 def test_truncating_keeps_the_buffer() -> None:
