@@ -72,13 +72,18 @@ STEP_SPLIT_ROWS = 256
 STEP_MAX_SPLITS = 32
 
 
-def _anchor_graph(device: torch.device, mempool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-    """A graph of one addition captured into ``mempool`` (and its tensors), to be kept (see :class:`StaticPool`)."""
-    with torch.cuda.device(device):
-        x = torch.zeros(1, device=device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
-            y = x + 1
+def _anchor_graph(device: torch.device, mempool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
+    """A graph of one addition captured into ``mempool`` (and its tensors), to be kept (see :class:`StaticPool`);
+    ``None`` (with a warning) where capturing it fails: the pool then works as before, without the anchor."""
+    try:
+        with torch.cuda.device(device):
+            x = torch.zeros(1, device=device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
+                y = x + 1
+    except RuntimeError as exc:
+        warnings.warn(f"kv-rag: the static pool's anchor graph was refused ({exc})", stacklevel=3)
+        return None
     return graph, x, y
 
 
