@@ -69,7 +69,7 @@ class Conversations:
 
     def fits(self, tokens: int, cache: Any) -> bool:
         """Whether a turn of ``tokens`` tokens of ``cache`` could be kept (long enough, and within the bound)."""
-        layers = list(cache.layers)
+        layers = list(cache.layers)  # sized from the buffers' shapes: no views made
         return bool(layers) and tokens >= MIN_TOKENS and tokens * sum(_row_bytes(la) for la in layers) <= self.max_bytes
 
     def keep(self, scope: str, ids: Sequence[int], cache: Any, prompt: int = 0) -> None:
@@ -77,10 +77,7 @@ class Conversations:
         the first ``prompt`` ids were the request's prompt, the rest its answer."""
         layers = list(cache.layers)
         n = min(len(ids), int(layers[0].keys.shape[-2])) if layers else 0
-        if n < MIN_TOKENS or self.max_bytes <= 0:
-            return
-        per_token = sum(_row_bytes(layer) for layer in layers)  # from shapes: no views made (a long prompt
-        if n * per_token > self.max_bytes:  # is refused here on every request's end)
+        if not self.fits(n, cache):
             return
         keys = tuple(layer.keys[0, :, :n].clone() for layer in layers)
         values = tuple(layer.values[0, :, :n].clone() for layer in layers)

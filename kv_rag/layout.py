@@ -20,6 +20,11 @@ from collections.abc import Sequence
 import torch
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` name the same device (an index left out matches any)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def stacked_view(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """``torch.stack(ts)`` as a view, when ``ts`` are equally spaced views of one storage (else ``None``)."""
     first = ts[0]

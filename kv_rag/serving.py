@@ -252,7 +252,8 @@ class Scheduler:
 
     def _pop_waiting(self, live: int, quick: bool = False, limit: int | None = None) -> list[Job]:
         """Waiting jobs to admit next to ``live`` running ones, in order (``quick``: only up to the first
-        that is not :attr:`Job.quick`; at most ``limit``). Call holding ``_cond``."""
+        that is not :attr:`Job.quick`; at most ``limit``), also kept as :attr:`_taken` until admitted. Call
+        holding ``_cond``."""
         new: list[Job] = []
         room = self.max_batch - live if limit is None else min(limit, self.max_batch - live)
         while self._waiting and len(new) < room and (self._waiting[0].quick or not quick):

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..layout import stacked_view
+from ..layout import same_device, stacked_view
 
 
 class KVCache(DynamicCache):
@@ -367,11 +367,7 @@ def _blocks_on(artifact: Any, device: torch.device, num_layers: int) -> tuple[to
     """``artifact``'s keys and values as blocks ``[layers, kv_heads, n, dim]`` when each lies, ``num_layers``
     layers, in one block on ``device`` (views, nothing copied); else ``None``."""
     ks, vs = artifact.keys, artifact.values
-    if len(ks) != num_layers or len(vs) != num_layers or not num_layers or not _same_device(ks[0].device, device):
+    if len(ks) != num_layers or len(vs) != num_layers or not num_layers or not same_device(ks[0].device, device):
         return None
     kb, vb = stacked_view(ks), stacked_view(vs)
     return (kb, vb) if kb is not None and vb is not None else None
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

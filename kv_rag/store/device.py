@@ -28,7 +28,7 @@ import torch
 
 from ..artifact import Artifact
 from ..defaults import GPU_TIER_BYTES, GPU_TIER_LEAD, GPU_TIER_ROOM, GPU_TIER_ROOMY_FROM, PINNED_TIER_BYTES
-from ..layout import roomy_block, stacked_view
+from ..layout import roomy_block, same_device, stacked_view
 from .memory import MemoryTier
 
 
@@ -70,10 +70,6 @@ def _roomy_to(ts: tuple[torch.Tensor, ...], device: torch.device, start: int, ro
     kv_heads, n, dim = ts[0].shape
     block = torch.empty((len(ts), 1, kv_heads, start + n + room, dim), dtype=ts[0].dtype, device=device)
     return _copy_layers(block[:, 0, :, start : start + n, :], ts)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def pinning_available() -> bool:
@@ -142,7 +138,7 @@ class GpuTier(MemoryTier):
         if self._roomy(artifact):
             start, n, layers = artifact.meta.start, artifact.meta.num_tokens, artifact.num_layers
             kb, vb = roomy_block(artifact.keys[0], layers), roomy_block(artifact.values[0], layers)
-            here = kb is not None and vb is not None and _same_device(kb.device, dev)
+            here = kb is not None and vb is not None and same_device(kb.device, dev)
             if here and kb is not None and kb.shape[3] >= start + n + self.room:
                 super().put(key, artifact)  # already in roomy blocks here
                 return
