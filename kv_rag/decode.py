@@ -65,6 +65,11 @@ class Sampler:
             else:
                 self.generator.seed()
 
+    @property
+    def greedy(self) -> bool:
+        """Whether it takes the argmax (temperature 0)."""
+        return self.generator is None
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token id from ``[vocab]`` logits."""
         if self.generator is None:

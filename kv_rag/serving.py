@@ -97,16 +97,19 @@ class Job:
             raise RuntimeError("the job has no step to run")
         return self._feed[0], self.pre.cache, self._feed[1]
 
-    def accept(self, logits: torch.Tensor) -> bool:
-        """Take the next token from ``logits``; ``False`` once the request is done (the sink was told)."""
+    def accept(self, logits: torch.Tensor, greedy: int | None = None) -> bool:
+        """Take the next token from ``logits`` (``greedy``: their argmax, when the step computed it already);
+        ``False`` once the request is done (the sink was told)."""
         sampler, text, pre = self._sampler, self._text, self.pre
         if sampler is None or text is None or pre is None:
             raise RuntimeError("accept() before admit()")
         if self._budget <= 0:
             return self._end()
         guide = self.guide
-        row = logits.reshape(-1) if guide is None else guide.mask(logits.reshape(-1))
-        tid = sampler(row)
+        if guide is None and greedy is not None and sampler.greedy:
+            tid = greedy
+        else:
+            tid = sampler(logits.reshape(-1) if guide is None else guide.mask(logits.reshape(-1)))
         if self.ttft == 0.0:
             self.ttft = time.perf_counter() - self.t0
         if tid in self.loaded.eos_ids:
@@ -285,6 +288,7 @@ class Scheduler:
         jobs = list(self._live)
         with loaded.lock, torch.inference_mode():
             logits = loaded.runtime.forward_batch([j.step_input for j in jobs])
+            picks = Picks(logits)
         self.stats["steps"] += 1
         self.stats["stepped"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
@@ -295,9 +299,7 @@ class Scheduler:
             # they join the next step without waiting for this one first. Once the step is done its
             # tokens go out first; the rest are admitted before the next step. A request with more to
             # compute waits: its prefill would hold back the tokens of this step.
-            running = torch.cuda.Event()
-            running.record(torch.cuda.current_stream(logits.device))
-            while not running.query():
+            while not picks.ready():
                 with self._cond:
                     late = [] if self._closing else self._pop_waiting(len(jobs) + len(joined), quick=True, limit=1)
                 if not late:
@@ -306,7 +308,34 @@ class Scheduler:
                 self._live = jobs + joined
                 self._taken = []
         self._live = jobs + joined  # a failing accept() fails them all (see _run)
-        self._live = [j for j, lg in zip(jobs, logits, strict=True) if j.accept(lg)] + joined
+        tids = picks.get()
+        self._live = [j for j, lg, t in zip(jobs, logits, tids, strict=True) if j.accept(lg, t)] + joined
+
+
+class Picks:
+    """The greedy token of every row of a step's logits ``[B, vocab]``, taken in one operation (on CUDA
+    queued right after the step and copied to pinned memory without waiting for later work)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        best = logits.argmax(dim=-1)
+        self._event: torch.cuda.Event | None = None
+        if best.is_cuda:
+            self._host = torch.empty(best.shape, dtype=best.dtype, pin_memory=True)
+            self._host.copy_(best, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(best.device))
+        else:
+            self._host = best
+
+    def ready(self) -> bool:
+        """Whether the step (and its argmax) has finished on the device."""
+        return self._event is None or bool(self._event.query())
+
+    def get(self) -> list[int]:
+        """The argmax of each row."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [int(t) for t in self._host.tolist()]
 
 
 def warm_up(loaded: LoadedModel, lengths: Sequence[int], reserve: int) -> float:

@@ -165,9 +165,9 @@ def test_a_miss_is_stored_after_its_first_token_and_a_failed_write_only_warns(
 
     accept = serving.Job.accept
 
-    def token(job: serving.Job, logits: object) -> bool:
+    def token(job: serving.Job, logits: object, *args: object) -> bool:
         events.append("token")  # in the scheduler's thread, before the token is taken
-        return accept(job, logits)  # type: ignore[arg-type]
+        return accept(job, logits, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(eng.store, "put", put)
     monkeypatch.setattr(serving.Job, "accept", token)
