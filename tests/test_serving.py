@@ -36,7 +36,7 @@ def _alone(engine: Engine) -> list[list[int]]:
 
 def test_concurrent_requests_are_decoded_together_with_the_same_greedy_tokens(eng: Engine) -> None:
     alone = _alone(eng)
-    before = dict(eng.scheduler.stats)
+    before, paths = dict(eng.scheduler.stats), dict(eng.loaded.runtime.batch_paths)
     got: dict[int, list[int]] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(DOCS))
@@ -58,6 +58,8 @@ def test_concurrent_requests_are_decoded_together_with_the_same_greedy_tokens(en
     stats = eng.scheduler.stats
     assert stats["largest_batch"] >= 2  # at least some steps ran several requests at once
     assert stats["stepped"] - before["stepped"] > stats["steps"] - before["steps"]
+    ran = eng.loaded.runtime.batch_paths  # shared steps ran the CPU's ragged step; the report counts them
+    assert ran["ragged"] - paths.get("ragged", 0) >= 2 and "graph" not in ran
 
 
 def test_async_requests_share_steps_and_stream_their_text(eng: Engine) -> None:

@@ -178,6 +178,13 @@ def run_all(engine: Engine, jobs: list[tuple[str, str]], new: int) -> tuple[floa
     return wall, [g for g in out if g is not None]
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where ``a`` and ``b`` differ (``None``: equal)."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def concurrency(engine: Engine, n: int, args: argparse.Namespace, docs: list[str]) -> dict[str, Any]:
     """``n`` requests one after another, then at once twice; LangChain's batch."""
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -185,7 +192,13 @@ def concurrency(engine: Engine, n: int, args: argparse.Namespace, docs: list[str
 
     new = args.new_tokens
     jobs = [(QUESTIONS[i % len(QUESTIONS)], docs[i]) for i in range(n)]
+    paths = engine.loaded.runtime.batch_paths
+
+    def since(before: dict[str, int]) -> dict[str, int]:
+        return {k: v - before.get(k, 0) for k, v in paths.items() if v - before.get(k, 0)}
+
     log(f"{n} requests one after another")
+    ran = dict(paths)
     t0 = time.perf_counter()
     seq = []
     for q, d in jobs:
@@ -199,10 +212,11 @@ def concurrency(engine: Engine, n: int, args: argparse.Namespace, docs: list[str
         "one_after_another_s": round(seq_wall, 3),
         "one_after_another_tok_s": round(tokens / seq_wall, 1),
         "lone_ttft_p50_ms": pct([g.ttft_s for g in seq], 0.5),
+        "paths": since(ran),  # requests stepped per path (batched graph, CPU ragged step, eager)
     }
     for label in ("first_burst", "steady"):
         log(f"{n} requests at once ({label})")
-        before = dict(engine.scheduler.stats)
+        before, ran = dict(engine.scheduler.stats), dict(paths)
         wall, gens = run_all(engine, jobs, new)
         ttfts = [g.ttft_s for g in gens]
         stats = engine.scheduler.stats
@@ -213,6 +227,9 @@ def concurrency(engine: Engine, n: int, args: argparse.Namespace, docs: list[str
             "ttft_p50_ms": pct(ttfts, 0.5),
             "ttft_p99_ms": pct(ttfts, 0.99),
             "greedy_equal_one_after_another": sum(g.token_ids == s.token_ids for g, s in zip(gens, seq, strict=True)),
+            # per request: the first token that differs from one after another's (None: all equal)
+            "greedy_differs_at": [_first_difference(g.token_ids, s.token_ids) for g, s in zip(gens, seq, strict=True)],
+            "paths": since(ran),
             "mean_batch": round((stats["stepped"] - before["stepped"]) / max(1, stats["steps"] - before["steps"]), 2),
         }
     if args.langchain_batch:

@@ -10,6 +10,7 @@ engine calls it under the model's lock.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,10 @@ class ModelRuntime:
         self._decoder: FastDecoder | None = None
         self._decoder_built = False
         self._pool: StaticPool | None = None
+        #: requests :meth:`forward_batch` ran, by how: ``graph`` (a batched CUDA graph of an arena),
+        #: ``ragged`` (the CPU's ragged step), ``eager`` (one request's own forward); a request that took
+        #: another path alone than with others may round its logits differently (reports, benchmarks)
+        self.batch_paths: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ parts
     @property
@@ -166,7 +171,9 @@ class ModelRuntime:
         tensors = [torch.tensor(ids, dtype=torch.long, device=device) for ids, _, _ in items]
         dec = self.decoder if len(items) > 1 and device.type == "cpu" else None
         if dec is not None and all(t.numel() <= MAX_FAST_TOKENS for t in tensors):
+            self.batch_paths["ragged"] += len(items)
             return dec.forward_ragged([(t, c, s) for t, (_, c, s) in zip(tensors, items, strict=True)])
+        self.batch_paths["eager"] += len(items)
         outs = [self.forward(t.unsqueeze(0), c, s)[-1] for t, (_, c, s) in zip(tensors, items, strict=True)]
         return torch.stack(outs)
 
@@ -197,6 +204,9 @@ class ModelRuntime:
                 logits = prefill.run([items[j] for j in part])
                 for row, j in enumerate(part):
                     out[j] = logits[row]
+        eager = sum(o is None for o in out)
+        self.batch_paths["graph"] += len(items) - eager
+        self.batch_paths["eager"] += eager
         for j, (ids, cache, start) in enumerate(items):
             if out[j] is None:
                 t = torch.tensor([list(ids)], dtype=torch.long, device=device)
