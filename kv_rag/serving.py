@@ -8,8 +8,10 @@ once: pending prompt tokens and decoded tokens alike, each request on its own ca
 next step (continuous batching). Each request's text reaches its caller through a :class:`Sink`:
 a thread-safe queue for :class:`Stream`, the event loop for :class:`AsyncStream` (no thread per token).
 
-On CUDA a request's decode steps are bit-identical whichever requests share them (the batched
-graph always runs all of its arena's rows, see :mod:`kv_rag.runtime.batch`). On the CPU greedy
+On CUDA a request's batched decode step is bit-identical whichever requests share it (the batched
+graph always runs all of its arena's rows, see :mod:`kv_rag.runtime.batch`), but a request that finds
+no arena slot runs another path (``ModelRuntime.batch_paths`` counts them), and on the H200 greedy
+answers under concurrency did not always match one after another's (docs/gpu.md). On the CPU greedy
 answers do not depend on the neighbours up to floating-point rounding: the projections of several
 requests run as one matrix product, whose rounding can differ from one request's in the last bits
 (on the embedded model in float32, logits differ by about 4e-5).
