@@ -268,3 +268,16 @@ def test_warm_up_checks_its_lengths_and_starts_packing_on_the_cpu(eng: Engine) -
     dec = eng.loaded.runtime.decoder
     assert dec is not None and dec._packing is not None  # the batched step's weights are being packed
     assert eng.generate(QUESTION, DOCS[:1], max_new_tokens=4).token_ids  # requests go on as before
+
+
+def test_picks_takes_the_first_greedy_token_of_every_row() -> None:
+    """The scheduler's one argmax per step: each row's index of its largest logit, the first one on a
+    tie (as a per-row ``torch.argmax`` picks), in row order."""
+    import torch
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    logits[2, 17] = logits[2, 250] = logits[2].max() + 1.0  # a tie: the first index wins
+    picks = serving.Picks(logits)
+    assert picks.ready()  # on the CPU there is nothing to wait for
+    assert picks.get() == [int(torch.argmax(row)) for row in logits]
+    assert picks.get()[2] == 17
