@@ -59,7 +59,7 @@ def test_concurrent_requests_are_decoded_together_with_the_same_greedy_tokens(en
     assert stats["largest_batch"] >= 2  # at least some steps ran several requests at once
     assert stats["stepped"] - before["stepped"] > stats["steps"] - before["steps"]
     ran = eng.loaded.runtime.batch_paths  # shared steps ran the CPU's ragged step; the report counts them
-    assert ran["ragged"] - paths.get("ragged", 0) >= 2 and "graph" not in ran
+    assert ran["ragged"] - paths.get("ragged", 0) >= 2 and not any(k.startswith("graph") for k in ran)
 
 
 def test_async_requests_share_steps_and_stream_their_text(eng: Engine) -> None:

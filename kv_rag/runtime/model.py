@@ -42,9 +42,10 @@ class ModelRuntime:
         self._decoder: FastDecoder | None = None
         self._decoder_built = False
         self._pool: StaticPool | None = None
-        #: requests :meth:`forward_batch` ran, by how: ``graph`` (a batched CUDA graph of an arena),
-        #: ``ragged`` (the CPU's ragged step), ``eager`` (one request's own forward); a request that took
-        #: another path alone than with others may round its logits differently (reports, benchmarks)
+        #: requests :meth:`forward_batch` ran, by how: ``graph:N`` (a batched CUDA graph of an arena of N
+        #: rows), ``ragged`` (the CPU's ragged step), ``eager`` (one request's own forward); a request that
+        #: took another path (or an arena of other rows) alone than with others may round its logits
+        #: differently (reports, benchmarks)
         self.batch_paths: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ parts
@@ -204,9 +205,9 @@ class ModelRuntime:
                 logits = prefill.run([items[j] for j in part])
                 for row, j in enumerate(part):
                     out[j] = logits[row]
-        eager = sum(o is None for o in out)
-        self.batch_paths["graph"] += len(items) - eager
-        self.batch_paths["eager"] += eager
+        for arena, idx in groups.values():  # by the arena's rows: its graphs' matrix products have that shape
+            self.batch_paths[f"graph:{arena.n}"] += sum(out[j] is not None for j in idx)
+        self.batch_paths["eager"] += sum(o is None for o in out)
         for j, (ids, cache, start) in enumerate(items):
             if out[j] is None:
                 t = torch.tensor([list(ids)], dtype=torch.long, device=device)
