@@ -8,10 +8,10 @@ once: pending prompt tokens and decoded tokens alike, each request on its own ca
 next step (continuous batching). Each request's text reaches its caller through a :class:`Sink`:
 a thread-safe queue for :class:`Stream`, the event loop for :class:`AsyncStream` (no thread per token).
 
-On CUDA a request's batched decode step is bit-identical whichever requests share it (the batched
-graph always runs all of its arena's rows, see :mod:`kv_rag.runtime.batch`), but a request that finds
-no arena slot runs another path (``ModelRuntime.batch_paths`` counts them), and on the H200 greedy
-answers under concurrency did not always match one after another's (docs/gpu.md). On the CPU greedy
+On CUDA a request's batched steps are bit-identical whichever requests share them and in whichever
+arena it runs (the batched graphs always run the same rows, see :mod:`kv_rag.runtime.batch`); a
+request that finds no arena slot runs its own forward (``ModelRuntime.batch_paths`` counts them),
+whose rounding can differ. A finished request frees its slot at once (:meth:`Job.free`). On the CPU greedy
 answers do not depend on the neighbours up to floating-point rounding: the projections of several
 requests run as one matrix product, whose rounding can differ from one request's in the last bits
 (on the embedded model in float32, logits differ by about 4e-5).
@@ -68,9 +68,16 @@ class Job:
     _budget: int = 0
     _told: bool = False
 
+    def free(self) -> None:
+        """Let go of the request's cache; its static slot (CUDA) is free for the next request at once."""
+        pre, self.pre = self.pre, None
+        slot = getattr(pre.cache, "slot", None) if pre is not None else None
+        if slot is not None:
+            slot.release_from(pre.cache)  # type: ignore[union-attr]
+
     def fail(self, exc: BaseException) -> None:
         """Tell the caller the request failed (once: a request already told is left alone)."""
-        self.pre = None  # its cache (and a static slot) is free now
+        self.free()
         if not self._told:
             self._told = True
             self.sink.failed(exc)
@@ -178,7 +185,7 @@ class Job:
         if pre.token_ids and kept.fits(len(pre.token_ids) + len(self.tokens), pre.cache):
             # exact mode: the next turn of this conversation may start with all of it
             kept.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
-        self.pre = None  # the cache (and a static slot) is free from now on
+        self.free()
         return False
 
 
@@ -283,7 +290,7 @@ class Scheduler:
         self._taken = []
         for job in self._live:
             if job.cancelled:
-                job.pre = None  # its cache (and a static slot) is free now
+                job.free()
         self._live = [j for j in self._live if not j.cancelled]
         if not self._live:
             return

@@ -6,6 +6,7 @@ instead; see test_serving.py).
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,58 @@ def test_warm_up_captures_the_graphs_requests_then_use(tmp_path: Path, monkeypat
     fresh = Engine(_model()[0], tokenizer=tok, store=tmp_path / "store2")
     fresh.publish([doc])
     assert fresh.generate("Which fact?", [doc]).token_ids == got
+
+
+@cuda
+def test_a_smaller_arena_runs_as_many_rows_and_rounds_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no room for a full arena the pool makes a smaller one; its batched graphs run as many rows as a
+    full arena's, so a request's tail prefill and decode logits are bit-identical in either arena."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    monkeypatch.setenv("KV_RAG_BATCH_SLOTS", "4")
+    model, _ = _model()
+    rt = ModelRuntime(model)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 1000, (1, 60), generator=g).cuda()
+    tail = tuple(int(t) for t in torch.randint(0, 1000, (6,), generator=g))
+
+    def run(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rt.forward(prompt, cache, 0)
+        first = rt.forward_batch([(tail, cache, 60)])[0]
+        second = rt.forward_batch([((int(first.argmax()),), cache, 66)])[0]
+        return first, second
+
+    with torch.inference_mode():
+        held = [rt.new_cache(200) for _ in range(4)]  # every slot of a full arena taken
+        pool = rt.pool(torch.device("cuda"))
+        big = held[0].slot.arena
+        assert pool is not None and big.n == 4 and all(c.slot.arena is big for c in held)
+        pool.max_bytes = big.nbytes + 2 * (big.nbytes // 5)  # room for one slot and its scratch slot
+        cache = rt.new_cache(200)
+        small = cache.slot.arena
+        assert small is not big and small.n == 1
+        in_small = run(cache)
+        held[3].slot.release_from(held[3])  # a finished request gives its slot back
+        cache = rt.new_cache(200)
+        assert cache.slot.arena is big
+        in_big = run(cache)
+    assert small.step() is not None and small.step().rows == big.step().rows == 4
+    assert torch.equal(in_small[0], in_big[0]) and torch.equal(in_small[1], in_big[1])
+
+
+@cuda
+def test_a_finished_request_frees_its_slot_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler frees a request's static slot when it ends, without waiting for the garbage collector
+    (a slot that stays taken sends the next requests to another arena or to their own forward)."""
+    monkeypatch.delenv("KV_RAG_FAST", raising=False)
+    model, tok = _model()
+    eng = Engine(model, tokenizer=tok, store=tmp_path / "store")
+    doc = "Document. " + " ".join(f"Fact {j} is {j % 7}." for j in range(40))
+    eng.publish([doc])
+    gc.disable()
+    try:
+        for _ in range(3):
+            eng.generate("Which fact?", [doc], max_new_tokens=4)
+        pool = eng.loaded.runtime.pool(torch.device("cuda"))
+        assert pool is not None and pool.slots and all(s.free() for s in pool.slots)
+    finally:
+        gc.enable()

@@ -9,11 +9,12 @@ lengths on the device. A :class:`BatchStep` is one graph per arena for a decode 
 weights are read once), each request's key and value go into its own slot, and attention is
 split-KV over each request's cached rows, merged by log-sum-exp.
 
-The graph always runs ``slots`` rows: missing requests are padding rows that write into the
-scratch slot. A request's arithmetic is therefore the same whichever and however many other
-requests share its step (matrix products of a fixed shape round each row the same way), so greedy
-answers do not depend on the load. Requests on a block lent by the GPU tier are first moved into
-an arena slot (one copy on the device; after their first token, so their TTFT does not pay it).
+The graph always runs :func:`batch_slots` rows, however many slots its arena has (a smaller arena is
+made when the pool has no room for a full one): missing requests are padding rows that write into the
+arena's scratch slot. A request's arithmetic is therefore the same whichever and however many other
+requests share its step, and in whichever arena it is (matrix products of one fixed shape round each
+row the same way), so greedy answers do not depend on the load. A request on a block lent by the GPU
+tier is first moved into an arena slot (one copy on the device, before its first batched step).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def batch_slots() -> int:
 
 
 class Arena:
-    """K/V buffers of ``n`` slots of ``cap`` tokens (and a scratch slot when ``n > 1``), in one tensor each.
+    """K/V buffers of ``n`` slots of ``cap`` tokens and a scratch slot (index ``n``, for the padding rows of
+    batched steps; none when :func:`batch_slots` is 1: no batching), in one tensor each.
 
-    ``k``/``v``: ``[layers, n (+1), kv_heads, cap, dim]``. Slot ``i``'s per-layer buffers are
+    ``k``/``v``: ``[layers, n + 1, kv_heads, cap, dim]``. Slot ``i``'s per-layer buffers are
     ``k[layer, i:i+1]`` (``[1, kv_heads, cap, dim]``, the shape a cache layer uses).
     """
 
@@ -65,7 +67,7 @@ class Arena:
         self.n = n
         self.cap = cap
         self.dtype = dtype
-        total = n + 1 if n > 1 else n
+        total = n + 1 if batch_slots() > 1 else n
         self.k = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
         self.v = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
         self.nbytes = 2 * self.k.numel() * self.k.element_size()
@@ -93,18 +95,18 @@ class Arena:
                 self._refused = True
         return self._step
 
-    def prefill_rows(self, size: int) -> int:
-        """Requests one batched prefill of ``size`` tokens each runs at most (about
-        :data:`PREFILL_TOKENS` tokens in all: the matrix products stay memory-bound)."""
-        return max(1, min(self.n, PREFILL_TOKENS // size))
+    @staticmethod
+    def prefill_rows(size: int) -> int:
+        """Requests one batched prefill of ``size`` tokens each runs at most (about :data:`PREFILL_TOKENS`
+        tokens in all: the matrix products stay memory-bound). The same in every arena, so that a
+        request's arithmetic does not depend on the arena it got."""
+        return max(1, min(batch_slots(), PREFILL_TOKENS // size))
 
     def prefill(self, size: int, requests: int = 1) -> BatchPrefill | None:
-        """The batched prefill graph for ``requests`` requests of ``size`` tokens each (``None`` without a
-        scratch slot or if capture was refused). The first call for a ``size`` captures the graphs of
+        """The batched prefill graph for ``requests`` requests of ``size`` tokens each (``None`` if capture
+        was refused). The first call for a ``size`` captures the graphs of
         every number of requests at once (see :class:`BatchPrefill`'s ``live``), so that a later burst
         captures nothing."""
-        if self.n < 2:
-            return None
         rows = self.prefill_rows(size)
         live = min(rows, 1 << max(0, requests - 1).bit_length())
         if (size, live) not in self._prefills:
@@ -143,7 +145,8 @@ def _capture(step: Any, dec: Any, dev: torch.device, mempool: Any) -> tuple[Any,
 
 
 class BatchStep:
-    """One CUDA graph for a decode step of up to ``arena.n`` requests, one token each, in one arena.
+    """One CUDA graph for a decode step of up to ``arena.n`` requests, one token each, in one arena; it runs
+    :func:`batch_slots` rows in every arena (the rest padding).
 
     Inputs (static, on the device): ``meta`` ``[4, rows]`` = token ids, rotary positions, slot index
     and the cache row each token is written to. Output: float32 logits ``[rows, vocab]``.
@@ -154,7 +157,8 @@ class BatchStep:
         dec: FastDecoder = arena.pool.dec
         self.dec = dec
         dev = arena.pool.device
-        self.rows = arena.n
+        #: rows of the graph: the same in every arena (matrix products of one shape)
+        self.rows = max(arena.n, batch_slots())
         cfg = dec.model.config
         self.kv_heads = dec.kv_heads
         self.group = int(cfg.num_attention_heads) // dec.kv_heads
@@ -172,14 +176,10 @@ class BatchStep:
 
     def _padding(self, real: int) -> torch.Tensor:
         """Host ``meta`` with rows ``real..`` as padding: token 0 at position 0, written to distinct rows
-        of the scratch slot (of slot 0's last rows when the arena has one slot, never a valid row)."""
+        of the scratch slot."""
         meta = torch.zeros((4, self.rows), dtype=torch.long)
-        pad = torch.arange(self.rows - real)
-        if self.arena.n > 1:
-            meta[2, real:] = self.arena.n
-            meta[3, real:] = pad
-        else:
-            meta[3, real:] = self.arena.cap - 1 - pad
+        meta[2, real:] = self.arena.n
+        meta[3, real:] = torch.arange(self.rows - real) % self.arena.cap
         return meta
 
     def body(self) -> torch.Tensor:

@@ -43,9 +43,9 @@ class ModelRuntime:
         self._decoder_built = False
         self._pool: StaticPool | None = None
         #: requests :meth:`forward_batch` ran, by how: ``graph:N`` (a batched CUDA graph of an arena of N
-        #: rows), ``ragged`` (the CPU's ragged step), ``eager`` (one request's own forward); a request that
-        #: took another path (or an arena of other rows) alone than with others may round its logits
-        #: differently (reports, benchmarks)
+        #: slots; every arena's graphs run the same rows), ``ragged`` (the CPU's ragged step), ``eager`` (one
+        #: request's own forward); a request that took another path alone than with others may round its
+        #: logits differently (reports, benchmarks)
         self.batch_paths: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ parts
@@ -263,7 +263,7 @@ class ModelRuntime:
             slot = new
         layer, arena = cache.layers[0], slot.arena
         kb = layer.key_buffer
-        if arena is None or arena.n < 2 or kb is None or kb.data_ptr() != slot.k_ptr or layer.length + size > slot.cap:
+        if arena is None or kb is None or kb.data_ptr() != slot.k_ptr or layer.length + size > slot.cap:
             return None
         return arena
 

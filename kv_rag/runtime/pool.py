@@ -158,21 +158,17 @@ class StaticPool:
         if per_slot > self.max_bytes:
             return None
         want = batch_slots()
-        need = per_slot * (want + 1 if want > 1 else 1)
+        scratch = 1 if want > 1 else 0  # an arena's scratch slot (batched steps' padding rows)
+        need = per_slot * (want + scratch)
         while self.nbytes + need > self.max_bytes:
             victim = next((a for a in self.arenas if a.free()), None)
             if victim is None:
                 break
             self._drop(victim)
         room = (self.max_bytes - self.nbytes) // per_slot
-        if room >= want + 1 or (want == 1 and room >= 1):
-            n = want
-        elif room >= 3:
-            n = room - 1  # a smaller arena (and its scratch slot)
-        elif room >= 1:
-            n = 1  # one slot, no scratch: no padding rows
-        else:
+        if room < 1 + scratch:
             return None
+        n = min(want, room - scratch)  # a smaller arena where the pool is short (its graphs run as many rows)
         try:
             arena = Arena(self, n, shape, dtype)
         except torch.cuda.OutOfMemoryError:
@@ -260,6 +256,12 @@ class StaticSlot:
     def release(self) -> None:
         """Free the slot now (its cache moved to another one)."""
         self._owner = None
+
+    def release_from(self, cache: Any) -> None:
+        """Free the slot now if ``cache`` owns it (a finished request: its slot is free for the next one at
+        once, not when the garbage collector finds the cache)."""
+        if self._owner is not None and self._owner() is cache:
+            self._owner = None
 
     def run(self, input_ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor | None:
         """One step through the whole-step graph, or ``None`` when ``cache`` no longer fits the slot."""
