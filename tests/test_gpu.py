@@ -366,6 +366,38 @@ def test_split_kv_pack_and_merge_equal_plain_attention(cached: int) -> None:
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("cached", [(0, 29), (5, 3)])
+def test_batched_split_kv_pack_and_merge_equal_plain_attention(cached: tuple[int, int]) -> None:
+    """Two requests' prompt tails in one batched prefill (:class:`~kv_rag.runtime.batch.BatchPrefill`'s
+    attention): each row's merged result is plain causal attention over its own cache and tail, empty
+    splits (a request with no cached rows) included."""
+    g = torch.Generator().manual_seed(sum(cached))
+    rows, size, heads, kvh, dim, splits = 2, 4, 8, 2, 16, 3
+    rep = heads // kvh
+    q = torch.randn(1, rows * size, heads, dim, generator=g)
+    packed = kernels.pack_batch(q, kvh, rows, splits).view(rows, splits, rep * size, kvh, dim)
+    outs, lses, news, new_lses, wants = [], [], [], [], []
+    for r, c in enumerate(cached):
+        k_all = torch.randn(c + size, kvh, dim, generator=g)
+        v_all = torch.randn(c + size, kvh, dim, generator=g)
+        mine = q[0, r * size : (r + 1) * size]
+        want, _ = _attn_lse(mine, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), causal=True)
+        wants.append(want)
+        bounds = [(c * i) // splits for i in range(splits + 1)]
+        for s in range(splits):
+            o, lse = _attn_lse(packed[r, s], k_all[bounds[s] : bounds[s + 1]], v_all[bounds[s] : bounds[s + 1]], False)
+            outs.append(o)
+            lses.append(lse)
+        kn, vn = k_all[c:].repeat_interleave(rep, 1), v_all[c:].repeat_interleave(rep, 1)
+        o, lse = _attn_lse(mine, kn, vn, causal=True)
+        news.append(o)
+        new_lses.append(lse)
+    got = kernels.merge_batch(
+        torch.cat(outs), torch.cat(lses, 1), torch.cat(news), torch.cat(new_lses, 1), rows, splits
+    )
+    assert torch.allclose(got, torch.cat(wants), atol=1e-5)
+
+
 def _art_at(key: str, start: int, tokens: int, layers: int = 2) -> Artifact:
     a = _art(key, tokens, layers)
     meta = ArtifactMeta(key, "m", "t", "d", tokens, start, "", "float32", {}, {})

@@ -136,7 +136,12 @@ def merge_batch(
     """Attention ``[rows * size, heads, dim]`` from the partial results of :func:`pack_batch`'s elements
     (``o_old`` ``[rows * splits * group * size, kv_heads, dim]``, ``lse_old`` ``[kv_heads, that many]``) and
     of varlen causal flash over each request's own keys (``o_new`` ``[rows * size, heads, dim]``,
-    ``lse_new`` ``[heads, rows * size]``). Empty splits weigh nothing."""
+    ``lse_new`` ``[heads, rows * size]``). Empty splits weigh nothing.
+
+    The parts are added one split after another (element-wise, no reduction over splits): the order of
+    the additions is then fixed whatever kernel the compiler makes for a shape, so that a request's
+    result is bit-identical in the graphs of every number of requests (a compiled ``sum`` over splits
+    was not: the first shape compiles static, later ones dynamic, and the two reduce differently)."""
     kvh, dim = o_old.shape[1], o_old.shape[2]
     heads = o_new.shape[1]
     g, size = heads // kvh, o_new.shape[0] // rows
@@ -145,14 +150,19 @@ def merge_batch(
     if lse_new.dim() == 3:
         lse_new = lse_new.permute(1, 0, 2).reshape(heads, -1)
     lo = lse_old.view(kvh, rows, splits, g, size).permute(1, 2, 4, 0, 3).reshape(rows, splits, size, heads)
-    oo = o_old.view(rows, splits, g, size, kvh, dim).permute(0, 1, 3, 4, 2, 5).reshape(rows, splits, size, heads, dim)
-    ln = lse_new.view(heads, rows, size).permute(1, 2, 0).unsqueeze(1)
-    lse = torch.cat([lo, ln], dim=1)
-    lse = torch.nan_to_num(lse.float(), nan=float("-inf"), posinf=float("-inf"))  # empty splits
-    wt = torch.exp(lse - lse.amax(1, keepdim=True))
-    parts = torch.cat([torch.nan_to_num(oo), o_new.view(rows, 1, size, heads, dim)], dim=1).float()
-    out = (parts * wt.unsqueeze(-1)).sum(1) / wt.sum(1).unsqueeze(-1)
-    return out.to(o_new.dtype).reshape(rows * size, heads, dim)
+    lo = torch.nan_to_num(lo.float(), nan=float("-inf"), posinf=float("-inf"))  # empty splits
+    ln = lse_new.float().view(heads, rows, size).permute(1, 2, 0)  # [rows, size, heads]
+    top = torch.maximum(lo.amax(1), ln)  # a maximum does not depend on the order
+    oo = o_old.view(rows, splits, g, size, kvh, dim)
+    w = torch.exp(ln - top)
+    total = w
+    out = o_new.view(rows, size, heads, dim).float() * w.unsqueeze(-1)
+    for s in range(splits):
+        w = torch.exp(lo[:, s] - top)
+        part = oo[:, s].permute(0, 2, 3, 1, 4).reshape(rows, size, heads, dim)
+        out = out + torch.nan_to_num(part.float()) * w.unsqueeze(-1)
+        total = total + w
+    return (out / total.unsqueeze(-1)).to(o_new.dtype).reshape(rows * size, heads, dim)
 
 
 class Kernels:
