@@ -100,6 +100,11 @@ class Job:
         return True
 
     @property
+    def first(self) -> bool:
+        """Whether its next step gives its first token (it runs prompt tokens)."""
+        return self.ttft == 0.0 and self._feed is not None
+
+    @property
     def step_input(self) -> tuple[tuple[int, ...], Any, int]:
         """``(ids, cache, start)`` of this request's next step."""
         if self._feed is None or self.pre is None:
@@ -208,6 +213,8 @@ class Scheduler:
         self._taken: list[Job] = []
         self._thread: threading.Thread | None = None
         self._closing = False
+        #: the last step ran only requests waiting for their first token (see :meth:`_to_step`)
+        self._first_only = False
         #: steps run and requests stepped, for reports and tests
         self.stats = {"steps": 0, "stepped": 0, "largest_batch": 0}
         _SCHEDULERS.add(self)
@@ -295,12 +302,13 @@ class Scheduler:
         if not self._live:
             return
         jobs = list(self._live)
+        stepped = self._to_step(jobs)
         with loaded.lock, torch.inference_mode():
-            logits = loaded.runtime.forward_batch([j.step_input for j in jobs])
+            logits = loaded.runtime.forward_batch([j.step_input for j in stepped])
             picks = Picks(logits)
         self.stats["steps"] += 1
-        self.stats["stepped"] += len(jobs)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        self.stats["stepped"] += len(stepped)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(stepped))
         joined: list[Job] = []
         if logits.is_cuda:
             # the step is still running on the device: cached requests that arrived meanwhile are admitted
@@ -318,7 +326,19 @@ class Scheduler:
                 self._taken = []
         self._live = jobs + joined  # a failing accept() fails them all (see _run)
         tids = picks.get()
-        self._live = [j for j, lg, t in zip(jobs, logits, tids, strict=True) if j.accept(lg, t)] + joined
+        going = {id(j) for j, lg, t in zip(stepped, logits, tids, strict=True) if j.accept(lg, t)}
+        self._live = [j for j in jobs if id(j) in going or j not in stepped] + joined
+
+    def _to_step(self, jobs: list[Job]) -> list[Job]:
+        """The jobs the next step runs: when some wait for their first token while others decode, those
+        alone (their first tokens do not wait for a decode step; on the H200 that step of eight 4k
+        requests took 8 ms), at most every other step, so decoding never stalls."""
+        first = [j for j in jobs if j.first]
+        if first and len(first) < len(jobs) and not self._first_only:
+            self._first_only = True
+            return first
+        self._first_only = False
+        return jobs
 
 
 class Picks:

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..layout import stacked_view
-
 if TYPE_CHECKING:
     from .decoder import FastDecoder
 
@@ -43,6 +41,15 @@ MAX_SPLITS = 16
 #: caches longer than :data:`PREFILL_CONTEXT`, are prefilled one request at a time.
 PREFILL_TOKENS = 256
 PREFILL_CONTEXT = 8192
+
+
+def prefill_bucket(n: int) -> int:
+    """Tokens per request of the batched prefill of an ``n``-token prompt tail: 2, 4 or 8 for short tails,
+    else 32 (or 64): a chat turn's tail (a question and the template's framing, typically 10-30 tokens)
+    lands in one bucket, so that the tails of a burst of requests run as one graph."""
+    if n <= 8:
+        return 1 << max(0, (n - 1).bit_length())
+    return 32 if n <= 32 else 64
 
 
 def batch_slots() -> int:
@@ -416,26 +423,3 @@ class BatchPrefill:
             for cl in cache.layers:
                 cl.filled_to(last)
         return out[:n].clone()
-
-
-def move_to_slot(cache: Any, slot: Any) -> None:
-    """Copy ``cache``'s rows into ``slot``'s buffers (one strided copy for all layers where the layouts
-    allow) and make them the cache's buffers; the cache's previous slot is released."""
-    layers = cache.layers
-    n = int(layers[0].length)
-    old_k = [cl.key_buffer[..., :n, :] for cl in layers]
-    old_v = [cl.value_buffer[..., :n, :] for cl in layers]
-    for old, new in ((old_k, slot.k), (old_v, slot.v)):
-        src, dst = stacked_view(old), stacked_view([t[..., :n, :] for t in new])
-        if src is not None and dst is not None:
-            dst.copy_(src)
-        else:
-            torch._foreach_copy_([t[..., :n, :] for t in new], old)
-    previous = getattr(cache, "slot", None)
-    for cl, kb, vb in zip(layers, slot.k, slot.v, strict=True):
-        cl.key_buffer, cl.value_buffer = kb, vb
-        cl.lend(0)
-        cl.filled_to(n)
-    cache.slot = slot
-    if previous is not None and previous is not slot:
-        previous.release()

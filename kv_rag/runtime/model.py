@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..layout import block_rows
-from .batch import PREFILL_CONTEXT, PREFILL_TOKENS, Arena, batch_slots, move_to_slot
-from .cache import KVCache, Pieces, build_cache, lend_cache
-from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, bucket_size, fast_path_enabled
+from .batch import PREFILL_CONTEXT, PREFILL_TOKENS, Arena, batch_slots, prefill_bucket
+from .cache import KVCache, Pieces, build_cache, lend_cache, move_to_slot
+from .decoder import HALF_DTYPES, MAX_FAST_TOKENS, FastDecoder, fast_path_enabled
 from .pool import StaticPool
 
 
@@ -243,7 +243,7 @@ class ModelRuntime:
         the choice depends on the request alone, never on the others, so answers do not depend on the load)."""
         if n > PREFILL_TOKENS // 4 or int(cache.layers[0].length) > PREFILL_CONTEXT:
             return 0
-        return bucket_size(n)
+        return prefill_bucket(n)
 
     @staticmethod
     def _arena_for(pool: StaticPool, cache: Any, size: int = 1) -> Arena | None:
