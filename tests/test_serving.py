@@ -281,3 +281,18 @@ def test_picks_takes_the_first_greedy_token_of_every_row() -> None:
     assert picks.ready()  # on the CPU there is nothing to wait for
     assert picks.get() == [int(torch.argmax(row)) for row in logits]
     assert picks.get()[2] == 17
+
+
+def test_requests_waiting_for_their_first_token_step_alone_at_most_every_other_step(eng: Engine) -> None:
+    """When some live requests wait for their first token and others decode, the next step runs the waiting
+    ones alone (their first token does not wait for a decode step), and the step after it runs everyone,
+    so that decoding never stalls while requests keep arriving."""
+    from types import SimpleNamespace
+
+    sched = serving.Scheduler(eng.loaded)
+    new, old = SimpleNamespace(first=True), SimpleNamespace(first=False)
+    jobs: list = [old, new]
+    assert sched._to_step(jobs) == [new]
+    assert sched._to_step(jobs) == jobs  # every other step: all of them
+    assert sched._to_step(jobs) == [new]
+    assert sched._to_step([old]) == [old] and sched._to_step([new]) == [new]
