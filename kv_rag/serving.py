@@ -163,6 +163,11 @@ class Job:
         if text is None or pre is None:
             raise RuntimeError("the job ended before it was admitted")
         self._store()
+        kept = self.loaded.conversations
+        if pre.token_ids and kept.fits(len(pre.token_ids) + len(self.tokens), pre.cache):
+            # exact mode: the next turn of this conversation may start with all of it
+            kept.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
+        self.free()  # before the caller hears: when its call returns, the slot is free
         self._told = True
         tail = text.finish()
         if tail:
@@ -186,11 +191,6 @@ class Job:
                 auto=pre.auto,
             )
         )
-        kept = self.loaded.conversations
-        if pre.token_ids and kept.fits(len(pre.token_ids) + len(self.tokens), pre.cache):
-            # exact mode: the next turn of this conversation may start with all of it
-            kept.keep(pre.scope, (*pre.token_ids, *self.tokens), pre.cache, len(pre.token_ids))
-        self.free()
         return False
 
 
