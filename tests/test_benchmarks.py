@@ -47,6 +47,9 @@ SMOKE = {
         *("--store-dir", "{tmp}/gpu_store", "--out", "{tmp}/gpu_bench.json"),
     ],
     "gpu/gpu_profile.py": ["{py}", "{script}", "--tiny", "--device", "cpu", "--out", "{tmp}/gpu_profile.json"],
+    "gpu/batch_identity.py": [
+        *("{py}", "{script}", "--tiny", "--device", "cpu", "--steps", "2", "--out", "{tmp}/batch_identity.json"),
+    ],
     "gpu/gpu_embedded_exactness.py": [
         *("{py}", "{script}", "--tiny", "--device", "cpu", "--out", "{tmp}/exactness.json"),
     ],
@@ -72,6 +75,7 @@ WRITES = {
     "blend_selection/blend_profile.py": "profile.json",
     "gpu/gpu_bench.py": "gpu_bench.json",
     "gpu/gpu_profile.py": "gpu_profile.json",
+    "gpu/batch_identity.py": "batch_identity.json",
     "gpu/gpu_embedded_exactness.py": "exactness.json",
     "verify/verify_bench.py": "verify.json",
     "signing/sign_bench.py": "sign.json",
