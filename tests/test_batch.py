@@ -268,9 +268,8 @@ def test_a_finished_request_frees_its_slot_at_once(tmp_path: Path, monkeypatch: 
 @cuda
 def test_compiled_batched_merge_gives_a_row_the_same_bits_at_every_row_count() -> None:
     """The batched prefill's merge of split-KV parts, compiled, at the Qwen3-4B shape's sizes: a row's
-    result does not depend on how many rows the graph attends for (the first shape compiles static,
-    later ones dynamic; a reduction over splits rounded differently in the two, so a request's first
-    token depended on how many requests arrived with it)."""
+    result does not depend on how many rows the graph attends for (with a sum over splits, a request's
+    first-token logits inside the prefill graphs depended on how many requests arrived with it)."""
     from kv_rag.runtime.kernels import Kernels
 
     kern = Kernels()

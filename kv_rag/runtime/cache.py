@@ -374,8 +374,9 @@ def _blocks_on(artifact: Any, device: torch.device, num_layers: int) -> tuple[to
 
 
 def move_to_slot(cache: Any, slot: Any) -> None:
-    """Copy ``cache``'s rows into ``slot``'s buffers (one strided copy for all layers where the layouts
-    allow) and make them the cache's buffers; the cache's previous slot is released."""
+    """Copy ``cache``'s rows into ``slot``'s buffers (one contiguous run per layer and KV head, or strided
+    copies where the layouts do not allow that) and make them the cache's buffers; the cache's previous
+    slot is released."""
     layers = cache.layers
     n = int(layers[0].length)
     src = _runs([cl.key_buffer for cl in layers] + [cl.value_buffer for cl in layers], n)

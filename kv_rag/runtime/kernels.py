@@ -140,8 +140,9 @@ def merge_batch(
 
     The parts are added one split after another (element-wise, no reduction over splits): the order of
     the additions is then fixed whatever kernel the compiler makes for a shape, so that a request's
-    result is bit-identical in the graphs of every number of requests (a compiled ``sum`` over splits
-    was not: the first shape compiles static, later ones dynamic, and the two reduce differently)."""
+    result is bit-identical in the graphs of every number of requests. With a ``sum`` over splits it
+    was not, inside the batched prefill graphs on the H200 (why exactly was not shown: the same
+    function compiled on its own gave a row the same bits at every row count; docs/gpu.md)."""
     kvh, dim = o_old.shape[1], o_old.shape[2]
     heads = o_new.shape[1]
     g, size = heads // kvh, o_new.shape[0] // rows
