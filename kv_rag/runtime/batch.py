@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .decoder import bucket_size
+
 if TYPE_CHECKING:
     from .decoder import FastDecoder
 
@@ -48,7 +50,7 @@ def prefill_bucket(n: int) -> int:
     else 32 (or 64): a chat turn's tail (a question and the template's framing, typically 10-30 tokens)
     lands in one bucket, so that the tails of a burst of requests run as one graph."""
     if n <= 8:
-        return 1 << max(0, (n - 1).bit_length())
+        return bucket_size(n)
     return 32 if n <= 32 else 64
 
 
@@ -56,6 +58,12 @@ def batch_slots() -> int:
     """Slots per arena: ``KV_RAG_BATCH_SLOTS`` or :data:`BATCH_SLOTS`."""
     env = os.environ.get("KV_RAG_BATCH_SLOTS", "").strip()
     return max(1, int(env)) if env else BATCH_SLOTS
+
+
+def scratch_slots() -> int:
+    """Scratch slots an arena has besides its own (where the padding rows of batched steps write): one,
+    none without batching."""
+    return 1 if batch_slots() > 1 else 0
 
 
 class Arena:
@@ -74,7 +82,7 @@ class Arena:
         self.n = n
         self.cap = cap
         self.dtype = dtype
-        total = n + 1 if batch_slots() > 1 else n
+        total = n + scratch_slots()
         self.k = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
         self.v = torch.empty((layers, total, kv_heads, cap, dim), dtype=dtype, device=pool.device)
         self.nbytes = 2 * self.k.numel() * self.k.element_size()

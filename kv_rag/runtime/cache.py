@@ -374,26 +374,14 @@ def _blocks_on(artifact: Any, device: torch.device, num_layers: int) -> tuple[to
 
 
 def move_to_slot(cache: Any, slot: Any) -> None:
-    """Copy ``cache``'s rows into ``slot``'s buffers (one contiguous run per layer and KV head, or strided
-    copies where the layouts do not allow that) and make them the cache's buffers; the cache's previous
-    slot is released."""
+    """Copy ``cache``'s rows into ``slot``'s buffers (one run per layer and KV head, contiguous in the pool's
+    and the GPU tier's layouts) and make them the cache's buffers; the cache's previous slot is released."""
     layers = cache.layers
     n = int(layers[0].length)
     src = _runs([cl.key_buffer for cl in layers] + [cl.value_buffer for cl in layers], n)
-    dst = _runs([*slot.k, *slot.v], n)
-    if all(t.is_contiguous() for t in (*src, *dst)):
-        # one contiguous run per (layer, KV head), copied by a few multi-tensor launches (one strided copy of
-        # every layer ran the generic element-wise kernel: 3 ms for a 4k Qwen3-4B-shaped cache on the H200)
-        torch._foreach_copy_(dst, src)
-    else:
-        old_k = [cl.key_buffer[..., :n, :] for cl in layers]
-        old_v = [cl.value_buffer[..., :n, :] for cl in layers]
-        for old, new in ((old_k, slot.k), (old_v, slot.v)):
-            sv, dv = stacked_view(old), stacked_view([t[..., :n, :] for t in new])
-            if sv is not None and dv is not None:
-                dv.copy_(sv)
-            else:
-                torch._foreach_copy_([t[..., :n, :] for t in new], old)
+    # a few multi-tensor launches (one strided copy of every layer ran the generic element-wise kernel:
+    # 3 ms for a 4k Qwen3-4B-shaped cache on the H200)
+    torch._foreach_copy_(_runs([*slot.k, *slot.v], n), src)
     previous = getattr(cache, "slot", None)
     for cl, kb, vb in zip(layers, slot.k, slot.v, strict=True):
         cl.key_buffer, cl.value_buffer = kb, vb

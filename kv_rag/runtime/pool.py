@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batch import Arena, batch_slots
+from .batch import Arena, batch_slots, scratch_slots
 from .decoder import MAX_FAST_TOKENS, bucket_size
 
 if TYPE_CHECKING:
@@ -157,8 +157,7 @@ class StaticPool:
         per_slot = 2 * len(self.dec.inner.layers) * cap * kv_heads * self.dec.head_dim * elem
         if per_slot > self.max_bytes:
             return None
-        want = batch_slots()
-        scratch = 1 if want > 1 else 0  # an arena's scratch slot (batched steps' padding rows)
+        want, scratch = batch_slots(), scratch_slots()
         need = per_slot * (want + scratch)
         while self.nbytes + need > self.max_bytes:
             victim = next((a for a in self.arenas if a.free()), None)
